@@ -1,0 +1,117 @@
+"""Backend selection: "triton" on CUDA, "cpp" (the compiled extension) or "torch" on CPU.
+
+``MEDPRUNER_BACKEND`` overrides ``backend="auto"``. An automatic choice falls back quietly (with one
+warning when the compiled extension is missing); an explicit request that cannot be met raises with
+what it needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+
+import torch
+
+logger = logging.getLogger("medpruner_kernels")
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
+
+try:
+    from medpruner_kernels import _C  # type: ignore[attr-defined]
+
+    CPP_AVAILABLE = True
+    CPP_IMPORT_ERROR: str | None = None
+except ImportError as err:
+    _C = None
+    CPP_AVAILABLE = False
+    CPP_IMPORT_ERROR = str(err)
+    logger.info("medpruner_kernels._C is not available (%s); using Triton/torch paths", err)
+
+# find_spec instead of import: importing triton costs ~1 s, and `import medpruner_kernels` stays cheap.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+_warned_missing_cpp = False
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cpp_has_cuda() -> bool:
+    return CPP_AVAILABLE and bool(getattr(_C, "has_cuda", False))
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return TRITON_AVAILABLE and (device.type == "cuda" or (device.type == "cpu" and triton_interpret()))
+
+
+def _cpp_usable(device: torch.device, cpp_ops: tuple[str, ...]) -> bool:
+    if not CPP_AVAILABLE or not all(hasattr(_C, name) for name in cpp_ops):
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and cpp_has_cuda())
+
+
+def resolve_backend(
+    op: str, device: torch.device, backend: str = "auto", *, cpp_ops: tuple[str, ...] = ()
+) -> str:
+    """Return the backend that will run ``op`` on ``device``.
+
+    ``cpp_ops`` names the ``_C`` functions the op needs; an op without a compiled kernel passes ().
+    """
+    global _warned_missing_cpp
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    requested = backend
+    if requested == "auto":
+        env = os.environ.get("MEDPRUNER_BACKEND", "auto").strip().lower() or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"MEDPRUNER_BACKEND must be one of {BACKENDS}, got {env!r}")
+        requested = env
+
+    if requested == "triton":
+        if not TRITON_AVAILABLE:
+            raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton)")
+        if not _triton_usable(device):
+            raise RuntimeError(
+                f"{op}: backend='triton' needs CUDA tensors (got {device.type}); on CPU set "
+                "TRITON_INTERPRET=1 before importing medpruner_kernels to run the Triton interpreter"
+            )
+        return "triton"
+    if requested == "cpp":
+        if not cpp_ops:
+            raise RuntimeError(f"{op}: there is no compiled (cpp) kernel for this op; use 'torch' or 'triton'")
+        if not CPP_AVAILABLE:
+            raise RuntimeError(
+                f"{op}: backend='cpp' needs the compiled extension medpruner_kernels._C, which failed "
+                f"to import ({CPP_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation .`"
+            )
+        if not _cpp_usable(device, cpp_ops):
+            raise RuntimeError(
+                f"{op}: backend='cpp' on {device.type} needs an extension built with "
+                "MEDPRUNER_BUILD_CUDA=1" if device.type == "cuda" else f"{op}: _C lacks {cpp_ops}"
+            )
+        return "cpp"
+    if requested == "torch":
+        return "torch"
+
+    # auto
+    if device.type == "cuda":
+        if TRITON_AVAILABLE:
+            return "triton"
+        if _cpp_usable(device, cpp_ops):
+            return "cpp"
+        return "torch"
+    if cpp_ops and _cpp_usable(device, cpp_ops):
+        return "cpp"
+    if cpp_ops and not CPP_AVAILABLE and not _warned_missing_cpp:
+        _warned_missing_cpp = True
+        warnings.warn(
+            f"medpruner_kernels._C is not available ({CPP_IMPORT_ERROR}); CPU ops fall back to plain "
+            "torch. Reinstall with `pip install --no-build-isolation .` for the OpenMP kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "torch"

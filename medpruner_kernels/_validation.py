@@ -1,0 +1,95 @@
+"""Input checks shared by the ops: every bad input is a ValueError/TypeError naming the argument.
+
+Checks that need tensor *values* (NaN, cu_seqlens monotonicity) run eagerly on CPU. On CUDA they
+would force a host sync, so they are queued as device flag tensors instead and raised by
+:func:`raise_pending_errors` at the caller's one sync point (the pipeline calls it once per request).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+VOLUME_DTYPES = FLOAT_DTYPES + (torch.uint8, torch.int16)
+
+_pending = threading.local()
+_MAX_PENDING = 256
+
+
+def _queue() -> list[tuple[str, torch.Tensor]]:
+    if not hasattr(_pending, "items"):
+        _pending.items = []
+    return _pending.items
+
+
+def _defer(message: str, bad: torch.Tensor) -> None:
+    queue = _queue()
+    if len(queue) >= _MAX_PENDING:
+        # Bounded: a caller that never checks must not leak memory; fold old flags into one.
+        folded = torch.stack([flag for _, flag in queue]).any()
+        queue[:] = [("an earlier medpruner_kernels call had invalid input", folded)]
+    queue.append((message, bad.reshape(())))
+
+
+def raise_pending_errors() -> None:
+    """Read the queued CUDA validity flags (one host sync) and raise the first failure as ValueError."""
+    queue = _queue()
+    if not queue:
+        return
+    items = list(queue)
+    queue.clear()
+    flags = torch.stack([flag.to(torch.bool) for _, flag in items]).cpu()
+    for (message, _), bad in zip(items, flags.tolist()):
+        if bad:
+            raise ValueError(message)
+
+
+def check_or_defer(bad: torch.Tensor, message: str) -> None:
+    """``bad`` is a 0-d bool tensor; raise now on CPU, queue the flag on CUDA."""
+    if bad.device.type == "cpu" or torch.compiler.is_compiling():
+        if bad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad):
+            raise ValueError(message)
+        return
+    _defer(message, bad)
+
+
+def check_tensor(op: str, name: str, t, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} has unsupported dtype {t.dtype}; expected one of {allowed}")
+
+
+def check_finite(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point and t.numel() > 0:
+        check_or_defer(~torch.isfinite(t).all(), f"{op}: {name} contains NaN or Inf")
+
+
+def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens"):
+    """Validate a ``[B+1]`` int32 offsets tensor: starts at 0, non-decreasing, ends at ``total``."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor of int32, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must be int32 (or int64), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: {name} must be 1-D with B+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{op}: {name} is on {cu_seqlens.device} but the input is on {device}")
+    cu = cu_seqlens.to(torch.int64)
+    bad = (cu[0] != 0) | (cu[-1] != total) | (cu[1:] < cu[:-1]).any()
+    check_or_defer(
+        bad, f"{op}: {name} must start at 0, be non-decreasing and end at the number of rows ({total})"
+    )
+    return cu_seqlens.to(torch.int32).contiguous()
+
+
+def check_gamma(op: str, gamma) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"{op}: gamma must be a Python float, got {type(gamma).__name__}")
+    gamma = float(gamma)
+    if gamma != gamma:
+        raise ValueError(f"{op}: gamma must not be NaN (a negative gamma keeps every slice)")
+    return gamma

@@ -1,0 +1,42 @@
+import os
+import random
+
+# Triton kernels run on CPU tensors through the interpreter when no GPU is present; this must be set
+# before triton (and so medpruner_kernels) is imported.
+try:
+    import torch as _torch
+
+    _has_cuda = _torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from medpruner_kernels import _dispatch  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available_backends(cpp_ops=()):
+    """Backends that can run here: torch always, triton on CUDA or under the interpreter, cpp when built."""
+    names = ["torch"]
+    if _dispatch.TRITON_AVAILABLE and (DEVICE.type == "cuda" or _dispatch.triton_interpret()):
+        names.append("triton")
+    if cpp_ops and _dispatch.CPP_AVAILABLE and all(hasattr(_dispatch._C, n) for n in cpp_ops):
+        names.append("cpp")
+    return names
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    return DEVICE
