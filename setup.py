@@ -52,7 +52,8 @@ def _extension_kwargs():
             f"found torch {torch.__version__} (cuda={torch.version.cuda}), CUDA_HOME={CUDA_HOME}"
         )
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch picks the standard its headers need (C++20 for torch 2.13); our sources are C++17.
+    cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
     if build_cuda:
         define_macros.append(("MEDPRUNER_WITH_CUDA", None))
@@ -62,7 +63,7 @@ def _extension_kwargs():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
             },
             extra_link_args=["-fopenmp"],
         )

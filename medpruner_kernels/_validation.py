@@ -41,7 +41,7 @@ def raise_pending_errors() -> None:
     items = list(queue)
     queue.clear()
     flags = torch.stack([flag.to(torch.bool) for _, flag in items]).cpu()
-    for (message, _), bad in zip(items, flags.tolist()):
+    for (message, _), bad in zip(items, flags.tolist(), strict=True):
         if bad:
             raise ValueError(message)
 

@@ -11,7 +11,7 @@ import torch
 def segments(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     """``[B+1]`` offsets -> list of (start, end) row ranges."""
     offsets = cu_seqlens.tolist()
-    return list(zip(offsets[:-1], offsets[1:]))
+    return list(zip(offsets[:-1], offsets[1:], strict=True))
 
 
 # --------------------------------------------------------------------------------------------- IAF

@@ -1,0 +1,380 @@
+"""iaf_select / anchor_distances against the float64 sequential reference, on every backend here."""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE, available_backends
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medpruner_kernels import anchor_distances, iaf_select, reference
+from medpruner_kernels import iaf as iaf_module
+
+BACKENDS = available_backends(cpp_ops=("iaf_select", "anchor_distances"))
+VOLUME_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int16]
+# The kernels accumulate in float32 (the reference in float64): a decision may differ from the
+# reference only where the distance is within float32 rounding of gamma.
+DECISION_RTOL = 1e-5
+
+
+def _rows_and_offsets(volume, batched=False, cu_seqlens=None):
+    lead = 2 if batched else 1
+    rows = math.prod(volume.shape[:lead])
+    slices = volume.reshape(rows, -1)
+    if cu_seqlens is not None:
+        return slices, cu_seqlens.cpu()
+    per = volume.shape[1] if batched else volume.shape[0]
+    segments = volume.shape[0] if batched else 1
+    return slices, torch.arange(segments + 1, dtype=torch.int32) * per
+
+
+def assert_matches_reference(volume, gamma, keep, dist=None, *, batched=False, cu_seqlens=None):
+    slices, cu = _rows_and_offsets(volume, batched, cu_seqlens)
+    ref_keep, ref_dist = reference.iaf_select(slices.cpu(), gamma, cu)
+    keep = keep.reshape(-1).cpu()
+    assert keep.dtype == torch.bool
+    mismatch = (keep != ref_keep).nonzero().flatten()
+    if mismatch.numel():
+        first = int(mismatch[0])
+        d = float(ref_dist[first])
+        assert abs(d - gamma) <= DECISION_RTOL * max(abs(gamma), abs(d), 1e-6), (
+            f"slice {first}: kernel keep={bool(keep[first])}, reference keep={bool(ref_keep[first])}, "
+            f"reference distance {d!r} is not within rounding of gamma {gamma!r}"
+        )
+        agree = slice(0, first)
+    else:
+        agree = slice(None)
+    if dist is not None:
+        got = dist.reshape(-1).cpu().double()[agree]
+        torch.testing.assert_close(got, ref_dist[agree], rtol=1e-5, atol=1e-6 * _scale(volume))
+
+
+def _scale(volume):
+    return 1.0 if volume.dtype.is_floating_point else 255.0
+
+
+def _gamma_between(volume, quantile, batched=False):
+    """A gamma at the given quantile of adjacent-slice distances, so some slices are kept and some not."""
+    slices, _ = _rows_and_offsets(volume, batched)
+    x = slices.double()
+    adjacent = (x[1:] - x[:-1]).abs().mean(dim=1)
+    return float(torch.quantile(adjacent, quantile)) if adjacent.numel() else 0.1
+
+
+def _random_volume(shape, dtype, drift=0.3):
+    steps = torch.randn(shape, dtype=torch.float64) * drift
+    walk = torch.cumsum(steps, dim=0 if len(shape) else 0)
+    if dtype == torch.uint8:
+        return (walk * 20 + 128).clamp(0, 255).to(torch.uint8)
+    if dtype == torch.int16:
+        return (walk * 300).clamp(-32768, 32767).to(torch.int16)
+    return walk.to(dtype)
+
+
+SHAPES = {
+    "one-slice": (1, 8, 8),
+    "two-slices": (2, 5, 7),
+    "small": (24, 6, 10),
+    "channels": (30, 3, 4, 4),
+    "long": (150, 4, 4),
+    "odd-cols": (40, 17, 19),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", VOLUME_DTYPES, ids=str)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_random_volumes(backend, dtype, shape_name):
+    volume = _random_volume(SHAPES[shape_name], dtype).to(DEVICE)
+    for quantile in (0.3, 0.9):
+        gamma = _gamma_between(volume, quantile)
+        keep, dist = iaf_select(volume, gamma, backend=backend, return_distances=True)
+        assert keep.shape == volume.shape[:1]
+        assert bool(keep[0])
+        assert_matches_reference(volume, gamma, keep, dist)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slow_drift_needs_distances_beyond_the_band(backend):
+    # A slow drift with a large gamma keeps a slice only every ~60 slices: every decision after the
+    # first BAND slices needs a distance to an anchor outside the band (the row rounds on Triton).
+    depth = 400
+    base = torch.randn(12, 12, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, depth, dtype=torch.float64)[:, None, None]
+    volume = (base + ramp * 6.0 + 0.01 * torch.randn(depth, 12, 12, dtype=torch.float64)).float()
+    keep, dist = iaf_select(volume.to(DEVICE), 0.9, backend=backend, return_distances=True)
+    assert 3 <= int(keep.sum()) <= depth // (iaf_module.BAND + 1)
+    assert_matches_reference(volume, 0.9, keep, dist)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_piecewise_constant_organs(backend):
+    # Blocks of identical slices (distance exactly 0) separated by jumps: exactly the first slice of
+    # each block is kept.
+    blocks = [3, 1, 20, 7, 40, 2]
+    levels = torch.randn(len(blocks), 9, 9)
+    volume = torch.cat([lvl.expand(n, 9, 9) for lvl, n in zip(levels, blocks, strict=True)]).contiguous()
+    keep = iaf_select(volume.to(DEVICE), 1e-3, backend=backend).cpu()
+    expected = torch.zeros(sum(blocks), dtype=torch.bool)
+    expected[torch.tensor([0, *torch.tensor(blocks).cumsum(0)[:-1].tolist()])] = True
+    assert torch.equal(keep, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=str)
+def test_constant_volume(backend, dtype):
+    volume = torch.full((33, 4, 4), 7, dtype=dtype, device=DEVICE)
+    keep, dist = iaf_select(volume, 0.0, backend=backend, return_distances=True)
+    assert keep.cpu().tolist() == [True] + [False] * 32
+    assert float(dist.abs().max()) == 0.0
+    assert bool(iaf_select(volume, -1.0, backend=backend).all()), "a negative gamma keeps every slice"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16], ids=str)
+def test_batched_volumes(backend, dtype):
+    volume = _random_volume((40, 3, 6, 6), dtype).permute(1, 0, 2, 3).contiguous().to(DEVICE)
+    gamma = _gamma_between(volume[0], 0.7)
+    keep, dist = iaf_select(volume, gamma, batched=True, backend=backend, return_distances=True)
+    assert keep.shape == (3, 40)
+    assert_matches_reference(volume, gamma, keep, dist, batched=True)
+    for b in range(3):
+        assert torch.equal(keep[b], iaf_select(volume[b], gamma, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_with_empty_and_single_volumes(backend):
+    lengths = [5, 0, 1, 37, 60, 0, 2]
+    volume = _random_volume((sum(lengths), 7, 5), torch.float32).to(DEVICE)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    gamma = _gamma_between(volume, 0.8)
+    keep, dist = iaf_select(volume, gamma, cu_seqlens=cu, backend=backend, return_distances=True)
+    assert keep.shape == (sum(lengths),)
+    assert_matches_reference(volume, gamma, keep, dist, cu_seqlens=cu)
+    # Each volume's first slice is kept and equals the single-volume result.
+    offsets = cu.tolist()
+    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        if end > start:
+            assert torch.equal(keep[start:end], iaf_select(volume[start:end], gamma, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base = _random_volume((50, 12, 16), torch.float32).to(DEVICE)
+    views = {
+        "transposed-slices": base.transpose(1, 2),
+        "strided-slices": base[::2],
+        "cropped": base[:, 2:10, 3:13],
+        "slice-axis-last": base.permute(1, 2, 0).contiguous().permute(2, 0, 1),
+    }
+    for name, view in views.items():
+        gamma = _gamma_between(view.contiguous(), 0.6)
+        keep = iaf_select(view, gamma, backend=backend)
+        assert torch.equal(keep, iaf_select(view.contiguous(), gamma, backend=backend)), name
+        assert_matches_reference(view.contiguous(), gamma, keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_slices_use_many_column_tiles(backend):
+    # More columns than MAX_TILES * BLOCK_P: several BLOCK_P chunks per tile in the Triton kernels.
+    cols = iaf_module.MAX_TILES * iaf_module.BLOCK_P + 300
+    volume = _random_volume((20, cols), torch.float16, drift=0.05).to(DEVICE)
+    gamma = _gamma_between(volume, 0.5)
+    keep, dist = iaf_select(volume, gamma, backend=backend, return_distances=True)
+    assert_matches_reference(volume, gamma, keep, dist)
+
+
+def _real_volume():
+    nibabel = pytest.importorskip("nibabel")
+    path = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+    data = torch.from_numpy(nibabel.load(path).get_fdata()[..., 0]).permute(2, 0, 1)  # [24, 128, 96]
+    # The models' [-1, 1] scale (mean = std = 0.5 on [0, 1] intensities), where gamma = 0.05 is the paper's.
+    unit = (data - data.min()) / (data.max() - data.min())
+    return (unit * 2 - 1).float().contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_real_mri_volume(backend, dtype):
+    volume = _real_volume().to(dtype)
+    if backend == "triton" and DEVICE.type == "cpu":
+        volume = volume[:, ::4, ::4]  # the interpreter is slow; the slices stay real anatomy
+    volume = volume.to(DEVICE)
+    for gamma in (0.01, 0.05, 0.2):
+        keep, dist = iaf_select(volume, gamma, backend=backend, return_distances=True)
+        assert_matches_reference(volume, gamma, keep, dist)
+
+
+def _reference_anchor_distances(volume, keep, cu):
+    slices = volume.reshape(keep.numel(), -1).cpu()
+    return reference.anchor_distances(slices, keep.reshape(-1).cpu(), cu)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8], ids=str)
+def test_anchor_distances_for_any_keep_mask(backend, dtype):
+    lengths = [9, 1, 0, 30]
+    volume = _random_volume((sum(lengths), 5, 6), dtype).to(DEVICE)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    keep = torch.rand(sum(lengths)) < 0.3
+    got = anchor_distances(volume, keep.to(DEVICE), cu_seqlens=cu.to(DEVICE), backend=backend)
+    expected = _reference_anchor_distances(volume, keep, cu)
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-5, atol=1e-6 * _scale(volume))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anchor_distances_match_iaf_distances(backend):
+    volume = _random_volume((64, 8, 8), torch.float32).to(DEVICE)
+    gamma = _gamma_between(volume, 0.8)
+    keep, dist = iaf_select(volume, gamma, backend=backend, return_distances=True)
+    torch.testing.assert_close(anchor_distances(volume, keep, backend=backend), dist, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_with_each_other(backend):
+    volume = _random_volume((90, 10, 10), torch.bfloat16).to(DEVICE)
+    gamma = _gamma_between(volume, 0.75)
+    assert torch.equal(iaf_select(volume, gamma, backend=backend), iaf_select(volume, gamma, backend="torch"))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    depth=st.integers(1, 70),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    quantile=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(VOLUME_DTYPES),
+    drift=st.sampled_from([0.01, 0.3, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_all_backends_match_reference(depth, height, width, quantile, dtype, drift, seed):
+    torch.manual_seed(seed)
+    volume = _random_volume((depth, height, width), dtype, drift).to(DEVICE)
+    gamma = _gamma_between(volume, quantile) if depth > 1 else 0.1
+    for backend in BACKENDS:
+        keep, dist = iaf_select(volume, gamma, backend=backend, return_distances=True)
+        assert_matches_reference(volume, gamma, keep, dist)
+
+
+# ----------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: iaf_select(torch.rand(10), 0.1), ValueError, "volume must be"),
+        (lambda: iaf_select(torch.rand(0, 4, 4), 0.1), ValueError, "no slices"),
+        (lambda: iaf_select(torch.rand(3, 0, 4), 0.1), ValueError, "empty slices"),
+        (lambda: iaf_select(torch.rand(3, 4, 4).to(torch.int32), 0.1), TypeError, "dtype"),
+        (lambda: iaf_select(torch.rand(3, 4, 4) > 0.5, 0.1), TypeError, "dtype"),
+        (lambda: iaf_select([[1.0]], 0.1), TypeError, "volume must be a torch.Tensor"),
+        (lambda: iaf_select(torch.tensor([[0.0], [float("nan")]]), 0.1), ValueError, "NaN or Inf"),
+        (lambda: iaf_select(torch.tensor([[0.0], [float("inf")]]), 0.1), ValueError, "NaN or Inf"),
+        (lambda: iaf_select(torch.rand(3, 4), float("nan")), ValueError, "gamma"),
+        (lambda: iaf_select(torch.rand(3, 4), "0.1"), TypeError, "gamma"),
+        (lambda: iaf_select(torch.rand(3, 4), torch.tensor(0.1)), TypeError, "gamma"),
+        (lambda: iaf_select(torch.rand(3, 4), 0.1, backend="cuda"), ValueError, "backend"),
+        (lambda: iaf_select(torch.rand(2, 3, 4), 0.1, batched=True, cu_seqlens=torch.tensor([0, 2])),
+         ValueError, "not both"),
+        (lambda: iaf_select(torch.rand(3, 4), 0.1, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32)),
+         ValueError, "cu_seqlens"),
+        (lambda: iaf_select(torch.rand(3, 4), 0.1, cu_seqlens=torch.tensor([1, 3], dtype=torch.int32)),
+         ValueError, "cu_seqlens"),
+        (lambda: iaf_select(torch.rand(3, 4), 0.1, cu_seqlens=torch.tensor([0, 3, 2, 3], dtype=torch.int32)),
+         ValueError, "cu_seqlens"),
+        (lambda: iaf_select(torch.rand(3, 4), 0.1, cu_seqlens=torch.tensor([0.0, 3.0])), TypeError, "cu_seqlens"),
+        (lambda: iaf_select(torch.rand(3, 4), 0.1, cu_seqlens=torch.tensor([[0, 3]], dtype=torch.int32)),
+         ValueError, "cu_seqlens"),
+        (lambda: anchor_distances(torch.rand(3, 4), torch.ones(4, dtype=torch.bool)), ValueError, "keep has shape"),
+        (lambda: anchor_distances(torch.rand(3, 4), torch.ones(3)), TypeError, "keep must be a bool"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_rejected_with_the_argument_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_negative_gamma_keeps_every_slice():
+    volume = _random_volume((20, 3, 3), torch.float32)
+    for backend in BACKENDS:
+        assert bool(iaf_select(volume, -0.5, backend=backend).all())
+
+
+def test_unavailable_explicit_backend_raises(monkeypatch):
+    from medpruner_kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch, "CPP_AVAILABLE", False)
+    with pytest.raises(RuntimeError, match="compiled extension"):
+        iaf_select(torch.rand(4, 3), 0.1, backend="cpp")
+    monkeypatch.setenv("MEDPRUNER_BACKEND", "torch")
+    assert iaf_select(torch.rand(4, 3), 0.1).shape == (4,)
+
+
+# ------------------------------------------------------------------------- torch.library plumbing
+def _registered_ops():
+    ops = [torch.ops.medpruner.iaf_select_torch, torch.ops.medpruner.anchor_distances_torch]
+    if "cpp" in BACKENDS:
+        ops += [torch.ops.medpruner.iaf_select_cpp, torch.ops.medpruner.anchor_distances_cpp]
+    return ops
+
+
+@pytest.mark.parametrize("op", _registered_ops(), ids=str)
+def test_opcheck(op):
+    slices = _random_volume((30, 24), torch.float32)
+    cu = torch.tensor([0, 12, 30], dtype=torch.int32)
+    if "iaf_select" in str(op):
+        args = (slices, cu, 0.2) if "cpp" in str(op) else (slices, cu, 0.2, 18)
+    else:
+        args = (slices, torch.tensor([0] * 12 + [12] * 18, dtype=torch.int64))
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton on CUDA or TRITON_INTERPRET=1")
+def test_opcheck_triton_ops():
+    # A triton_op's fake impl runs its launcher on fake tensors, which the interpreter cannot do
+    # (it reads data pointers), so on CPU only the schema check applies. On a GPU every utility runs.
+    utils = ("test_schema",)
+    if DEVICE.type == "cuda":
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    slices = _random_volume((30, 24), torch.float32).to(DEVICE)
+    cu = torch.tensor([0, 12, 30], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.medpruner.iaf_select_triton, (slices, cu, 0.2, 18), test_utils=utils)
+    anchor = torch.tensor([0] * 12 + [12] * 18, dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(torch.ops.medpruner.anchor_distances_triton, (slices, anchor), test_utils=utils)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton" or DEVICE.type == "cuda"])
+def test_torch_compile_fullgraph(backend):
+    volume = _random_volume((40, 6, 6), torch.float32).to(DEVICE)
+    gamma = _gamma_between(volume, 0.7)
+
+    def prune(v):
+        keep, dist = iaf_select(v, gamma, backend=backend, return_distances=True)
+        return keep, dist, anchor_distances(v, keep, backend=backend)
+
+    compiled = torch.compile(prune, fullgraph=True, backend="eager" if DEVICE.type == "cpu" else "inductor")
+    keep, dist, again = compiled(volume)
+    eager_keep, eager_dist, _ = prune(volume)
+    assert torch.equal(keep, eager_keep)
+    torch.testing.assert_close(dist, eager_dist)
+    torch.testing.assert_close(again, dist, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_capture():
+    volume = _random_volume((300, 32, 32), torch.bfloat16).to(DEVICE)
+    gamma = _gamma_between(volume, 0.9)
+    expected = iaf_select(volume, gamma, backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = iaf_select(volume, gamma, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+
+
+def test_interpreter_is_active_without_gpu():
+    if DEVICE.type == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        assert "triton" in BACKENDS, "Triton kernels must be tested on CPU through the interpreter"
