@@ -65,7 +65,10 @@ def check_tensor(op: str, name: str, t, dtypes: tuple[torch.dtype, ...]) -> None
 
 def check_finite(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype.is_floating_point and t.numel() > 0:
-        check_or_defer(~torch.isfinite(t).all(), f"{op}: {name} contains NaN or Inf")
+        # min/max propagate NaN and expose +-Inf in one reduction without allocating a mask
+        # (torch.isfinite(t).all() is ~20x slower on a large CPU volume).
+        low, high = torch.aminmax(t)
+        check_or_defer(~(torch.isfinite(low) & torch.isfinite(high)), f"{op}: {name} contains NaN or Inf")
 
 
 def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens"):

@@ -28,8 +28,8 @@ from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, resolve_backend
 from medpruner_kernels._validation import (
     VOLUME_DTYPES,
     check_cu_seqlens,
-    check_finite,
     check_gamma,
+    check_or_defer,
     check_tensor,
 )
 
@@ -397,7 +397,6 @@ def _as_rows(op: str, volume, cu_seqlens, batched: bool, max_seqlen):
         raise ValueError(f"{op}: volume has empty slices (shape {tuple(volume.shape)})")
     if rows == 0 and cu_seqlens is None:
         raise ValueError(f"{op}: volume has no slices (shape {tuple(volume.shape)})")
-    check_finite(op, "volume", volume)
     slices = volume.reshape(rows, cols)
     if cols > 1 and slices.stride(1) != 1:
         slices = slices.contiguous()
@@ -448,6 +447,13 @@ def iaf_select(
 
     Math, per volume: keep[0] = True, anchor = 0; for s = 1..D-1, d = mean|x[s] - x[anchor]|
     (float32 accumulation); if d > gamma: keep[s] = True and anchor = s.
+
+    Raises:
+        TypeError / ValueError naming the argument for a bad dtype, rank, empty volume, bad
+        ``cu_seqlens`` or NaN gamma, before any kernel runs. NaN/Inf in the volume is detected in
+        the same pass that computes the distances (no second read of the volume) and raised before
+        anything is returned; on CUDA it is queued, sync-free, for
+        :func:`medpruner_kernels.raise_pending_errors`.
     """
     op = "iaf_select"
     gamma = check_gamma(op, gamma)
@@ -462,10 +468,24 @@ def iaf_select(
         keep, dist = _iaf_select_cpp(slices, cu, gamma)
     else:
         keep, dist = _iaf_select_torch(slices, cu, gamma, max_len)
+    _check_finite_volume(op, slices, cu, dist)
     keep = keep.reshape(mask_shape)
     if return_distances:
         return keep, dist.reshape(mask_shape)
     return keep
+
+
+def _check_finite_volume(op: str, slices: torch.Tensor, cu: torch.Tensor, dist: torch.Tensor) -> None:
+    """NaN/Inf check fused into the distance pass: a non-finite value makes every distance it enters
+    non-finite, and every slice of a volume of two or more slices enters one (slice 0 with slice 1).
+    A separate pre-pass would read the whole volume a second time (2x the bytes of the op itself);
+    only the first slice of each volume, the one a 1-slice volume never compares, is read again."""
+    if not slices.dtype.is_floating_point or slices.shape[0] == 0:
+        return
+    first_rows = slices.index_select(0, cu[:-1].to(torch.int64).clamp(max=slices.shape[0] - 1))
+    low, high = torch.aminmax(first_rows)
+    bad = ~(torch.isfinite(dist).all() & torch.isfinite(low) & torch.isfinite(high))
+    check_or_defer(bad, f"{op}: volume contains NaN or Inf (or values whose differences overflow float32)")
 
 
 def _anchor_index(keep: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
@@ -521,6 +541,7 @@ def anchor_distances(
         dist = _anchor_distances_cpp(slices, anchor)
     else:
         dist = _anchor_distances_torch(slices, anchor)
+    _check_finite_volume(op, slices, cu, dist)
     return dist.reshape(mask_shape)
 
 
