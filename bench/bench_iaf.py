@@ -1,0 +1,79 @@
+"""IAF benchmarks. CPU: pytest-benchmark (``pytest bench/bench_iaf.py --benchmark-only``), the
+eager per-slice loop against each compiled/torch backend. GPU: :func:`gpu_benchmarks`, called by
+bench/gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _common import copy_bandwidth_gbps, cuda_median_ms, drifting_volume, eager_iaf_loop
+
+from medpruner_kernels import CPP_AVAILABLE, iaf_select, reference
+
+CPU_SHAPE = (192, 384, 384)  # the issue's CPU target: float32, 2 cores
+GAMMA = 0.05  # the paper's default on the [-1, 1] scale
+
+
+@pytest.fixture(scope="module")
+def cpu_volume():
+    return drifting_volume(*CPU_SHAPE, torch.float32)
+
+
+def test_iaf_cpu_eager_loop(benchmark, cpu_volume):
+    benchmark.group = "iaf 192x384x384 f32 cpu"
+    benchmark(eager_iaf_loop, cpu_volume, GAMMA)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_iaf_cpu_backend(benchmark, cpu_volume, backend):
+    if backend == "cpp" and not CPP_AVAILABLE:
+        pytest.skip("medpruner_kernels._C is not built")
+    benchmark.group = "iaf 192x384x384 f32 cpu"
+    keep = benchmark(iaf_select, cpu_volume, GAMMA, backend=backend)
+    assert torch.equal(keep, eager_iaf_loop(cpu_volume, GAMMA))
+
+
+GPU_DEPTHS = (128, 256, 512, 1024)
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.uint8, torch.int16)
+
+
+def gpu_benchmarks(device="cuda") -> list[dict]:
+    """Check the Triton IAF against the float64 reference, then time it against the eager loop and
+    the HBM floor (volume bytes once / copy bandwidth measured in this run), in both regimes: many
+    keeps (gamma from the paper, noisy slices) and few keeps (large gamma: long runs need the row
+    rounds)."""
+    bandwidth = copy_bandwidth_gbps(device)
+    records = []
+    for dtype in GPU_DTYPES:
+        for depth in GPU_DEPTHS:
+            volume = drifting_volume(depth, 512, 512, dtype, device=device, seed=depth)
+            scale = 1.0 if dtype.is_floating_point else (127.5 if dtype == torch.uint8 else 1000.0)
+            for regime, gamma in (("many-keeps", 0.005 * scale), ("few-keeps", 0.25 * scale)):
+                keep = iaf_select(volume, gamma, backend="triton")
+                ref_keep, _ = reference.iaf_select(
+                    volume.reshape(depth, -1).cpu(), gamma, torch.tensor([0, depth], dtype=torch.int32)
+                )
+                exact = bool(torch.equal(keep.cpu(), ref_keep))
+                ms = cuda_median_ms(lambda v=volume, g=gamma: iaf_select(v, g, backend="triton"))
+                eager_ms = cuda_median_ms(lambda v=volume, g=gamma: eager_iaf_loop(v, g), warmup=2, rep=5)
+                nbytes = volume.numel() * volume.element_size()
+                floor_ms = nbytes / (bandwidth * 1e9) * 1e3
+                records.append(
+                    {
+                        "op": "iaf_select",
+                        "shape": [depth, 512, 512],
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "regime": regime,
+                        "gamma": gamma,
+                        "kept": int(keep.sum()),
+                        "matches_reference": exact,
+                        "ms": ms,
+                        "gbps": nbytes / (ms * 1e-3) / 1e9,
+                        "floor_ms": floor_ms,
+                        "ratio_to_floor": ms / floor_ms,
+                        "eager_loop_ms": eager_ms,
+                        "speedup_vs_eager": eager_ms / ms,
+                        "copy_bandwidth_gbps": bandwidth,
+                    }
+                )
+    return records
