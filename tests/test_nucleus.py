@@ -360,7 +360,9 @@ def test_property_random(slices, tokens, tau, temperature, min_keep, extra, ragg
     scores = (raw if temperature is not None else raw.abs() ** 3).to(torch.float32).to(DEVICE)
     for backend in BACKENDS:
         keep = nucleus_select(scores, tau, backend=backend, **kwargs)
-        assert_matches_reference(keep, scores, tau, max_ambiguous=0.25, **kwargs)
+        # Hypothesis seeks out taus within rounding of a prefix sum (e.g. 0.99999): every slice may be
+        # ambiguous, and each is still checked for a count in the allowed range and the top masses.
+        assert_matches_reference(keep, scores, tau, max_ambiguous=1.0, **kwargs)
 
 
 # ------------------------------------------------------------------------------ nucleus_indices
