@@ -24,6 +24,12 @@ def test_iaf_cpu_eager_loop(benchmark, cpu_volume):
     benchmark(eager_iaf_loop, cpu_volume, GAMMA)
 
 
+def test_iaf_cpu_read_floor(benchmark, cpu_volume):
+    """The floor: one read of the volume (a sum, which torch runs at memory bandwidth on every core)."""
+    benchmark.group = "iaf 192x384x384 f32 cpu"
+    benchmark(torch.sum, cpu_volume)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_iaf_cpu_backend(benchmark, cpu_volume, backend):
     if backend == "cpp" and not CPP_AVAILABLE:

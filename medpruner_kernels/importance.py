@@ -1,0 +1,364 @@
+"""attention_importance: the softmax attention each key token receives, without an N x N matrix.
+
+Per segment (an image or a slice, packed with ``cu_seqlens``), with ``s = q k^T * scale`` per head:
+``received[j] = mean_h sum_i softmax_j(s_h)[i, j]``, so a segment's scores sum to its length.
+
+Triton path, two passes over the segment's tiles (flash-style, O(N * H) extra memory):
+  1. one program per (query block, head): the row log-sum-exp over the segment's keys (online max/sum);
+  2. one program per (key block, head): column sums of ``exp(s - lse)`` over the segment's query blocks,
+     written to a ``[H, N]`` buffer that a fixed-order head mean reduces. Every program owns the
+     outputs it writes, so there are no atomics and results are bitwise reproducible.
+Programs are laid out over segment-aligned blocks: ``cdiv(N, BLOCK) + B`` programs bound the number of
+blocks for any segmentation, a device-side table maps each program to its block (surplus programs
+exit), so the launch never reads ``cu_seqlens`` on the host. ``q``/``k`` strides are passed to the
+kernels: views such as the q/k slices of a fused qkv projection are read in place, without a copy.
+
+CPU paths: the compiled kernel (``csrc/importance.cpp``, OpenMP over (segment, head) tasks, exact row
+softmax over a query block at a time) and a blocked torch path (matmul over query chunks). Both read
+``cu_seqlens`` on the host (free on CPU; a sync on CUDA, where the Triton path is the default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from medpruner_kernels import _validation
+from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, resolve_backend
+
+_OP = "attention_importance"
+# The _C functions the cpp backend needs.
+CPP_OPS = ("attention_importance",)
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tile_dot(a, b, IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32-accumulating tile product; ``IEEE_DOT`` avoids tf32 for float32 inputs, ``UPCAST``
+        multiplies in float32 (the Triton 3.9 interpreter gets bfloat16 ``tl.dot`` wrong)."""
+        if UPCAST:
+            product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif IEEE_DOT:
+            product = tl.dot(a, b, input_precision="ieee")
+        else:
+            product = tl.dot(a, b)
+        return product
+
+    @triton.jit
+    def _row_lse_kernel(
+        q_ptr,
+        k_ptr,
+        lse_ptr,
+        cu_ptr,
+        block_row0_ptr,
+        block_seg_ptr,
+        stride_qn,
+        stride_qh,
+        stride_qd,
+        stride_kn,
+        stride_kh,
+        stride_kd,
+        num_heads,
+        head_dim,
+        qk_scale_log2,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+        row0 = tl.load(block_row0_ptr + pid)
+        if row0 >= 0:
+            seg = tl.load(block_seg_ptr + pid)
+            seg_start = tl.load(cu_ptr + seg)
+            seg_end = tl.load(cu_ptr + seg + 1)
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < seg_end
+            dims = tl.arange(0, BLOCK_D)
+            dim_ok = dims < head_dim
+            q = tl.load(
+                q_ptr + rows[:, None] * stride_qn + head * stride_qh + dims[None, :] * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :],
+                other=0.0,
+            )
+            # Scores are kept in base 2 (scale folded with log2 e) so the inner loop uses exp2.
+            running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            running_sum = tl.zeros([BLOCK_M], tl.float32)
+            for col0 in range(seg_start, seg_end, BLOCK_N):
+                cols = col0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < seg_end
+                k_t = tl.load(
+                    k_ptr + cols[None, :] * stride_kn + head * stride_kh + dims[:, None] * stride_kd,
+                    mask=dim_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
+                s = _tile_dot(q, k_t, IEEE_DOT, UPCAST)
+                s = tl.where(col_ok[None, :], s * qk_scale_log2, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(s, axis=1))
+                running_sum = running_sum * tl.exp2(running_max - new_max) + tl.sum(
+                    tl.exp2(s - new_max[:, None]), axis=1
+                )
+                running_max = new_max
+            lse = running_max + tl.log2(running_sum)
+            tl.store(lse_ptr + rows * num_heads + head, lse, mask=row_ok)
+
+    @triton.jit
+    def _column_sum_kernel(
+        q_ptr,
+        k_ptr,
+        lse_ptr,
+        partial_ptr,
+        cu_ptr,
+        block_row0_ptr,
+        block_seg_ptr,
+        stride_qn,
+        stride_qh,
+        stride_qd,
+        stride_kn,
+        stride_kh,
+        stride_kd,
+        num_tokens,
+        num_heads,
+        head_dim,
+        qk_scale_log2,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+        col0 = tl.load(block_row0_ptr + pid)
+        if col0 >= 0:
+            seg = tl.load(block_seg_ptr + pid)
+            seg_start = tl.load(cu_ptr + seg)
+            seg_end = tl.load(cu_ptr + seg + 1)
+            cols = col0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < seg_end
+            dims = tl.arange(0, BLOCK_D)
+            dim_ok = dims < head_dim
+            k_t = tl.load(
+                k_ptr + cols[None, :] * stride_kn + head * stride_kh + dims[:, None] * stride_kd,
+                mask=dim_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            received = tl.zeros([BLOCK_N], tl.float32)
+            for r0 in range(seg_start, seg_end, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < seg_end
+                q = tl.load(
+                    q_ptr + rows[:, None] * stride_qn + head * stride_qh + dims[None, :] * stride_qd,
+                    mask=row_ok[:, None] & dim_ok[None, :],
+                    other=0.0,
+                )
+                # +inf for rows past the segment makes their probabilities exactly 0.
+                lse = tl.load(lse_ptr + rows * num_heads + head, mask=row_ok, other=float("inf"))
+                s = _tile_dot(q, k_t, IEEE_DOT, UPCAST)
+                p = tl.exp2(s * qk_scale_log2 - lse[:, None])
+                received += tl.sum(p, axis=0)
+            tl.store(partial_ptr + head * num_tokens + cols, received, mask=col_ok)
+
+
+def _block_table(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
+    """Map program ids to segment-aligned blocks on the device: (first row of the block or -1, segment).
+
+    ``cdiv(N, block) + B`` programs cover every segmentation, because sum_b cdiv(len_b, block) is at
+    most that; the table is built with device ops, so the launch needs no host read of cu_seqlens.
+    """
+    num_segments = cu_seqlens.numel() - 1
+    cu = cu_seqlens.to(torch.int64)
+    blocks_per_segment = (cu[1:] - cu[:-1] + block - 1) // block
+    block_end = torch.cumsum(blocks_per_segment, 0)
+    num_programs = (num_tokens + block - 1) // block + num_segments
+    program = torch.arange(num_programs, device=cu.device, dtype=torch.int64)
+    seg = torch.searchsorted(block_end, program, right=True)
+    seg_clamped = seg.clamp(max=num_segments - 1)
+    first_block = block_end[seg_clamped] - blocks_per_segment[seg_clamped]
+    row0 = cu[seg_clamped] + (program - first_block) * block
+    row0 = torch.where(seg < num_segments, row0, -1)
+    return row0.to(torch.int32), seg_clamped.to(torch.int32), num_programs
+
+
+def _bf16_interpreted(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and t.device.type != "cuda"
+
+
+def _triton_config(head_dim: int, device: torch.device):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        # The interpreter runs every tile op in numpy: small tiles keep interpreted tests fast.
+        return 16, 16, block_d, {}
+    if block_d > 128:
+        return 32, 64, block_d, {"num_warps": 4, "num_stages": 2}
+    return 64, 64, block_d, {"num_warps": 4, "num_stages": 2}
+
+
+@torch.library.triton_op("medpruner::attention_importance_triton", mutates_args=())
+def _importance_triton(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return q.new_zeros((0,), dtype=torch.float32)
+    block_m, block_n, block_d, launch = _triton_config(head_dim, q.device)
+    ieee = q.dtype == torch.float32
+    upcast = _bf16_interpreted(q)
+    qk_scale_log2 = scale * _LOG2E
+    lse = torch.empty((num_tokens, num_heads), device=q.device, dtype=torch.float32)
+    row0, seg, programs = _block_table(cu_seqlens, num_tokens, block_m)
+    torch.library.wrap_triton(_row_lse_kernel)[(programs, num_heads)](
+        q, k, lse, cu_seqlens, row0, seg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        num_heads, head_dim, qk_scale_log2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
+    )  # fmt: skip
+    partial = torch.empty((num_heads, num_tokens), device=q.device, dtype=torch.float32)
+    col0, seg, programs = _block_table(cu_seqlens, num_tokens, block_n)
+    torch.library.wrap_triton(_column_sum_kernel)[(programs, num_heads)](
+        q, k, lse, partial, cu_seqlens, col0, seg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        num_tokens, num_heads, head_dim, qk_scale_log2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
+    )  # fmt: skip
+    return _group_mean(partial.sum(dim=0) / num_heads, group)
+
+
+def _group_mean(received: torch.Tensor, group: int) -> torch.Tensor:
+    return received.reshape(-1, group).mean(dim=1) if group > 1 else received
+
+
+@torch.library.custom_op("medpruner::attention_importance_cpp", mutates_args=())
+def _importance_cpp(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int
+) -> torch.Tensor:
+    return _group_mean(_C.attention_importance(q, k, cu_seqlens, scale), group)
+
+
+@_importance_cpp.register_fake
+def _(q, k, cu_seqlens, scale, group):
+    return q.new_empty((q.shape[0] // group,), dtype=torch.float32)
+
+
+# Elements of one chunk of scores (heads x queries x keys): 4 Mi fp32 = 16 MiB whatever N is.
+_TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def _importance_torch_segments(q, k, starts: list[int], length: int, scale: float, out: torch.Tensor):
+    """Segments of one common length, batched: chunks of (segments, queries) bound the score buffer."""
+    num_heads = q.shape[1]
+    offsets = torch.arange(length, device=q.device)
+    per_segment = max(1, _TORCH_CHUNK_ELEMENTS // (num_heads * length * length))
+    for first in range(0, len(starts), per_segment):
+        rows = torch.tensor(starts[first : first + per_segment], device=q.device)[:, None] + offsets
+        keys = k[rows].to(torch.float32).permute(0, 2, 3, 1)  # [S, H, Dh, L]
+        received = torch.zeros(rows.shape, device=q.device, dtype=torch.float32)
+        query_chunk = max(1, _TORCH_CHUNK_ELEMENTS // (rows.shape[0] * num_heads * length))
+        for q0 in range(0, length, query_chunk):
+            queries = q[rows[:, q0 : q0 + query_chunk]].to(torch.float32).transpose(1, 2)  # [S, H, c, Dh]
+            probs = torch.softmax(torch.matmul(queries, keys) * scale, dim=-1)
+            received += probs.sum(dim=(1, 2))
+        out[rows] = received / num_heads
+
+
+@torch.library.custom_op("medpruner::attention_importance_torch", mutates_args=())
+def _importance_torch(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int
+) -> torch.Tensor:
+    out = torch.zeros(q.shape[0], device=q.device, dtype=torch.float32)
+    offsets = cu_seqlens.tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        if end > start:
+            by_length.setdefault(end - start, []).append(start)
+    for length, starts in by_length.items():
+        _importance_torch_segments(q, k, starts, length, scale, out)
+    return _group_mean(out, group)
+
+
+@_importance_torch.register_fake
+def _(q, k, cu_seqlens, scale, group):
+    return q.new_empty((q.shape[0] // group,), dtype=torch.float32)
+
+
+def _validate(q, k, cu_seqlens, scale, group):
+    _validation.check_tensor(_OP, "q", q, _INPUT_DTYPES)
+    _validation.check_tensor(_OP, "k", k, _INPUT_DTYPES)
+    if q.dim() != 3:
+        raise ValueError(f"{_OP}: q must be [N, H, Dh], got shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"{_OP}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{_OP}: k has dtype {k.dtype} but q has {q.dtype}; they must match")
+    if k.device != q.device:
+        raise ValueError(f"{_OP}: k is on {k.device} but q is on {q.device}")
+    if q.shape[1] == 0 or q.shape[2] == 0:
+        raise ValueError(f"{_OP}: q needs at least one head and one channel, got shape {tuple(q.shape)}")
+    if isinstance(group, bool) or not isinstance(group, int):
+        raise TypeError(f"{_OP}: group must be an int, got {type(group).__name__}")
+    if group < 1:
+        raise ValueError(f"{_OP}: group must be >= 1, got {group}")
+    if scale is None:
+        scale = q.shape[2] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{_OP}: scale must be a Python float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"{_OP}: scale must be finite, got {scale}")
+    num_tokens = q.shape[0]
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=q.device)
+    else:
+        cu_seqlens = _validation.check_cu_seqlens(_OP, cu_seqlens, num_tokens, q.device)
+    if num_tokens % group:
+        raise ValueError(f"{_OP}: group={group} does not divide the number of tokens N={num_tokens}")
+    if group > 1:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        _validation.check_or_defer(
+            (lengths % group != 0).any(), f"{_OP}: every cu_seqlens segment length must be a multiple of group={group}"
+        )
+    _validation.check_finite(_OP, "q", q)
+    _validation.check_finite(_OP, "k", k)
+    return cu_seqlens, float(scale)
+
+
+def attention_importance(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    group: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The softmax attention each key token receives, per segment, head-averaged, summed over queries.
+
+    Args:
+        q, k: ``[N, H, Dh]`` float32/float16/bfloat16, same shape, dtype and device, any strides
+            (the Triton kernels read them in place; the CPU paths copy to float32). Post-RoPE
+            queries/keys of one attention layer; ``Dh`` need not be a power of two.
+        cu_seqlens: int32 ``[B+1]`` offsets of the packed segments (images or slices); attention only
+            within a segment. ``None``: one segment of ``N`` tokens.
+        scale: softmax scale, default ``Dh ** -0.5``.
+        group: average consecutive groups of ``group`` tokens (Qwen's 2x2 merge blocks: 4). Every
+            segment length must be a multiple of ``group``.
+        backend: ``"auto"`` | ``"triton"`` | ``"cpp"`` | ``"torch"``.
+
+    Returns:
+        float32 ``[N // group]``: ``r[j] = (1/H) sum_h sum_{i in seg(j)} softmax_j(q_i k^T * scale)``,
+        then the mean over each group. A segment's ungrouped scores sum to its length. Accumulation is
+        float32; no ``N x N`` matrix is ever built.
+    """
+    cu_seqlens, scale = _validate(q, k, cu_seqlens, scale, group)
+    chosen = resolve_backend(_OP, q.device, backend, cpp_ops=CPP_OPS)
+    if chosen == "triton":
+        return _importance_triton(q, k, cu_seqlens, scale, group)
+    if chosen == "cpp":
+        return _importance_cpp(q, k, cu_seqlens, scale, group)
+    return _importance_torch(q, k, cu_seqlens, scale, group)

@@ -1,0 +1,400 @@
+"""Reports of a pruning run: ``report.json``, PNG figures and a self-contained ``report.html``.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas (no pyplot, no GUI
+backend, no global state, so they are safe from worker threads). Every file is written to a temporary
+name in the target folder and renamed into place, so a crash never leaves half a report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "environment",
+    "plot_distances",
+    "plot_montage",
+    "plot_token_heatmaps",
+    "render_html",
+    "write_report",
+]
+
+REPORT_VERSION = 1
+KEPT_COLOUR = "#1a9850"
+DROPPED_COLOUR = "#d73027"
+
+
+# ---------------------------------------------------------------------------------------- writing
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        # mkstemp creates the file private (0600); a report is an ordinary file.
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def to_json(obj, *, indent: int | None = 2) -> str:
+    return json.dumps(obj, indent=indent, default=_json_default, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------ environment
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str | None = None, backend: str | None = None) -> dict:
+    """Versions and hardware a result was produced with."""
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "backend": backend,
+        "packages": {
+            name: _version(name)
+            for name in (
+                "medpruner-kernels",
+                "torch",
+                "triton",
+                "numpy",
+                "nibabel",
+                "pydicom",
+                "pynrrd",
+                "matplotlib",
+            )
+        },
+    }
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info["torch_cuda"] = torch.version.cuda
+        if device is not None and device.startswith("cuda") and torch.cuda.is_available():
+            info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    if "medpruner_kernels" in sys.modules:
+        kernels = sys.modules["medpruner_kernels"]
+        info["cpp_extension"] = bool(getattr(kernels, "CPP_AVAILABLE", False))
+        info["triton_available"] = bool(getattr(kernels, "TRITON_AVAILABLE", False))
+    return info
+
+
+# ---------------------------------------------------------------------------------------- figures
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _oriented(image: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    if flips[0]:
+        image = image[::-1]
+    if flips[1]:
+        image = image[:, ::-1]
+    return image
+
+
+def _spread(indices: np.ndarray, count: int) -> np.ndarray:
+    if indices.size <= count:
+        return indices
+    return indices[np.unique(np.linspace(0, indices.size - 1, count).round().astype(int))]
+
+
+def montage_indices(keep: np.ndarray, max_tiles: int) -> np.ndarray:
+    """At most ``max_tiles`` slices, half kept and half dropped where both exist, each evenly spread."""
+    kept = np.flatnonzero(keep)
+    dropped = np.flatnonzero(~keep)
+    share = max_tiles // 2
+    take_kept = min(kept.size, max(share, max_tiles - dropped.size))
+    take_dropped = min(dropped.size, max_tiles - take_kept)
+    return np.sort(np.concatenate([_spread(kept, take_kept), _spread(dropped, take_dropped)]))
+
+
+def plot_montage(
+    slices: np.ndarray,
+    keep: np.ndarray,
+    distances: np.ndarray,
+    gamma: float,
+    *,
+    flips: tuple[bool, bool] = (False, False),
+    max_tiles: int = 40,
+    columns: int = 8,
+    title: str = "",
+) -> bytes:
+    """PNG of kept (green frame) and dropped (red frame) slices, each labelled with its index and its
+    mean |difference| to the anchor it was compared with (on the [-1, 1] scale, like gamma).
+
+    ``slices``: ``[D, H, W]`` in [0, 1]; ``keep``: bool ``[D]``; ``distances``: ``[D]``.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    chosen = montage_indices(keep, max_tiles)
+    columns = max(1, min(columns, chosen.size))
+    rows = math.ceil(chosen.size / columns)
+    height, width = slices.shape[1:]
+    tile = 1.8
+    aspect = height / max(width, 1)
+    figure = _figure(columns * tile, rows * tile * aspect + 0.8)
+    for position, index in enumerate(chosen):
+        axes = figure.add_subplot(rows, columns, position + 1)
+        axes.imshow(_oriented(np.asarray(slices[index]), flips), cmap="gray", vmin=0.0, vmax=1.0)
+        colour = KEPT_COLOUR if keep[index] else DROPPED_COLOUR
+        state = "kept" if keep[index] else "dropped"
+        label = "anchor" if index == 0 else f"d={float(distances[index]):.3f}"
+        axes.set_title(f"#{index} {state}\n{label}", fontsize=7, color=colour)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        for spine in axes.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(2.5)
+    summary = f"{int(keep.sum())}/{keep.size} slices kept at gamma={gamma:g}"
+    figure.suptitle(f"{title}\n{summary}" if title else summary, fontsize=9)
+    return _png(figure)
+
+
+def plot_distances(
+    distances: np.ndarray,
+    keep: np.ndarray,
+    gamma: float,
+    *,
+    title: str = "",
+) -> bytes:
+    """PNG of each slice's distance to its anchor along the volume, with gamma and the kept slices."""
+    distances = np.asarray(distances, dtype=np.float64)
+    keep = np.asarray(keep, dtype=bool)
+    index = np.arange(distances.size)
+    figure = _figure(8.0, 3.2)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.plot(index, distances, color="#4575b4", linewidth=1.0, label="distance to anchor")
+    axes.scatter(index[keep], distances[keep], s=14, color=KEPT_COLOUR, zorder=3, label="kept (new anchor)")
+    axes.scatter(index[~keep], distances[~keep], s=6, color=DROPPED_COLOUR, zorder=3, label="dropped")
+    axes.axhline(gamma, color="black", linestyle="--", linewidth=1.0, label=f"gamma = {gamma:g}")
+    axes.set_xlabel("slice index")
+    axes.set_ylabel("mean |x[s] - x[anchor]| ([-1, 1] scale)")
+    axes.set_xlim(-0.5, max(distances.size - 0.5, 0.5))
+    axes.set_ylim(bottom=0.0)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper right")
+    summary = f"{int(keep.sum())}/{keep.size} kept ({100.0 * keep.mean():.1f}%)" if keep.size else "no slices"
+    axes.set_title(f"{title}: {summary}" if title else summary, fontsize=9)
+    return _png(figure)
+
+
+def _token_grid(name: str, values, grid: tuple[int, int] | None) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim == 1:
+        if grid is None:
+            side = math.isqrt(array.size)
+            if side * side != array.size:
+                raise ValueError(f"{name}: {array.size} tokens are not a square grid; pass grid=(rows, cols)")
+            grid = (side, side)
+        if grid[0] * grid[1] != array.size:
+            raise ValueError(f"{name}: {array.size} tokens do not fill grid {grid}")
+        array = array.reshape(grid)
+    if array.ndim != 2:
+        raise ValueError(f"{name}: expected [rows, cols] or [tokens] per slice, got shape {array.shape}")
+    return array
+
+
+def plot_token_heatmaps(
+    slices: np.ndarray,
+    slice_indices: Sequence[int],
+    importance: Sequence,
+    keep_tokens: Sequence | None = None,
+    *,
+    grid: tuple[int, int] | None = None,
+    flips: tuple[bool, bool] = (False, False),
+    columns: int = 4,
+    title: str = "",
+) -> bytes:
+    """PNG of per-slice token importance over the slice, with pruned tokens shaded.
+
+    Args:
+        slices: ``[D, H, W]`` in [0, 1].
+        slice_indices: which slices the token arrays belong to (the kept slices, usually).
+        importance: one array per slice, ``[rows, cols]`` token grid or ``[tokens]`` (reshaped to
+            ``grid``, or to a square); the token grid is stretched over the whole slice.
+        keep_tokens: optional bool arrays of the same shapes: tokens the nucleus kept.
+    """
+    if len(importance) != len(slice_indices):
+        raise ValueError(f"importance has {len(importance)} arrays for {len(slice_indices)} slice_indices")
+    if keep_tokens is not None and len(keep_tokens) != len(slice_indices):
+        raise ValueError(f"keep_tokens has {len(keep_tokens)} arrays for {len(slice_indices)} slice_indices")
+    from matplotlib.colors import Normalize
+
+    count = len(slice_indices)
+    if count == 0:
+        raise ValueError("plot_token_heatmaps: no slices given")
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    height, width = slices.shape[1:]
+    figure = _figure(columns * 3.0, rows * 3.0 * height / max(width, 1) + 0.6)
+    for position, index in enumerate(slice_indices):
+        scores = _token_grid("importance", importance[position], grid).astype(np.float64)
+        axes = figure.add_subplot(rows, columns, position + 1)
+        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+        axes.imshow(
+            _oriented(np.asarray(slices[index]), flips), cmap="gray", vmin=0.0, vmax=1.0, extent=extent
+        )
+        heat = axes.imshow(
+            _oriented(scores, flips),
+            cmap="inferno",
+            alpha=0.45,
+            extent=extent,
+            interpolation="nearest",
+            norm=Normalize(vmin=float(scores.min()), vmax=float(scores.max()) or 1.0),
+        )
+        label = f"#{index}"
+        if keep_tokens is not None:
+            kept = _token_grid("keep_tokens", keep_tokens[position], scores.shape).astype(bool)
+            if kept.shape != scores.shape:
+                raise ValueError(f"keep_tokens[{position}] has shape {kept.shape}, importance {scores.shape}")
+            shade = np.zeros((*kept.shape, 4))
+            shade[~kept, 3] = 0.6
+            axes.imshow(_oriented(shade, flips), extent=extent, interpolation="nearest")
+            label += f": {int(kept.sum())}/{kept.size} tokens kept"
+        axes.set_title(label, fontsize=8)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        figure.colorbar(heat, ax=axes, fraction=0.046, pad=0.02)
+    figure.suptitle(title or "token importance (pruned tokens shaded)", fontsize=9)
+    return _png(figure)
+
+
+# ---------------------------------------------------------------------------------------- report
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def render_html(report: dict, images: dict[str, bytes]) -> str:
+    """A single HTML page with the summary table and the figures embedded as base64 PNGs."""
+    result = report.get("result", {})
+    volume = report.get("volume", {})
+    rows = [
+        ("source", volume.get("source")),
+        ("shape [D, H, W]", volume.get("shape")),
+        ("spacing (mm)", volume.get("spacing_mm")),
+        ("modality", volume.get("modality")),
+        ("slice axis", f"{volume.get('slice_axis')} ({volume.get('slice_axis_reason')})"),
+        ("window", report.get("config", {}).get("window")),
+        ("gamma ([-1, 1] scale)", report.get("config", {}).get("gamma")),
+        ("slices kept", f"{result.get('kept')}/{result.get('num_slices')}"),
+        ("retention", result.get("retention")),
+    ]
+    tokens = report.get("tokens")
+    if tokens is not None:
+        rows += [
+            ("model", f"{tokens.get('model')} ({tokens.get('family')})"),
+            ("DINS", f"tau {tokens.get('tau')}, mode {tokens.get('mode')}, merge {tokens.get('merge')}"),
+            ("visual tokens kept", f"{tokens.get('tokens_after')}/{tokens.get('tokens_before')}"),
+            ("token retention", tokens.get("token_retention")),
+            ("tokens per slice", tokens.get("tokens_per_slice")),
+        ]
+    rows += [
+        ("timings (s)", report.get("timings_s")),
+        ("backend", report.get("environment", {}).get("backend")),
+        ("device", report.get("environment", {}).get("device")),
+    ]
+    table = "\n".join(
+        f"<tr><th>{html.escape(str(name))}</th><td>{html.escape(str(value))}</td></tr>"
+        for name, value in rows
+    )
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{_base64(data)}">'
+        f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, data in images.items()
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>MedPruner report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%}</style>"
+        f"</head><body><h1>MedPruner report</h1><table>{table}</table>{figures}</body></html>\n"
+    )
+
+
+def write_report(
+    out_dir,
+    report: dict,
+    slices: np.ndarray,
+    *,
+    flips: tuple[bool, bool] = (False, False),
+    token_importance: Sequence | None = None,
+    token_keep: Sequence | None = None,
+    token_slices: Sequence[int] | None = None,
+    token_grid: tuple[int, int] | None = None,
+    html_page: bool = True,
+) -> dict[str, Path]:
+    """Write ``report.json``, ``montage.png``, ``distances.png`` (``tokens.png`` when per-slice token
+    arrays are given) and ``report.html`` into ``out_dir``; return their paths by name.
+
+    ``report`` must hold ``config.gamma`` and ``result.keep`` / ``result.distance_to_anchor``;
+    ``slices``: the ``[D, H, W]`` [0, 1] slices IAF ran on (after windowing).
+    """
+    out = Path(out_dir)
+    gamma = float(report["config"]["gamma"])
+    keep = np.asarray(report["result"]["keep"], dtype=bool)
+    distances = np.asarray(report["result"]["distance_to_anchor"], dtype=np.float64)
+    title = Path(str(report.get("volume", {}).get("source") or "volume")).name
+    images = {
+        "montage.png": plot_montage(slices, keep, distances, gamma, flips=flips, title=title),
+        "distances.png": plot_distances(distances, keep, gamma, title=title),
+    }
+    if token_importance is not None:
+        indices = list(token_slices) if token_slices is not None else list(np.flatnonzero(keep))
+        images["tokens.png"] = plot_token_heatmaps(
+            slices, indices, token_importance, token_keep, grid=token_grid, flips=flips, title=title
+        )
+    written = {name: atomic_write_bytes(out / name, data) for name, data in images.items()}
+    report = dict(report, files=sorted([*images, "report.json", *(["report.html"] if html_page else [])]))
+    if html_page:
+        written["report.html"] = atomic_write_text(out / "report.html", render_html(report, images))
+    # report.json last: its presence means the whole report is there.
+    written["report.json"] = atomic_write_text(out / "report.json", to_json(report) + "\n")
+    return written
