@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "registry.h"
 
@@ -29,12 +30,43 @@ inline float to_float<c10::BFloat16>(c10::BFloat16 v) {
   return static_cast<float>(v);
 }
 
+// kLanes independent float accumulators: one accumulator is a chain of dependent adds whose latency,
+// not memory, would bound the loop; several vector registers' worth keep the loads streaming.
+constexpr int64_t kLanes = 32;
+
 template <typename T>
 inline double block_abs_diff(const T* a, const T* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += std::fabs(to_float(a[i]) - to_float(b[i]));
-  return static_cast<double>(acc);
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] += std::fabs(to_float(a[i + j]) - to_float(b[i + j]));
+  }
+  for (; i < n; ++i) lane[i % kLanes] += std::fabs(to_float(a[i]) - to_float(b[i]));
+  double total = 0.0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lane[j];
+  return total;
+}
+
+// float32 volumes are the common case and memory bound only with wide vectors: an AVX2 clone is
+// picked at load time where the CPU has it, the baseline build stays portable.
+__attribute__((target_clones("avx2", "default"))) double float_abs_diff(const float* a, const float* b,
+                                                                         int64_t n) {
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] += std::fabs(a[i + j] - b[i + j]);
+  }
+  for (; i < n; ++i) lane[i % kLanes] += std::fabs(a[i] - b[i]);
+  double total = 0.0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lane[j];
+  return total;
+}
+
+template <>
+inline double block_abs_diff<float>(const float* a, const float* b, int64_t n) {
+  return float_abs_diff(a, b, n);
 }
 
 template <>
@@ -46,31 +78,70 @@ inline double block_abs_diff<double>(const double* a, const double* b, int64_t n
 }
 
 template <typename T>
-double mean_abs_diff(const T* a, const T* b, int64_t cols, bool parallel) {
-  const int64_t blocks = (cols + kBlock - 1) / kBlock;
+double mean_abs_diff(const T* a, const T* b, int64_t cols) {
   double total = 0.0;
-#pragma omp parallel for reduction(+ : total) schedule(static) if (parallel && cols >= kParallelThreshold)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t begin = blk * kBlock;
-    const int64_t n = std::min(kBlock, cols - begin);
-    total += block_abs_diff(a + begin, b + begin, n);
-  }
+  for (int64_t begin = 0; begin < cols; begin += kBlock)
+    total += block_abs_diff(a + begin, b + begin, std::min(kBlock, cols - begin));
   return total / static_cast<double>(cols);
 }
 
 template <typename T>
 void scan_segment(const T* x, int64_t row_stride, int64_t cols, int64_t start, int64_t end, double gamma,
-                  bool* keep, float* dist, bool parallel) {
+                  bool* keep, float* dist) {
   if (end <= start) return;
   keep[start] = true;
   dist[start] = 0.f;
   int64_t anchor = start;
   for (int64_t s = start + 1; s < end; ++s) {
-    const double d = mean_abs_diff(x + s * row_stride, x + anchor * row_stride, cols, parallel);
+    const double d = mean_abs_diff(x + s * row_stride, x + anchor * row_stride, cols);
     dist[s] = static_cast<float>(d);
     if (d > gamma) {
       keep[s] = true;
       anchor = s;
+    }
+  }
+}
+
+// One volume on all threads: a single parallel region for the whole scan (not one per slice), each
+// thread owning the same column range of every slice, so its part of the anchor stays in its own
+// cache. Per slice the threads publish partial sums, meet at one barrier (the partials are double
+// buffered, so a thread may start the next slice while others still read this one), and every
+// thread derives the same decision from the partials summed in thread order.
+template <typename T>
+void scan_segment_parallel(const T* x, int64_t row_stride, int64_t cols, int64_t start, int64_t end,
+                           double gamma, bool* keep, float* dist) {
+  if (end <= start) return;
+  keep[start] = true;
+  dist[start] = 0.f;
+  constexpr int kPad = 8;  // one cache line per thread's partial
+  const int threads = omp_get_max_threads();
+  std::vector<double> partial(2 * static_cast<size_t>(threads) * kPad, 0.0);
+  const int64_t blocks = (cols + kBlock - 1) / kBlock;
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num();
+    const int team = omp_get_num_threads();
+    const int64_t first = blocks * thread / team;
+    const int64_t last = blocks * (thread + 1) / team;
+    int64_t anchor = start;
+    for (int64_t s = start + 1; s < end; ++s) {
+      double acc = 0.0;
+      for (int64_t blk = first; blk < last; ++blk) {
+        const int64_t begin = blk * kBlock;
+        acc += block_abs_diff(x + s * row_stride + begin, x + anchor * row_stride + begin,
+                              std::min(kBlock, cols - begin));
+      }
+      double* slot = partial.data() + (s & 1) * threads * kPad;
+      slot[thread * kPad] = acc;
+#pragma omp barrier
+      double total = 0.0;
+      for (int t = 0; t < team; ++t) total += slot[t * kPad];
+      const double d = total / static_cast<double>(cols);
+      if (d > gamma) anchor = s;
+      if (thread == 0) {
+        dist[s] = static_cast<float>(d);
+        keep[s] = d > gamma;
+      }
     }
   }
 }
@@ -81,13 +152,13 @@ void iaf_impl(const torch::Tensor& slices, const int32_t* cu, int64_t segments, 
   const T* x = slices.data_ptr<T>();
   const int64_t row_stride = slices.stride(0);
   const int64_t cols = slices.size(1);
-  if (segments >= omp_get_max_threads()) {
+  if (segments >= omp_get_max_threads() || cols < kParallelThreshold) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t b = 0; b < segments; ++b)
-      scan_segment(x, row_stride, cols, cu[b], cu[b + 1], gamma, keep, dist, false);
+      scan_segment(x, row_stride, cols, cu[b], cu[b + 1], gamma, keep, dist);
   } else {
     for (int64_t b = 0; b < segments; ++b)
-      scan_segment(x, row_stride, cols, cu[b], cu[b + 1], gamma, keep, dist, true);
+      scan_segment_parallel(x, row_stride, cols, cu[b], cu[b + 1], gamma, keep, dist);
   }
 }
 
@@ -101,8 +172,7 @@ void anchor_distance_impl(const torch::Tensor& slices, const int64_t* anchor, fl
 #pragma omp parallel for schedule(static)
   for (int64_t s = 0; s < rows; ++s) {
     dist[s] = anchor[s] == s ? 0.f
-                             : static_cast<float>(mean_abs_diff(x + s * row_stride, x + anchor[s] * row_stride,
-                                                                cols, false));
+                             : static_cast<float>(mean_abs_diff(x + s * row_stride, x + anchor[s] * row_stride, cols));
   }
 }
 

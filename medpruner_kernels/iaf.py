@@ -482,7 +482,10 @@ def _check_finite_volume(op: str, slices: torch.Tensor, cu: torch.Tensor, dist: 
     only the first slice of each volume, the one a 1-slice volume never compares, is read again."""
     if not slices.dtype.is_floating_point or slices.shape[0] == 0:
         return
-    first_rows = slices.index_select(0, cu[:-1].to(torch.int64).clamp(max=slices.shape[0] - 1))
+    if cu.shape[0] == 2:
+        first_rows = slices[:1]  # one volume: a view, no copy
+    else:
+        first_rows = slices.index_select(0, cu[:-1].to(torch.int64).clamp(max=slices.shape[0] - 1))
     low, high = torch.aminmax(first_rows)
     bad = ~(torch.isfinite(dist).all() & torch.isfinite(low) & torch.isfinite(high))
     check_or_defer(bad, f"{op}: volume contains NaN or Inf (or values whose differences overflow float32)")
