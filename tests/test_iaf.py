@@ -187,6 +187,23 @@ def test_wide_slices_use_many_column_tiles(backend):
     assert_matches_reference(volume, gamma, keep, dist)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpp_scan_splits_large_slices_across_threads(dtype, threads):
+    # Above 32768 columns one volume's scan runs on all threads, each owning a column range; the column
+    # count is odd so the last range ends inside a lane group.
+    volume = _random_volume((40, 257 * 131), dtype, drift=0.05)
+    gamma = _gamma_between(volume, 0.5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        keep, dist = iaf_select(volume, gamma, backend="cpp", return_distances=True)
+    finally:
+        torch.set_num_threads(previous)
+    assert_matches_reference(volume, gamma, keep, dist)
+
+
 def _real_volume():
     nibabel = pytest.importorskip("nibabel")
     path = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"

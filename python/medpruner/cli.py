@@ -50,6 +50,7 @@ from medpruner.volume import (
 
 RESULTS_NAME = "results.jsonl"
 DEFAULT_GAMMA = 0.05
+DEFAULT_TAU = 0.9
 MNI_TEMPLATE = ("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 NIBABEL_SAMPLE = ("nibabel", "tests/data/anatomical.nii")
 # Files that are whole volumes on their own; any other file in a folder makes it a DICOM series folder.
@@ -288,6 +289,7 @@ def prune_one(
     out_dir: Path | None,
     tokens: TokenOptions | None = None,
     extra_config: dict | None = None,
+    html_page: bool = True,
 ) -> dict:
     start = time.perf_counter()
     volume = load_volume(source, slice_axis=slice_axis, frame=frame)
@@ -315,7 +317,9 @@ def prune_one(
                 token_grid=token_result.grid,
             )
         # The report's own timing is known only after its figures exist; report.json carries the rest.
-        write_report(out_dir, record, result.slices, flips=volume.display_flips(), **heatmaps)
+        write_report(
+            out_dir, record, result.slices, flips=volume.display_flips(), html_page=html_page, **heatmaps
+        )
         record["timings_s"]["report"] = round(time.perf_counter() - start, 6)
         record["report_dir"] = str(out_dir)
     return record
@@ -358,14 +362,15 @@ def _bundle(model, processor, name: str) -> ModelBundle:
         family = _INPUT_FAMILY[adapter.family]
     except (TypeError, KeyError) as err:
         raise CommandError(f"--model {name}: {err}") from err
-    image_processor = getattr(processor, "image_processor", None)
-    size = getattr(image_processor, "size", None)
-    if getattr(image_processor, "min_pixels", None) is None and getattr(size, "shortest_edge", None):
-        # volume_to_inputs reads the pixel budget from ``min_pixels``, which transformers 5 processors
-        # keep in ``size`` only; without it the budget becomes 0 and the processor rejects it.
-        image_processor.min_pixels = size.shortest_edge
     multiple, merge = _size_multiple(processor)
     return ModelBundle(model, processor, family, adapter.pixel_key, multiple, merge, name)
+
+
+# Processors that build a video processor (which needs torchvision) next to the image one.
+_IMAGE_ONLY_PROCESSORS = {
+    "Qwen3VLForConditionalGeneration": "Qwen3VLProcessor",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLProcessor",
+}
 
 
 def load_model(path: str, device) -> ModelBundle:
@@ -374,32 +379,42 @@ def load_model(path: str, device) -> ModelBundle:
         raise CommandError(
             f"--model {path}: not a folder (pass a local checkpoint saved with save_pretrained)"
         )
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import transformers
 
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype="auto")
-    except (OSError, ValueError, KeyError) as err:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            path, local_files_only=True, dtype="auto"
+        )
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+        except ImportError:
+            class_name = _IMAGE_ONLY_PROCESSORS.get(type(model).__name__)
+            if class_name is None:
+                raise
+            processor = _image_only_processor(
+                getattr(transformers, class_name),
+                transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True),
+                transformers.AutoTokenizer.from_pretrained(path, local_files_only=True),
+            )
+    except (OSError, ValueError, KeyError, ImportError) as err:
         raise CommandError(
             f"--model {path}: cannot load the checkpoint ({type(err).__name__}: {err})"
         ) from err
     return _bundle(model.to(device).eval(), processor, str(path))
 
 
-def _image_only_processor(image_processor, tokenizer):
-    """A Qwen3-VL processor that accepts ``video_processor=None``: the video processor class needs
+def _image_only_processor(processor_class, image_processor, tokenizer):
+    """A Qwen-VL processor that accepts ``video_processor=None``: the video processor class needs
     torchvision, which slices never use."""
-    from transformers import Qwen3VLProcessor
 
-    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    class ImageOnlyProcessor(processor_class):
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument is None:
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
-    return ImageOnlyQwen3VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=None
-    )
+    ImageOnlyProcessor.__name__ = processor_class.__name__
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
 
 
 def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
@@ -407,7 +422,7 @@ def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
     config (no download): the real architecture and processor path, fast enough for a 2-core demo."""
     import torch
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -427,7 +442,7 @@ def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
-    processor = _image_only_processor(image_processor, tokenizer)
+    processor = _image_only_processor(Qwen3VLProcessor, image_processor, tokenizer)
     config = Qwen3VLConfig(
         vision_config=dict(
             depth=2,
@@ -499,15 +514,16 @@ def model_slices(slices: np.ndarray, resolution: int, multiple: int) -> np.ndarr
 
 @contextmanager
 def _record_token_selection(records: list):
-    """Keep a CPU copy of each request's token scores and final keep mask, for the heatmaps. The
-    adapters route every family's DINS + merge through ``Adapter.select_tokens``."""
+    """Keep a CPU copy of each request's token scores and final keep mask (one entry per token of the
+    encoded slices, in order), for the heatmaps. The adapters route every family's DINS + merge
+    through ``Adapter.select_tokens(scores, ...) -> (keep, features)``."""
     from medpruner.adapters import Adapter
 
     original = Adapter.select_tokens
 
-    def recording(self, scores, keys, pooled, token_cu, enc_tokens, slice_keep, config):
-        keep, features = original(self, scores, keys, pooled, token_cu, enc_tokens, slice_keep, config)
-        records.append((scores.detach().float().cpu().numpy(), keep.cpu().numpy(), list(enc_tokens)))
+    def recording(self, scores, *args, **kwargs):
+        keep, features = original(self, scores, *args, **kwargs)
+        records.append((scores.detach().float().cpu().numpy(), keep.cpu().numpy()))
         return keep, features
 
     Adapter.select_tokens = recording
@@ -606,14 +622,16 @@ def run_model(
 
     importance, keep, shown = [], [], []
     encoded = np.flatnonzero(slice_keep) if mode == "fast" else np.arange(slice_keep.size)
-    # The heatmaps need the model's slice selection to be the report's; a model whose processor does
-    # not normalise to [-1, 1] may keep other slices, and then gets no heatmaps rather than wrong ones.
-    same_slices = len(records) > 0 and len(encoded) == len(records[0][2])
+    # The report's IAF ran on the model's own pixels, so the slice selections agree; should they not
+    # (an adapter with another slice rule), the report gets no heatmaps rather than misplaced ones.
+    # Every slice of a volume has one resolution, so the encoded slices hold equal token counts.
+    per_encoded = records[0][0].size // max(len(encoded), 1) if records else 0
+    same_slices = per_encoded > 0 and per_encoded * len(encoded) == records[0][0].size
     if mode == "fast":
         same_slices = same_slices and np.array_equal(np.asarray(tokens_per_slice) > 0, slice_keep)
     if same_slices:
-        scores, final_keep, enc_tokens = records[0]
-        offsets = np.concatenate([[0], np.cumsum(enc_tokens)])
+        scores, final_keep = records[0]
+        offsets = np.arange(len(encoded) + 1) * per_encoded
         position_of = {int(s): p for p, s in enumerate(encoded)}
         kept = np.flatnonzero(slice_keep)
         for index in kept[
@@ -844,8 +862,8 @@ def demo_volume_path() -> Path:
 def _token_options(args, bundle: ModelBundle, resolution: int) -> TokenOptions:
     return TokenOptions(
         bundle=bundle,
-        tau=args.tau,
-        mode=args.mode,
+        tau=DEFAULT_TAU if args.tau is None else args.tau,
+        mode=args.mode or "fast",
         merge=not args.no_merge,
         prompt=args.prompt,
         resolution=args.resolution or resolution,
@@ -858,6 +876,10 @@ def _report_files(out_dir: Path) -> str:
     return f"{out_dir}: {', '.join(names)}"
 
 
+# Options that only a model run uses (None/False when not given).
+_TOKEN_ONLY = ("tau", "mode", "no_merge", "resolution")
+
+
 def cmd_prune(args) -> int:
     paths, batch = expand_inputs(args.volumes)
     if batch:
@@ -865,6 +887,12 @@ def cmd_prune(args) -> int:
             raise CommandError("several volumes need --out DIR (results.jsonl is written there)")
         if not paths:
             raise CommandError(f"no volumes found in {' '.join(args.volumes)}")
+    if args.model is None:
+        token_only = [
+            f"--{name.replace('_', '-')}" for name in _TOKEN_ONLY if getattr(args, name) not in (None, False)
+        ]
+        if token_only:
+            raise CommandError(f"{', '.join(token_only)}: token-level options need --model")
     tokens = None
     if args.model is not None:
         tokens = _token_options(args, load_model(args.model, _pick_device(args.device)), MODEL_RESOLUTION)
@@ -880,7 +908,7 @@ def cmd_prune(args) -> int:
     if batch:
         return prune_batch(paths, out_dir=Path(args.out), workers=args.workers, as_json=args.json, **common)
     out_dir = None if args.out is None else Path(args.out)
-    record = prune_one(paths[0], out_dir=out_dir, **common)
+    record = prune_one(paths[0], out_dir=out_dir, html_page=not args.no_html, **common)
     print(to_json(record) if args.json else summary_text(record))
     if out_dir is not None and not args.json:
         print(f"report     {_report_files(out_dir)}")
@@ -906,6 +934,7 @@ def cmd_demo(args) -> int:
         out_dir=out_dir,
         tokens=_token_options(args, bundle, DEMO_RESOLUTION if args.model is None else MODEL_RESOLUTION),
         extra_config={"demo": True},
+        html_page=not args.no_html,
     )
     if args.json:
         print(to_json(record))
@@ -948,12 +977,19 @@ def cmd_bench(args) -> int:
             str(folder),
             "--benchmark-only",
             "-q",
+            # The checkout's pyproject sets this too, but a bench/ folder elsewhere has no config.
+            "-o",
+            "python_files=bench_*.py",
             f"--benchmark-json={results}",
             *args.pytest_args,
         ]
         print("running: " + " ".join(command), file=sys.stderr)
-        # pytest's own output goes to stderr, so stdout carries only the table (or the JSON).
-        status = subprocess.call(command, stdout=sys.stderr)
+        # pytest's own output goes to stderr, line by line as it comes, so stdout carries only the
+        # table (or the JSON).
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            for line in child.stdout:
+                sys.stderr.write(line)
+        status = child.returncode
         rows = bench_rows(json.loads(results.read_text())) if results.exists() else []
     if args.json:
         print(to_json(rows, indent=None))
@@ -1069,12 +1105,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def _add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument(
-        "--tau", type=_tau, default=0.9, help="DINS nucleus mass kept per slice, in (0, 1] (default 0.9)"
+        "--tau", type=_tau, default=None, help="DINS nucleus mass kept per slice, in (0, 1] (default 0.9)"
     )
     parser.add_argument(
         "--mode",
         choices=("fast", "paper"),
-        default="fast",
+        default=None,
         help="fast: IAF before the vision tower (dropped slices are never encoded); paper: the paper's code",
     )
     parser.add_argument("--no-merge", action="store_true", help="drop pruned tokens instead of merging them")
@@ -1114,12 +1150,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=_window,
         default="auto",
-        help=f"CT window: {'|'.join(CT_WINDOWS)}, LEVEL,WIDTH in HU, 'percentile' (MRI), or auto (default: "
-        "the DICOM's window or abdomen for CT, percentiles otherwise)",
+        help=f"CT window: {'|'.join(CT_WINDOWS)}, LEVEL,WIDTH in HU (a negative level as "
+        "--window=-600,1500), 'percentile' (MRI), or auto (default: the DICOM's window or abdomen for CT, "
+        "percentiles otherwise)",
     )
     prune.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=None, help="axis to slice along")
     prune.add_argument("--frame", type=int, default=None, help="frame of a 4D image")
     prune.add_argument("--out", default=None, help="report folder (one volume) or results folder (batch)")
+    prune.add_argument("--no-html", action="store_true", help="skip the self-contained report.html")
     prune.add_argument(
         "--workers", type=_positive_int, default=min(4, os.cpu_count() or 1), help="batch readers"
     )
@@ -1133,6 +1171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(demo)
     demo.add_argument("--out", default="medpruner-demo", help="report folder (default ./medpruner-demo)")
+    demo.add_argument("--no-html", action="store_true", help="skip the self-contained report.html")
     _add_model_options(demo, "local VLM checkpoint folder (default: a tiny random-weight Qwen3-VL)")
     demo.set_defaults(handler=cmd_demo)
 

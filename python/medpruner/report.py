@@ -103,6 +103,7 @@ def environment(device: str | None = None, backend: str | None = None) -> dict:
                 "pydicom",
                 "pynrrd",
                 "matplotlib",
+                "transformers",
             )
         },
     }
@@ -303,7 +304,8 @@ def plot_token_heatmaps(
         axes.set_title(label, fontsize=8)
         axes.set_xticks([])
         axes.set_yticks([])
-        figure.colorbar(heat, ax=axes, fraction=0.046, pad=0.02)
+        # Scores of a slice often differ only in the third decimal: show enough digits to tell them apart.
+        figure.colorbar(heat, ax=axes, fraction=0.046, pad=0.02, format="{x:.4g}")
     figure.suptitle(title or "token importance (pruned tokens shaded)", fontsize=9)
     return _png(figure)
 

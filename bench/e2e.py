@@ -1,0 +1,438 @@
+"""End-to-end GPU benchmark: unpatched vs MedPruner paper mode vs fast mode on real-size models.
+
+The models are built from the published configurations of Qwen3-VL-8B-Instruct and MedGemma-4B-it with
+random bf16 weights (no checkpoint is needed: latency and memory depend on the shapes, not the values).
+Each volume is a synthetic CT-like stack (``_common.drifting_volume``) fed the paper's way, one image per
+slice, through the family's own image processor. Per (model, slice count, variant) the JSON records the
+prefill latency (the forward that fills the KV cache, pruning and vision tower included), the decode
+throughput, the peak GPU memory and the visual tokens that reach the language model. A configuration that
+runs out of memory or past the model's context is recorded as such instead of stopping the run.
+
+Random weights attend almost uniformly, so DINS keeps far more tokens at tau = 0.9 than with trained
+weights (the paper reports a few percent): the rows record the retention reached, and ``--tau`` lowers it
+to emulate a trained model's.
+
+    python bench/e2e.py                       # both models, 64/256/600 slices, writes bench/results/e2e-*.json
+    python bench/e2e.py --models qwen3_vl --slices 64 --decode-tokens 16
+    python bench/e2e.py --smoke               # tiny models on CPU: checks the script, measures nothing useful
+
+Nothing runs at import (pytest may collect this directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "python"))
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = ("unpatched", "paper", "fast")
+
+# Published configurations (config.json of the Hugging Face checkpoints), trimmed to the fields that
+# differ from the transformers defaults.
+QWEN3_VL_8B = dict(
+    vision_config=dict(
+        depth=27,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_heads=16,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=4096,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24],
+        hidden_act="gelu_pytorch_tanh",
+    ),
+    text_config=dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=262144,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+        tie_word_embeddings=False,
+    ),
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)
+MEDGEMMA_4B = dict(
+    text_config=dict(
+        vocab_size=262208,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=1024,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
+    vision_config=dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=896,
+        patch_size=14,
+        vision_use_head=False,
+    ),
+    mm_tokens_per_image=256,
+    boi_token_index=255999,
+    eoi_token_index=256000,
+    image_token_index=262144,
+)
+# Text token ids used to build prompts without a tokenizer: any ids below the specials work.
+QWEN_IDS = {"im_start": 151644, "im_end": 151645, "text": list(range(1000, 1016))}
+GEMMA_IDS = {"bos": 2, "text": list(range(1000, 1016)), "newline": 108}
+
+
+# ------------------------------------------------------------------------------------------- models
+def build_model(family: str, device, dtype, *, tiny: bool = False):
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig as config_class
+        from transformers import Qwen3VLForConditionalGeneration as model_class
+
+        values = _tiny_qwen_config() if tiny else QWEN3_VL_8B
+    elif family == "medgemma":
+        from transformers import Gemma3Config as config_class
+        from transformers import Gemma3ForConditionalGeneration as model_class
+
+        values = _tiny_gemma_config() if tiny else MEDGEMMA_4B
+    else:
+        raise ValueError(f"family must be 'qwen3_vl' or 'medgemma', got {family!r}")
+    config = config_class(**values)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class._from_config(config, dtype=dtype).eval()
+    if family == "medgemma":
+        # The projector weight is initialised to zero: random values make the visual tokens matter.
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _tiny_qwen_config():
+    values = json.loads(json.dumps(QWEN3_VL_8B))
+    values["vision_config"].update(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        deepstack_visual_indexes=[0],
+    )
+    values["text_config"].update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    values["text_config"]["rope_parameters"]["mrope_section"] = [4, 2, 2]
+    return values
+
+
+def _tiny_gemma_config():
+    values = json.loads(json.dumps(MEDGEMMA_4B))
+    values["vision_config"].update(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=4,
+    )
+    values["text_config"].update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+    )
+    values["mm_tokens_per_image"] = 16
+    return values
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def volume_slices(depth: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """``depth`` RGB slices ``[size, size, 3]`` in [0, 1] of a drifting CT-like stack."""
+    from _common import drifting_volume
+
+    volume = ((drifting_volume(depth, size, size, seed=seed) + 1) / 2).clamp(0, 1)
+    return [np.repeat(s.numpy()[:, :, None], 3, axis=2) for s in volume]
+
+
+def build_inputs(family: str, model, depth: int, size: int, device) -> dict:
+    """The request the family's processor would produce for ``depth`` slices + a short question, built
+    from token ids (no tokenizer checkpoint exists offline) and the family's own image processor."""
+    slices = volume_slices(depth, size)
+    cfg = model.config
+    question = [*range(1000, 1016)]
+    if family == "qwen3_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        visual = model.model.visual
+        factor = visual.patch_size * visual.spatial_merge_size
+        pixels = (size // factor * factor) ** 2
+        processor = Qwen2VLImageProcessorPil(
+            patch_size=visual.patch_size,
+            merge_size=visual.spatial_merge_size,
+            temporal_patch_size=2,
+            size={"shortest_edge": pixels, "longest_edge": pixels},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+        images = processor(slices, do_rescale=False, return_tensors="pt")
+        tokens = int(images["image_grid_thw"][0].prod()) // visual.spatial_merge_size**2
+        ids = [QWEN_IDS["im_start"], *question[:4]]
+        types = [0] * len(ids)
+        for _ in range(depth):
+            ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * tokens + [cfg.vision_end_token_id]
+            types += [0] + [1] * tokens + [0]
+        tail = [*question, QWEN_IDS["im_end"], QWEN_IDS["im_start"], *question[:2]]
+        ids += tail
+        types += [0] * len(tail)
+        request = {
+            "pixel_values": images["pixel_values"],
+            "image_grid_thw": images["image_grid_thw"],
+            "mm_token_type_ids": torch.tensor([types]),
+        }
+    else:
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        side = cfg.vision_config.image_size
+        processor = Gemma3ImageProcessorPil(
+            size={"height": side, "width": side},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+            do_pan_and_scan=False,
+        )
+        images = processor(slices, do_rescale=False, return_tensors="pt")
+        tokens = cfg.mm_tokens_per_image
+        ids = [GEMMA_IDS["bos"], *question[:4]]
+        for i in range(depth):
+            prefix = [1001, 1002, 1003 + i % 10, GEMMA_IDS["newline"], GEMMA_IDS["newline"]]
+            ids += prefix + [cfg.boi_token_id] + [cfg.image_token_id] * tokens + [cfg.eoi_token_id]
+        ids += question
+        types = [1 if t == cfg.image_token_id else 0 for t in ids]
+        request = {"pixel_values": images["pixel_values"], "token_type_ids": torch.tensor([types])}
+    request["input_ids"] = torch.tensor([ids])
+    request["attention_mask"] = torch.ones_like(request["input_ids"])
+    dtype = model.dtype
+    return {
+        name: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        for name, value in request.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------ measure
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int) -> tuple[float, object]:
+    """Median wall seconds of ``fn`` over ``repeats`` runs (after one warm-up), and its last result."""
+    result = fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
+
+
+def measure(
+    model, inputs: dict, variant: str, *, device, decode_tokens: int, repeats: int, gamma: float, tau: float
+):
+    """One row of the table for ``variant`` ("unpatched" | "paper" | "fast")."""
+    from medpruner import apply_medpruner, remove_medpruner
+
+    remove_medpruner(model)
+    if variant != "unpatched":
+        apply_medpruner(model, gamma=gamma, tau=tau, mode=variant)
+    image_token = model.config.image_token_id
+    row = {"variant": variant, "prompt_tokens": int(inputs["input_ids"].shape[1])}
+    limit = model.config.get_text_config().max_position_embeddings
+    if variant == "unpatched" and row["prompt_tokens"] + decode_tokens > limit:
+        row["status"] = f"exceeds_context ({limit} positions)"
+        return row
+    try:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            prefill_s, _ = _timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
+            stats = getattr(model, "medpruner_stats", None)
+            one_s, _ = _timed(
+                lambda: model.generate(**inputs, max_new_tokens=1, min_new_tokens=1),
+                device,
+                max(1, repeats // 2),
+            )
+            full_s, output = _timed(
+                lambda: model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens),
+                device,
+                max(1, repeats // 2),
+            )
+    except torch.OutOfMemoryError:
+        row["status"] = "oom"
+        return row
+    finally:
+        remove_medpruner(model)
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    row.update(
+        status="ok",
+        prefill_ms=1e3 * prefill_s,
+        decode_tokens_per_s=(new_tokens - 1) / max(full_s - one_s, 1e-9),
+        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30
+        if torch.device(device).type == "cuda"
+        else None,
+        visual_tokens_before=int((inputs["input_ids"] == image_token).sum()),
+        visual_tokens=stats.tokens_after
+        if stats is not None
+        else int((inputs["input_ids"] == image_token).sum()),
+    )
+    if stats is not None:
+        row.update(
+            slices_kept=sum(stats.slices_kept),
+            slices_encoded=stats.slices_encoded,
+            retention=stats.retention,
+            prune_ms=1e3 * stats.prune_seconds,
+        )
+    return row
+
+
+def run(
+    models,
+    slices,
+    *,
+    device,
+    dtype,
+    tiny: bool,
+    decode_tokens: int,
+    repeats: int,
+    gamma: float,
+    tau: float,
+    qwen_size: int,
+):
+    rows = []
+    for family in models:
+        model = build_model(family, device, dtype, tiny=tiny)
+        size = qwen_size if family == "qwen3_vl" else 256
+        for depth in slices:
+            inputs = build_inputs(family, model, depth, size, device)
+            for variant in VARIANTS:
+                row = measure(
+                    model,
+                    inputs,
+                    variant,
+                    device=device,
+                    decode_tokens=decode_tokens,
+                    repeats=repeats,
+                    gamma=gamma,
+                    tau=tau,
+                )
+                row.update(model=family, slices=depth)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del inputs
+        del model
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> Path:
+    """Run the table and write it to ``bench/results/e2e-<date>.json``; returns the path."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["qwen3_vl", "medgemma"], choices=["qwen3_vl", "medgemma"]
+    )
+    parser.add_argument("--slices", nargs="+", type=int, default=[64, 256, 600])
+    parser.add_argument("--qwen-size", type=int, default=384, help="Qwen slice side in pixels (fixed grid)")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gamma", type=float, default=0.05)
+    parser.add_argument("--tau", type=float, default=0.9)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny models on CPU, float32 (checks the script)"
+    )
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from _common import environment
+
+    if args.smoke:
+        device, dtype = "cpu", torch.float32
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "bench/e2e.py measures GPU latency and memory: no CUDA device (use --smoke to check it)"
+            )
+        device, dtype = "cuda", torch.bfloat16
+    rows = run(
+        args.models,
+        args.slices,
+        device=device,
+        dtype=dtype,
+        tiny=args.smoke,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+        gamma=args.gamma,
+        tau=args.tau,
+        qwen_size=args.qwen_size,
+    )
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = args.output or RESULTS / f"e2e-{'smoke-' if args.smoke else ''}{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": "e2e",
+        "environment": environment(),
+        "arguments": vars(args) | {"output": str(path)},
+        "rows": rows,
+    }
+    path.write_text(json.dumps(record, indent=2, default=str))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""The ``medpruner`` command end to end (subprocesses for demo, prune --json and batch), batch
+resume and failure handling, and the report files (valid PNG/JSON/HTML with the reference's numbers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from medpruner import cli
+from medpruner.volume import load_volume, normalize, to_model_range
+from PIL import Image
+
+from medpruner_kernels import reference
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.submodule_search_locations, f"{name} is a test dependency"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+ANATOMICAL = _package_dir("nibabel") / "tests" / "data" / "anatomical.nii"
+EXAMPLE4D = _package_dir("nibabel") / "tests" / "data" / "example4d.nii.gz"
+CT5N = _package_dir("pydicom") / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "medpruner.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(os.environ),
+        timeout=300,
+    )
+
+
+def _reference(source, gamma: float, **load_kwargs):
+    """Keep mask and distances of the float64 reference IAF on the same [-1, 1] slices the CLI uses."""
+    slices, _ = normalize(load_volume(source, **load_kwargs))
+    signed = torch.from_numpy(to_model_range(slices).astype(np.float64)).reshape(slices.shape[0], -1)
+    keep, dist = reference.iaf_select(signed, gamma, torch.tensor([0, slices.shape[0]], dtype=torch.int32))
+    return keep.numpy(), dist.numpy()
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.size[0] > 200 and image.size[1] > 100
+
+
+def _volume_files(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    paths = []
+    for index in range(count):
+        # Slowly drifting slices with a few jumps: IAF keeps some and drops others.
+        base = rng.random((24, 24))
+        steps = rng.normal(0, 0.01, size=(12, 24, 24)).cumsum(axis=0)
+        data = (base + steps).astype(np.float32)
+        data[6:] += 0.5
+        path = folder / f"vol{index}.npy"
+        np.save(path, data)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------- subprocess
+def test_prune_nifti_json_matches_the_reference(tmp_path):
+    done = _run("prune", str(ANATOMICAL), "--json", "--gamma", "0.05", "--out", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    keep, dist = _reference(ANATOMICAL, 0.05)
+    result = record["result"]
+    assert result["keep"] == keep.tolist()
+    assert result["kept"] == int(keep.sum()) and result["num_slices"] == 25
+    assert result["kept_indices"] == np.flatnonzero(keep).tolist()
+    assert result["retention"] == pytest.approx(keep.mean())
+    np.testing.assert_allclose(result["distance_to_anchor"], dist, atol=2e-5)
+    assert record["config"]["window"]["kind"] == "percentile"
+    assert record["volume"]["slice_axis"] == 2
+    assert set(record["timings_s"]) >= {"load", "window", "iaf", "distances", "report"}
+    assert record["environment"]["backend"] in ("cpp", "torch", "triton")
+
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["result"]["keep"] == keep.tolist()
+    assert saved["config"]["gamma"] == 0.05
+    assert sorted(saved["files"]) == ["distances.png", "montage.png", "report.html", "report.json"]
+    for name in ("montage.png", "distances.png"):
+        _assert_png(tmp_path / "report" / name)
+    html_text = (tmp_path / "report" / "report.html").read_text()
+    assert html_text.count("data:image/png;base64,") == 2
+    assert not [p for p in (tmp_path / "report").iterdir() if p.name.startswith(".")]
+
+
+def test_demo_runs_the_whole_pipeline_on_the_bundled_volume(tmp_path):
+    done = _run("demo", "--out", str(tmp_path / "demo"), "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert Path(record["volume"]["source"]) == cli.demo_volume_path()
+    assert "mni_icbm152" in record["volume"]["source"] and record["volume"]["shape"] == [189, 233, 197]
+    assert record["config"]["demo"] is True
+    result, tokens = record["result"], record["tokens"]
+    assert tokens["family"] == "qwen3_vl" and tokens["mode"] == "fast" and tokens["tau"] == 0.9
+    # The model's own IAF and the report's agree slice for slice: dropped slices have no tokens.
+    per_slice = np.asarray(tokens["tokens_per_slice"])
+    assert per_slice.size == 189 and ((per_slice > 0) == np.asarray(result["keep"])).all()
+    assert tokens["slices_kept"] == tokens["slices_encoded"] == result["kept"]
+    assert 0 < result["kept"] < 189
+    assert per_slice.sum() == tokens["tokens_after"] < tokens["tokens_before"]
+    assert tokens["tokens_before"] == 189 * (tokens["slice_size"][0] // 16) * (tokens["slice_size"][1] // 16)
+    assert tokens["token_retention"] == pytest.approx(tokens["tokens_after"] / tokens["tokens_before"])
+    assert 0 < tokens["generated_tokens"] <= 8
+    for name in ("montage.png", "distances.png", "tokens.png"):
+        _assert_png(tmp_path / "demo" / name)
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["tokens"]["tokens_per_slice"] == tokens["tokens_per_slice"]
+    assert saved["result"]["keep"] == result["keep"]
+
+
+def test_batch_survives_a_bad_file_and_resumes(tmp_path):
+    inputs = tmp_path / "inputs"
+    good = _volume_files(inputs, 3)
+    corrupt = inputs / "broken.nii.gz"
+    corrupt.write_bytes(EXAMPLE4D.read_bytes()[:3000])
+    out = tmp_path / "out"
+
+    done = _run("prune", str(inputs), "--out", str(out), "--json", "--gamma", "0.1")
+    assert done.returncode == 1, done.stderr
+    assert "broken.nii.gz" in done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["processed"], summary["failed"], summary["already_done"]) == (3, 1, 0)
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    by_source = {entry["source"]: entry for entry in lines}
+    assert by_source[str(corrupt.resolve())]["status"] == "error"
+    assert "broken.nii.gz" in by_source[str(corrupt.resolve())]["error"]
+    for path in good:
+        entry = by_source[str(path.resolve())]
+        keep, _ = _reference(path, 0.1)
+        assert entry["status"] == "ok"
+        assert entry["kept_indices"] == np.flatnonzero(keep).tolist()
+        assert entry["kept"] == int(keep.sum()) and entry["num_slices"] == 12
+
+    # Resume: the three good volumes are skipped, the bad one is tried again and fails again.
+    assert cli.main(["prune", str(inputs), "--out", str(out), "--gamma", "0.1"]) == 1
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[-1])["status"] == "error"
+
+    # A line cut off by a crash is dropped, the file repaired, and that volume redone.
+    corrupt.unlink()
+    redo = str(good[1].resolve())
+    kept_lines = [line for line in lines if json.loads(line)["source"] != redo]
+    (out / "results.jsonl").write_text("\n".join(kept_lines) + "\n" + '{"source": "' + redo[:10])
+    assert cli.main(["prune", str(inputs), "--out", str(out), "--gamma", "0.1"]) == 0
+    entries = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sum(1 for e in entries if e["source"] == redo and e["status"] == "ok") == 1
+    assert cli.main(["prune", str(inputs / "*.npy"), "--out", str(out), "--gamma", "0.1"]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(entries)
+
+
+# -------------------------------------------------------------------------------------- in-process
+def test_prune_dicom_series_uses_its_window(capsys):
+    assert cli.main(["prune", str(CT5N), "--json", "--backend", "torch"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["config"]["window"] == {"kind": "ct", "name": "dicom", "level": 40.0, "width": 400.0}
+    assert record["volume"]["modality"] == "CT" and record["result"]["num_slices"] == 5
+    assert record["environment"]["backend"] == "torch"
+
+
+def test_prune_summary_text_and_window_preset(capsys):
+    # A negative level needs the --window=L,W form (argparse takes "-100,600" for an option).
+    assert cli.main(["prune", str(ANATOMICAL), "--window=-100,600", "--slice-axis", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "kept" in text and "/33 slices" in text and "level -100, width 600 HU" in text
+    assert "slice axis 0: given by the caller" in text
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert cli.main(["prune", str(tmp_path / "nothing.nii.gz")]) == 1
+    assert "nothing.nii.gz: no such file" in capsys.readouterr().err
+    assert cli.main(["prune", str(ANATOMICAL), "--model", str(tmp_path / "absent")]) == 2
+    assert "absent: not a folder" in capsys.readouterr().err
+    assert cli.main(["prune", str(ANATOMICAL), "--model", str(tmp_path)]) == 2
+    assert "cannot load the checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["prune", str(ANATOMICAL), "--tau", "0"])
+    assert "tau must be in (0, 1]" in capsys.readouterr().err
+    assert cli.main(["prune", str(ANATOMICAL), "--tau", "0.5", "--mode", "paper"]) == 2
+    assert "--tau, --mode: token-level options need --model" in capsys.readouterr().err
+    assert cli.main(["prune", str(tmp_path / "*.nii")]) == 2
+    assert "matches nothing" in capsys.readouterr().err
+    _volume_files(tmp_path / "many", 2)
+    assert cli.main(["prune", str(tmp_path / "many")]) == 2
+    assert "need --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prune", str(ANATOMICAL), "--window", "liver"])
+    assert exit_info.value.code == 2
+    assert "unknown 'liver'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["prune", str(ANATOMICAL), "--gamma", "nan"])
+
+
+def test_inputs_expand_to_series_folders_files_and_globs(tmp_path):
+    assert cli.expand_inputs([str(CT5N)]) == ([CT5N], False)
+    paths = _volume_files(tmp_path / "vols", 2)
+    (tmp_path / "vols" / "series").mkdir()
+    found, batch = cli.expand_inputs([str(tmp_path / "vols")])
+    assert batch and found == sorted([*paths, tmp_path / "vols" / "series"])
+    assert cli.expand_inputs([str(tmp_path / "vols" / "*.npy")]) == (paths, True)
+    assert cli.expand_inputs([str(paths[0])]) == ([paths[0]], False)
+
+
+def test_bench_without_and_with_a_bench_folder(tmp_path, capsys):
+    assert cli.main(["bench", "--bench-dir", str(tmp_path / "absent")]) == 1
+    assert "no bench/ folder found" in capsys.readouterr().err
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_tiny.py").write_text("def test_sum(benchmark):\n    benchmark(sum, range(10))\n")
+    assert cli.main(["bench", "--bench-dir", str(bench), "--benchmark-disable-gc"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["group", "benchmark", "median", "ms", "min", "ms", "rounds", "speedup"]
+    assert table[2].split()[0] == "test_sum" and table[2].endswith("1.0x")
+
+
+def test_bench_table_reports_speedup_over_the_slowest_of_a_group():
+    rows = cli.bench_rows(
+        {
+            "benchmarks": [
+                {
+                    "group": "iaf",
+                    "name": "eager",
+                    "stats": {"median": 0.010, "mean": 0.011, "min": 0.009, "rounds": 5},
+                },
+                {
+                    "group": "iaf",
+                    "name": "cpp",
+                    "stats": {"median": 0.002, "mean": 0.002, "min": 0.002, "rounds": 9},
+                },
+            ]
+        }
+    )
+    assert [round(r["median_ms"], 6) for r in rows] == [10.0, 2.0]
+    lines = cli.bench_table(rows).splitlines()
+    assert lines[2].split()[-1] == "1.0x" and lines[3].split()[-1] == "5.0x"
+
+
+def test_nifti_written_by_nibabel_prunes_like_the_reference(tmp_path):
+    data = np.repeat(np.random.default_rng(5).random((1, 20, 16)), 10, axis=0)
+    data[5:] += 0.3
+    path = tmp_path / "steps.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(data, (2, 1, 0)).astype(np.float32), np.eye(4)), path)
+    record = cli.prune_one(
+        path,
+        gamma=0.05,
+        window="percentile",
+        slice_axis=None,
+        frame=None,
+        backend="auto",
+        device="cpu",
+        out_dir=None,
+    )
+    keep, _ = _reference(path, 0.05, slice_axis=None)
+    assert record["result"]["keep"] == keep.tolist()
+    assert record["result"]["kept_indices"] == [0, 5]
+
+
+# ------------------------------------------------------------------------------------------- model
+@pytest.fixture(scope="module")
+def tiny_bundle():
+    pytest.importorskip("transformers")
+    return cli.tiny_qwen3_vl(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", ["fast", "paper"])
+def test_prune_with_a_model_matches_the_reference_on_its_pixels(tmp_path, tiny_bundle, mode):
+    tokens = cli.TokenOptions(
+        bundle=tiny_bundle,
+        tau=0.5,
+        mode=mode,
+        merge=True,
+        prompt="Describe.",
+        resolution=64,
+        max_new_tokens=2,
+    )
+    record = cli.prune_one(
+        ANATOMICAL,
+        gamma=0.2,
+        window="percentile",
+        slice_axis=None,
+        frame=None,
+        backend="torch",
+        device="cpu",
+        out_dir=tmp_path / "report",
+        tokens=tokens,
+    )
+    # The report's slice decisions are the float64 reference IAF on the model's own pixel tensor.
+    slices, _ = normalize(load_volume(ANATOMICAL), "percentile")
+    resized = cli.model_slices(slices, 64, tiny_bundle.size_multiple)
+    assert resized.shape[1:] == (64, 48) and record["tokens"]["slice_size"] == [64, 48]
+    pixels = cli.model_inputs(tiny_bundle, resized, "Describe.")["pixel_values"]
+    flat = pixels.to(torch.float64).reshape(25, -1)
+    keep, dist = reference.iaf_select(flat, 0.2, torch.tensor([0, 25], dtype=torch.int32))
+    result, stats = record["result"], record["tokens"]
+    assert result["keep"] == keep.tolist()
+    np.testing.assert_allclose(result["distance_to_anchor"], dist.numpy(), atol=2e-5)
+
+    per_slice = np.asarray(stats["tokens_per_slice"])
+    dropped = ~keep.numpy()
+    assert dropped.any() and keep.numpy().sum() > 1
+    # fast: a dropped slice is never encoded; paper: it keeps its first token.
+    assert (per_slice[dropped] == (0 if mode == "fast" else 1)).all()
+    assert (per_slice[~dropped] >= 1).all() and (per_slice <= 12).all()
+    assert stats["slices_encoded"] == (int(keep.sum()) if mode == "fast" else 25)
+    assert per_slice.sum() == stats["tokens_after"] and stats["tokens_before"] == 25 * 12
+    assert stats["token_grid"] == [4, 3]
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["tokens"] == json.loads(json.dumps(stats))
+    assert "tokens.png" in saved["files"]
+    _assert_png(tmp_path / "report" / "tokens.png")
+    html_text = (tmp_path / "report" / "report.html").read_text()
+    assert html_text.count("data:image/png;base64,") == 3 and "token retention" in html_text
+
+
+def test_batch_with_a_model_records_tokens_per_volume(tmp_path, tiny_bundle, capsys):
+    paths = _volume_files(tmp_path / "inputs", 2)
+    tokens = cli.TokenOptions(
+        bundle=tiny_bundle,
+        tau=0.9,
+        mode="fast",
+        merge=False,
+        prompt="Describe.",
+        resolution=32,
+        max_new_tokens=1,
+    )
+    status = cli.prune_batch(
+        paths,
+        out_dir=tmp_path / "out",
+        gamma=0.1,
+        window="percentile",
+        slice_axis=None,
+        frame=None,
+        backend="torch",
+        device="cpu",
+        workers=2,
+        as_json=True,
+        tokens=tokens,
+    )
+    assert status == 0
+    assert json.loads(capsys.readouterr().out)["processed"] == 2
+    entries = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [e["source"] for e in entries] == [str(p.resolve()) for p in paths]
+    for entry in entries:
+        per_slice = np.asarray(entry["tokens"]["tokens_per_slice"])
+        kept = np.zeros(12, dtype=bool)
+        kept[entry["kept_indices"]] = True
+        # Without the merge every kept slice keeps its nucleus only; dropped slices have no tokens.
+        assert ((per_slice > 0) == kept).all() and entry["tokens"]["merge"] is False
+        assert (
+            entry["tokens"]["tokens_before"] == 12 * 4 and per_slice.sum() == entry["tokens"]["tokens_after"]
+        )
+
+
+def test_prune_loads_a_local_checkpoint(tmp_path, tiny_bundle, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    tiny_bundle.model.save_pretrained(checkpoint)
+    tiny_bundle.processor.image_processor.save_pretrained(checkpoint)
+    tiny_bundle.processor.tokenizer.save_pretrained(checkpoint)
+    argv = ["prune", str(ANATOMICAL), "--model", str(checkpoint), "--json", "--gamma", "0.2"]
+    argv += ["--resolution", "64", "--max-new-tokens", "1", "--backend", "torch", "--mode", "paper"]
+    assert cli.main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    tokens = record["tokens"]
+    assert tokens["model"] == str(checkpoint) and tokens["family"] == "qwen3_vl" and tokens["mode"] == "paper"
+    assert tokens["slices_encoded"] == 25 and tokens["slice_size"] == [64, 48]
+    assert record["result"]["tokens_per_slice"] == tokens["tokens_per_slice"]
+
+
+def test_heatmaps_hold_each_kept_slice_attention_scores(tiny_bundle):
+    slices, _ = normalize(load_volume(ANATOMICAL), "percentile")
+    resized = cli.model_slices(slices, 64, tiny_bundle.size_multiple)
+    inputs = cli.model_inputs(tiny_bundle, resized, "Describe.")
+    flat = inputs["pixel_values"].to(torch.float64).reshape(25, -1)
+    keep, _ = reference.iaf_select(flat, 0.2, torch.tensor([0, 25], dtype=torch.int32))
+    run = cli.run_model(
+        tiny_bundle,
+        inputs,
+        keep.numpy(),
+        gamma=0.2,
+        tau=0.5,
+        mode="fast",
+        merge=False,
+        backend="torch",
+        prompt="Describe.",
+        max_new_tokens=1,
+        max_heatmaps=4,
+    )
+    kept = np.flatnonzero(keep.numpy())
+    assert len(run.heatmap_slices) == 4 and set(run.heatmap_slices) <= set(kept.tolist())
+    assert run.heatmap_slices[0] == 0 and run.heatmap_slices[-1] == kept[-1] and run.grid == (4, 3)
+    per_slice = run.record["tokens_per_slice"]
+    for index, scores, token_keep in zip(run.heatmap_slices, run.importance, run.keep):
+        # Attention received, summed over a slice's queries and averaged over 2x2 merge groups, adds
+        # up to the slice's token count; without the merge the kept tokens are its nucleus.
+        assert scores.shape == (12,) and scores.sum() == pytest.approx(12.0, rel=1e-4)
+        assert token_keep.sum() == per_slice[index]
+        assert scores[token_keep].min() >= scores[~token_keep].max(initial=-np.inf)
