@@ -321,7 +321,8 @@ def _validate(q, k, cu_seqlens, scale, group):
     if group > 1:
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         _validation.check_or_defer(
-            (lengths % group != 0).any(), f"{_OP}: every cu_seqlens segment length must be a multiple of group={group}"
+            (lengths % group != 0).any(),
+            f"{_OP}: every cu_seqlens segment length must be a multiple of group={group}",
         )
     _validation.check_finite(_OP, "q", q)
     _validation.check_finite(_OP, "k", k)

@@ -100,16 +100,22 @@ if TRITON_AVAILABLE:
                 for c0 in range(0, key_dim, BLOCK_K):
                     ch = c0 + channels
                     ch_ok = ch < key_dim
-                    member_keys = tl.load(
-                        keys_ptr + member_tok[:, None] * stride_kn + ch[None, :] * stride_kd,
-                        mask=rank_ok[:, None] & ch_ok[None, :],
-                        other=0.0,
-                    ).to(tl.float32) / member_norm[:, None]
-                    target_keys_t = tl.load(
-                        keys_ptr + target_tok[None, :] * stride_kn + ch[:, None] * stride_kd,
-                        mask=ch_ok[:, None] & slot_ok[None, :],
-                        other=0.0,
-                    ).to(tl.float32) / target_norm[None, :]
+                    member_keys = (
+                        tl.load(
+                            keys_ptr + member_tok[:, None] * stride_kn + ch[None, :] * stride_kd,
+                            mask=rank_ok[:, None] & ch_ok[None, :],
+                            other=0.0,
+                        ).to(tl.float32)
+                        / member_norm[:, None]
+                    )
+                    target_keys_t = (
+                        tl.load(
+                            keys_ptr + target_tok[None, :] * stride_kn + ch[:, None] * stride_kd,
+                            mask=ch_ok[:, None] & slot_ok[None, :],
+                            other=0.0,
+                        ).to(tl.float32)
+                        / target_norm[None, :]
+                    )
                     # ieee: an argmax decision must not flip on tf32 rounding.
                     dots += tl.dot(member_keys, target_keys_t, input_precision="ieee")
                 sim = tl.where(slot_ok[None, :], dots, float("-inf"))
@@ -298,7 +304,10 @@ def _merge_torch(
         while last < len(segments):
             longest = max(longest, segments[last][1])
             targets = max(int(context_frac * longest), 1)
-            if last > first and (last - first + 1) * longest * (per_token + 2 * targets) > _TORCH_CHUNK_ELEMENTS:
+            if (
+                last > first
+                and (last - first + 1) * longest * (per_token + 2 * targets) > _TORCH_CHUNK_ELEMENTS
+            ):
                 break
             last += 1
         chunk = segments[first:last]
@@ -322,7 +331,9 @@ def _validate(x, keys, keep, cu_seqlens, context_frac):
         raise ValueError(f"{_OP}: x must be [N, D], got shape {tuple(x.shape)}")
     num_tokens = x.shape[0]
     if keys.dim() != 2 or keys.shape[0] != num_tokens:
-        raise ValueError(f"{_OP}: keys must be [N, Dk] with N={num_tokens} (x's rows), got {tuple(keys.shape)}")
+        raise ValueError(
+            f"{_OP}: keys must be [N, Dk] with N={num_tokens} (x's rows), got {tuple(keys.shape)}"
+        )
     if keys.shape[1] == 0:
         raise ValueError(f"{_OP}: keys needs at least one channel, got shape {tuple(keys.shape)}")
     if keep.shape != (num_tokens,):
