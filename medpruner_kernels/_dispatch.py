@@ -29,7 +29,8 @@ except ImportError as err:
     CPP_IMPORT_ERROR = str(err)
     logger.info("medpruner_kernels._C is not available (%s); using Triton/torch paths", err)
 
-# find_spec instead of import: importing triton costs ~1 s, and `import medpruner_kernels` stays cheap.
+# find_spec: the flag is known before (and without) importing triton; the op modules import it only
+# when it is installed, to define their kernels (a CPU-only install without triton still works).
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 _warned_missing_cpp = False

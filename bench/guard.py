@@ -1,0 +1,110 @@
+"""CPU regression guard for CI: ratios to the eager baseline measured in the same run, never absolute
+times (CI machines differ and share their cores).
+
+    python bench/guard.py                 # run the CPU benchmarks, compare with bench/baseline_cpu.json
+    python bench/guard.py --json run.json # compare an existing pytest-benchmark JSON
+    python bench/guard.py --update        # write the baseline from this run
+
+In every benchmark group one test is the eager baseline (its name contains ``eager`` or
+``sort_cumsum_scatter``); each of our backends' tests (``..._backend[...]``; floors and third-party
+references such as SDPA are not guarded) gets the ratio ``min(test) / min(baseline)`` (the minimum is the
+statistic least disturbed by other work on the machine). The guard fails when a ratio grows by more
+than ``--tolerance`` (30 %) over the committed baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+BASELINE = BENCH_DIR / "baseline_cpu.json"
+EAGER_MARKERS = ("eager", "sort_cumsum_scatter")
+
+
+def run_benchmarks(path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        str(BENCH_DIR),
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        f"--benchmark-json={path}",
+    ]
+    subprocess.run(command, check=True, cwd=BENCH_DIR.parent)
+
+
+def ratios(run: dict) -> dict[str, float]:
+    """``{"group :: backend test": min(test) / min(eager baseline of its group)}``."""
+    groups: dict[str, dict[str, float]] = {}
+    for bench in run["benchmarks"]:
+        groups.setdefault(bench["group"], {})[bench["name"]] = bench["stats"]["min"]
+    result = {}
+    for group, times in sorted(groups.items()):
+        eager = [name for name in times if any(marker in name for marker in EAGER_MARKERS)]
+        if len(eager) != 1:
+            raise ValueError(f"benchmark group {group!r} needs exactly one eager baseline, found {eager}")
+        for name, seconds in sorted(times.items()):
+            if "_backend[" in name:
+                result[f"{group} :: {name}"] = seconds / times[eager[0]]
+    return result
+
+
+def compare(current: dict[str, float], baseline: dict[str, float], tolerance: float) -> list[str]:
+    failures = []
+    for key, ratio in current.items():
+        if key not in baseline:
+            print(f"new       {key}: {ratio:.3f} x eager (no baseline yet)")
+            continue
+        limit = baseline[key] * (1 + tolerance)
+        verdict = "SLOWER" if ratio > limit else "ok"
+        print(f"{verdict:<9} {key}: {ratio:.3f} x eager (baseline {baseline[key]:.3f}, limit {limit:.3f})")
+        if ratio > limit:
+            failures.append(key)
+    for key in sorted(set(baseline) - set(current)):
+        print(f"missing   {key}: in the baseline but not in this run")
+        failures.append(key)
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="an existing pytest-benchmark JSON instead of a new run")
+    parser.add_argument("--baseline", type=Path, default=BASELINE)
+    parser.add_argument("--tolerance", type=float, default=0.30)
+    parser.add_argument("--update", action="store_true", help="write the baseline from this run")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.json
+        if path is None:
+            path = Path(tmp) / "run.json"
+            run_benchmarks(path)
+        run = json.loads(path.read_text())
+    current = ratios(run)
+    if args.update:
+        record = {
+            "machine": run.get("machine_info", {}).get("cpu", {}).get("brand_raw"),
+            "datetime": run.get("datetime"),
+            "ratios": current,
+        }
+        args.baseline.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.baseline} ({len(current)} ratios)")
+        return 0
+    baseline = json.loads(args.baseline.read_text())["ratios"]
+    failures = compare(current, baseline, args.tolerance)
+    if failures:
+        print(f"{len(failures)} benchmark(s) regressed by more than {args.tolerance:.0%} relative to eager")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
