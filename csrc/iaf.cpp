@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "registry.h"
@@ -77,6 +78,63 @@ inline double block_abs_diff<double>(const double* a, const double* b, int64_t n
   return acc;
 }
 
+// The parallel scan decides two slices per sweep: with a = the anchor, s and n = s + 1, it sums
+// |s - a|, |n - a| and |n - s| in one pass over the columns, so the anchor is read once per two
+// slices and the threads meet once per two slices. Which of |n - a| and |n - s| counts is known
+// once s is decided.
+constexpr int64_t kPairLanes = 16;
+
+template <typename T>
+inline void block_pair_abs_diff(const T* s, const T* n, const T* a, int64_t len, double out[3]) {
+  float sa[kPairLanes] = {}, na[kPairLanes] = {}, ns[kPairLanes] = {};
+  int64_t i = 0;
+  for (; i + kPairLanes <= len; i += kPairLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kPairLanes; ++j) {
+      const float vs = to_float(s[i + j]), vn = to_float(n[i + j]), va = to_float(a[i + j]);
+      sa[j] += std::fabs(vs - va);
+      na[j] += std::fabs(vn - va);
+      ns[j] += std::fabs(vn - vs);
+    }
+  }
+  for (; i < len; ++i) {
+    const float vs = to_float(s[i]), vn = to_float(n[i]), va = to_float(a[i]);
+    sa[i % kPairLanes] += std::fabs(vs - va);
+    na[i % kPairLanes] += std::fabs(vn - va);
+    ns[i % kPairLanes] += std::fabs(vn - vs);
+  }
+  for (int64_t j = 0; j < kPairLanes; ++j) {
+    out[0] += sa[j];
+    out[1] += na[j];
+    out[2] += ns[j];
+  }
+}
+
+__attribute__((target_clones("avx2", "default"))) void float_pair_abs_diff(const float* s, const float* n,
+                                                                            const float* a, int64_t len,
+                                                                            double out[3]) {
+  block_pair_abs_diff<float>(s, n, a, len, out);
+}
+
+template <>
+inline void block_pair_abs_diff<double>(const double* s, const double* n, const double* a, int64_t len,
+                                        double out[3]) {
+  for (int64_t i = 0; i < len; ++i) {
+    out[0] += std::fabs(s[i] - a[i]);
+    out[1] += std::fabs(n[i] - a[i]);
+    out[2] += std::fabs(n[i] - s[i]);
+  }
+}
+
+template <typename T>
+inline void pair_abs_diff(const T* s, const T* n, const T* a, int64_t len, double out[3]) {
+  if constexpr (std::is_same_v<T, float>) {
+    float_pair_abs_diff(s, n, a, len, out);
+  } else {
+    block_pair_abs_diff<T>(s, n, a, len, out);
+  }
+}
+
 template <typename T>
 double mean_abs_diff(const T* a, const T* b, int64_t cols) {
   double total = 0.0;
@@ -104,19 +162,20 @@ void scan_segment(const T* x, int64_t row_stride, int64_t cols, int64_t start, i
 
 // One volume on all threads: a single parallel region for the whole scan (not one per slice), each
 // thread owning the same column range of every slice, so its part of the anchor stays in its own
-// cache. Per slice the threads publish partial sums, meet at one barrier (the partials are double
-// buffered, so a thread may start the next slice while others still read this one), and every
-// thread derives the same decision from the partials summed in thread order.
+// cache. Per sweep (two slices, see block_pair_abs_diff) the threads publish partial sums, meet at one
+// barrier (the partials are double buffered, so a thread may start the next sweep while others still
+// read this one), and every thread derives the same decisions from the partials summed in thread order.
 template <typename T>
 void scan_segment_parallel(const T* x, int64_t row_stride, int64_t cols, int64_t start, int64_t end,
                            double gamma, bool* keep, float* dist) {
   if (end <= start) return;
   keep[start] = true;
   dist[start] = 0.f;
-  constexpr int kPad = 8;  // one cache line per thread's partial
+  constexpr int kPad = 8;  // one cache line per thread's three partials
   const int threads = omp_get_max_threads();
   std::vector<double> partial(2 * static_cast<size_t>(threads) * kPad, 0.0);
   const int64_t blocks = (cols + kBlock - 1) / kBlock;
+  const double inv_cols = 1.0 / static_cast<double>(cols);
 #pragma omp parallel num_threads(threads)
   {
     const int thread = omp_get_thread_num();
@@ -124,23 +183,47 @@ void scan_segment_parallel(const T* x, int64_t row_stride, int64_t cols, int64_t
     const int64_t first = blocks * thread / team;
     const int64_t last = blocks * (thread + 1) / team;
     int64_t anchor = start;
-    for (int64_t s = start + 1; s < end; ++s) {
-      double acc = 0.0;
+    int64_t sweep = 0;
+    for (int64_t s = start + 1; s < end; s += 2, ++sweep) {
+      const bool has_next = s + 1 < end;
+      double* slot = partial.data() + (sweep & 1) * threads * kPad;
+      double* mine = slot + thread * kPad;
+      mine[0] = mine[1] = mine[2] = 0.0;
       for (int64_t blk = first; blk < last; ++blk) {
         const int64_t begin = blk * kBlock;
-        acc += block_abs_diff(x + s * row_stride + begin, x + anchor * row_stride + begin,
-                              std::min(kBlock, cols - begin));
+        const int64_t len = std::min(kBlock, cols - begin);
+        const T* xs = x + s * row_stride + begin;
+        const T* xa = x + anchor * row_stride + begin;
+        if (has_next) {
+          pair_abs_diff(xs, x + (s + 1) * row_stride + begin, xa, len, mine);
+        } else {
+          mine[0] += block_abs_diff(xs, xa, len);
+        }
       }
-      double* slot = partial.data() + (s & 1) * threads * kPad;
-      slot[thread * kPad] = acc;
 #pragma omp barrier
-      double total = 0.0;
-      for (int t = 0; t < team; ++t) total += slot[t * kPad];
-      const double d = total / static_cast<double>(cols);
-      if (d > gamma) anchor = s;
+      double to_anchor = 0.0, next_to_anchor = 0.0, next_to_s = 0.0;
+      for (int t = 0; t < team; ++t) {
+        to_anchor += slot[t * kPad];
+        next_to_anchor += slot[t * kPad + 1];
+        next_to_s += slot[t * kPad + 2];
+      }
+      const double d = to_anchor * inv_cols;
+      const bool keep_s = d > gamma;
+      if (keep_s) anchor = s;
+      double d_next = 0.0;
+      bool keep_next = false;
+      if (has_next) {
+        d_next = (keep_s ? next_to_s : next_to_anchor) * inv_cols;
+        keep_next = d_next > gamma;
+        if (keep_next) anchor = s + 1;
+      }
       if (thread == 0) {
         dist[s] = static_cast<float>(d);
-        keep[s] = d > gamma;
+        keep[s] = keep_s;
+        if (has_next) {
+          dist[s + 1] = static_cast<float>(d_next);
+          keep[s + 1] = keep_next;
+        }
       }
     }
   }
