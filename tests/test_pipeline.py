@@ -76,6 +76,7 @@ def test_config_json_round_trip(config):
         ({"min_keep": 0}, ValueError, "min_keep"),
         ({"min_keep": 2.0}, TypeError, "min_keep"),
         ({"backend": "gpu"}, ValueError, "backend"),
+        ({"record_tokens": 1}, TypeError, "record_tokens"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, error, field):
@@ -151,6 +152,25 @@ def test_stats_describe_the_last_request(model, processor, caplog):
     assert stats.prune_seconds > 0
     assert any(record.getMessage() == stats.summary() for record in caplog.records)
     assert "medpruner[fast]" in stats.summary()
+
+
+@pytest.mark.parametrize("mode", ["fast", "paper"])
+def test_recorded_tokens_match_the_kept_counts(model, processor, mode):
+    volume = synthetic_volume(6, size=32, seed=4)
+    inputs = volume_to_inputs(processor, volume, "Any lesion?", family="qwen3_vl")
+    apply_medpruner(model, tau=0.6, mode=mode, backend=BACKEND)
+    with torch.no_grad():
+        model(**inputs)
+    assert model.medpruner_stats.token_scores is None and model.medpruner_stats.token_keep is None
+    apply_medpruner(model, tau=0.6, mode=mode, backend=BACKEND, record_tokens=True)
+    with torch.no_grad():
+        model(**inputs)
+    stats = model.medpruner_stats
+    encoded_tokens = 4 * stats.slices_encoded
+    assert stats.token_scores.shape == stats.token_keep.shape == (encoded_tokens,)
+    assert stats.token_scores.device.type == "cpu" and stats.token_keep.dtype == torch.bool
+    assert int(stats.token_keep.sum()) == stats.tokens_after
+    assert bool(torch.isfinite(stats.token_scores).all())
 
 
 def test_stats_of_an_empty_request_have_full_retention():

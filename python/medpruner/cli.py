@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -512,27 +511,6 @@ def model_slices(slices: np.ndarray, resolution: int, multiple: int) -> np.ndarr
     return resized.clamp_(0.0, 1.0).numpy()
 
 
-@contextmanager
-def _record_token_selection(records: list):
-    """Keep a CPU copy of each request's token scores and final keep mask (one entry per token of the
-    encoded slices, in order), for the heatmaps. The adapters route every family's DINS + merge
-    through ``Adapter.select_tokens(scores, ...) -> (keep, features)``."""
-    from medpruner.adapters import Adapter
-
-    original = Adapter.select_tokens
-
-    def recording(self, scores, *args, **kwargs):
-        keep, features = original(self, scores, *args, **kwargs)
-        records.append((scores.detach().float().cpu().numpy(), keep.cpu().numpy()))
-        return keep, features
-
-    Adapter.select_tokens = recording
-    try:
-        yield
-    finally:
-        Adapter.select_tokens = original
-
-
 @dataclass
 class TokenResult:
     record: dict
@@ -579,13 +557,12 @@ def run_model(
     device = next(model.parameters()).device
     timings = {}
     try:
-        apply_medpruner(model, gamma=gamma, tau=tau, mode=mode, merge=merge, backend=backend)
+        apply_medpruner(model, gamma=gamma, tau=tau, mode=mode, merge=merge, backend=backend, record_tokens=True)
     except (TypeError, ValueError) as err:
         raise CommandError(f"--model {bundle.name}: {err}") from err
-    records: list = []
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), _record_token_selection(records):
+        with torch.inference_mode():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         _synchronize(device)
     finally:
@@ -625,12 +602,14 @@ def run_model(
     # The report's IAF ran on the model's own pixels, so the slice selections agree; should they not
     # (an adapter with another slice rule), the report gets no heatmaps rather than misplaced ones.
     # Every slice of a volume has one resolution, so the encoded slices hold equal token counts.
-    per_encoded = records[0][0].size // max(len(encoded), 1) if records else 0
-    same_slices = per_encoded > 0 and per_encoded * len(encoded) == records[0][0].size
+    recorded = stats.token_scores is not None
+    token_count = stats.token_scores.numel() if recorded else 0
+    per_encoded = token_count // max(len(encoded), 1)
+    same_slices = per_encoded > 0 and per_encoded * len(encoded) == token_count
     if mode == "fast":
         same_slices = same_slices and np.array_equal(np.asarray(tokens_per_slice) > 0, slice_keep)
     if same_slices:
-        scores, final_keep = records[0]
+        scores, final_keep = stats.token_scores.numpy(), stats.token_keep.numpy()
         offsets = np.arange(len(encoded) + 1) * per_encoded
         position_of = {int(s): p for p, s in enumerate(encoded)}
         kept = np.flatnonzero(slice_keep)

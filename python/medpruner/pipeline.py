@@ -41,6 +41,8 @@ class MedPrunerConfig:
     context_frac: contextual tokens per slice, as a fraction of its tokens (at least one).
     min_keep: tokens every kept slice keeps at least (>= 1: a kept slice never loses all its tokens).
     backend: kernel backend, "auto" | "triton" | "cpp" | "torch".
+    record_tokens: keep CPU copies of the token scores and the final keep mask in the stats (for
+        heatmaps and debugging); costs one device-to-host copy per request, so off by default.
     """
 
     gamma: float = 0.05
@@ -52,6 +54,7 @@ class MedPrunerConfig:
     context_frac: float = 0.05
     min_keep: int = 1
     backend: str = "auto"
+    record_tokens: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +69,10 @@ class MedPrunerConfig:
             raise ValueError(f"MedPrunerConfig.tau must be in (0, 1], got {self.tau!r}")
         if not isinstance(self.merge, bool):
             raise TypeError(f"MedPrunerConfig.merge must be a bool, got {type(self.merge).__name__}")
+        if not isinstance(self.record_tokens, bool):
+            raise TypeError(
+                f"MedPrunerConfig.record_tokens must be a bool, got {type(self.record_tokens).__name__}"
+            )
         if self.mode not in MODES:
             raise ValueError(f"MedPrunerConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.temperature is not None:
@@ -127,6 +134,9 @@ class PruneStats:
     slices_encoded: slices that went through the vision tower (all of them in paper mode).
     prune_seconds: wall time of the pruning stage (vision tower included), measured on the host after
         the request's single sync, so it covers the queued device work.
+    token_scores / token_keep: only with ``MedPrunerConfig.record_tokens``: float32 and bool CPU
+        tensors over every token of the encoded slices (flat, in encoding order): the DINS importance
+        and the final keep mask (merge targets included).
     """
 
     mode: str
@@ -137,6 +147,8 @@ class PruneStats:
     tokens_after: int = 0
     slices_encoded: int = 0
     prune_seconds: float = 0.0
+    token_scores: torch.Tensor | None = None
+    token_keep: torch.Tensor | None = None
 
     @property
     def retention(self) -> float:
@@ -162,6 +174,7 @@ def apply_medpruner(
     context_frac: float = 0.05,
     min_keep: int = 1,
     backend: str = "auto",
+    record_tokens: bool = False,
     config: MedPrunerConfig | None = None,
 ):
     """Patch a loaded Hugging Face VLM in place so that its ``forward`` and ``generate`` prune visual
@@ -184,6 +197,7 @@ def apply_medpruner(
             context_frac=context_frac,
             min_keep=min_keep,
             backend=backend,
+            record_tokens=record_tokens,
         )
     elif not isinstance(config, MedPrunerConfig):
         raise TypeError(f"config must be a MedPrunerConfig, got {type(config).__name__}")

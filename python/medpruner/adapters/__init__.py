@@ -301,6 +301,14 @@ def repack_sequences(
     return out, attention_mask
 
 
+def recorded_tokens(scores: torch.Tensor, keep: torch.Tensor, config) -> dict[str, torch.Tensor | None]:
+    """The PruneStats token fields: CPU copies of the DINS scores and final keep mask when the config
+    asks for them (one device-to-host copy), nothing otherwise."""
+    if not config.record_tokens:
+        return {"token_scores": None, "token_keep": None}
+    return {"token_scores": scores.detach().float().cpu(), "token_keep": keep.detach().cpu()}
+
+
 def segment_offsets(lengths: list[int], device) -> torch.Tensor:
     """int32 ``[n+1]`` offsets from host lengths (an H2D copy, no sync)."""
     offsets = [0]

@@ -23,7 +23,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from medpruner.adapters import Adapter, PrunedCall, compact_indices, repack_sequences, segment_offsets
+from medpruner.adapters import (
+    Adapter,
+    PrunedCall,
+    compact_indices,
+    recorded_tokens,
+    repack_sequences,
+    segment_offsets,
+)
 from medpruner.adapters.qwen3_vl import _index, _offsets, _pad_token_id, _ranges
 
 
@@ -137,6 +144,7 @@ class Gemma3Adapter(Adapter):
             tokens_before=total_tokens,
             tokens_after=total_kept,
             slices_encoded=len(encoded),
+            **recorded_tokens(captured["scores"], keep, config),
         )
         return PrunedCall(call=pruned, original_input_ids=input_ids, pruned_length=length, stats=stats)
 

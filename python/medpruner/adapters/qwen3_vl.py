@@ -32,7 +32,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from medpruner.adapters import Adapter, PrunedCall, compact_indices, repack_sequences, segment_offsets
+from medpruner.adapters import (
+    Adapter,
+    PrunedCall,
+    compact_indices,
+    recorded_tokens,
+    repack_sequences,
+    segment_offsets,
+)
 
 
 class QwenVLAdapter(Adapter):
@@ -205,6 +212,7 @@ class QwenVLAdapter(Adapter):
             tokens_before=total_tokens,
             tokens_after=total_kept,
             slices_encoded=len(encoded),
+            **recorded_tokens(scores, keep, config),
         )
         return PrunedCall(call=pruned, original_input_ids=input_ids, pruned_length=length, stats=stats)
 
