@@ -71,8 +71,8 @@ def check_finite(op: str, name: str, t: torch.Tensor) -> None:
         check_or_defer(~(torch.isfinite(low) & torch.isfinite(high)), f"{op}: {name} contains NaN or Inf")
 
 
-def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens"):
-    """Validate a ``[B+1]`` int32 offsets tensor: starts at 0, non-decreasing, ends at ``total``."""
+def check_cu_structure(op: str, cu_seqlens, device: torch.device, name: str = "cu_seqlens") -> None:
+    """The checks on a ``[B+1]`` offsets tensor that read no values (so none of them syncs on CUDA)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor of int32, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -81,6 +81,11 @@ def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name
         raise ValueError(f"{op}: {name} must be 1-D with B+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{op}: {name} is on {cu_seqlens.device} but the input is on {device}")
+
+
+def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens"):
+    """Validate a ``[B+1]`` int32 offsets tensor: starts at 0, non-decreasing, ends at ``total``."""
+    check_cu_structure(op, cu_seqlens, device, name)
     cu = cu_seqlens.to(torch.int64)
     bad = (cu[0] != 0) | (cu[-1] != total) | (cu[1:] < cu[:-1]).any()
     check_or_defer(

@@ -50,6 +50,24 @@ if TRITON_AVAILABLE:
         return product
 
     @triton.jit
+    def _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd):
+        """``[BLOCK_M, BLOCK_D]`` queries of one head; rows past the segment and padded dims read 0."""
+        return tl.load(
+            q_ptr + rows[:, None] * stride_qn + head * stride_qh + dims[None, :] * stride_qd,
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
+    def _load_k_tile_t(k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd):
+        """``[BLOCK_D, BLOCK_N]`` keys of one head, transposed for ``q @ k^T``."""
+        return tl.load(
+            k_ptr + cols[None, :] * stride_kn + head * stride_kh + dims[:, None] * stride_kd,
+            mask=dim_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
     def _row_lse_kernel(
         q_ptr,
         k_ptr,
@@ -83,22 +101,14 @@ if TRITON_AVAILABLE:
             row_ok = rows < seg_end
             dims = tl.arange(0, BLOCK_D)
             dim_ok = dims < head_dim
-            q = tl.load(
-                q_ptr + rows[:, None] * stride_qn + head * stride_qh + dims[None, :] * stride_qd,
-                mask=row_ok[:, None] & dim_ok[None, :],
-                other=0.0,
-            )
+            q = _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd)
             # Scores are kept in base 2 (scale folded with log2 e) so the inner loop uses exp2.
             running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
             running_sum = tl.zeros([BLOCK_M], tl.float32)
             for col0 in range(seg_start, seg_end, BLOCK_N):
                 cols = col0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < seg_end
-                k_t = tl.load(
-                    k_ptr + cols[None, :] * stride_kn + head * stride_kh + dims[:, None] * stride_kd,
-                    mask=dim_ok[:, None] & col_ok[None, :],
-                    other=0.0,
-                )
+                k_t = _load_k_tile_t(k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd)
                 s = _tile_dot(q, k_t, IEEE_DOT, UPCAST)
                 s = tl.where(col_ok[None, :], s * qk_scale_log2, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(s, axis=1))
@@ -145,20 +155,12 @@ if TRITON_AVAILABLE:
             col_ok = cols < seg_end
             dims = tl.arange(0, BLOCK_D)
             dim_ok = dims < head_dim
-            k_t = tl.load(
-                k_ptr + cols[None, :] * stride_kn + head * stride_kh + dims[:, None] * stride_kd,
-                mask=dim_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
+            k_t = _load_k_tile_t(k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd)
             received = tl.zeros([BLOCK_N], tl.float32)
             for r0 in range(seg_start, seg_end, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < seg_end
-                q = tl.load(
-                    q_ptr + rows[:, None] * stride_qn + head * stride_qh + dims[None, :] * stride_qd,
-                    mask=row_ok[:, None] & dim_ok[None, :],
-                    other=0.0,
-                )
+                q = _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd)
                 # +inf for rows past the segment makes their probabilities exactly 0.
                 lse = tl.load(lse_ptr + rows * num_heads + head, mask=row_ok, other=float("inf"))
                 s = _tile_dot(q, k_t, IEEE_DOT, UPCAST)

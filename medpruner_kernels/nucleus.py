@@ -397,20 +397,6 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_cu_structure(op: str, cu_seqlens, device: torch.device) -> None:
-    """The checks on ``cu_seqlens`` that need no values (so none of them syncs on CUDA)."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"{op}: cu_seqlens must be a torch.Tensor of int32, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"{op}: cu_seqlens must be 1-D with B+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.device != device:
-        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but scores is on {device}")
-
-
 def _scores_message(op: str, temperature) -> str:
     if temperature is None:
         return (
@@ -440,7 +426,7 @@ def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max
             raise ValueError(
                 f"{op}: with cu_seqlens, scores must be flat [total_tokens], got shape {tuple(scores.shape)}"
             )
-        _check_cu_structure(op, cu_seqlens, device)
+        _validation.check_cu_structure(op, cu_seqlens, device)
         slices = cu_seqlens.shape[0] - 1
         if max_seqlen is not None and (not _is_int(max_seqlen) or max_seqlen < 0):
             raise ValueError(f"{op}: max_seqlen must be None or an int >= 0, got {max_seqlen!r}")

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger("medpruner")
 
@@ -309,9 +310,49 @@ def recorded_tokens(scores: torch.Tensor, keep: torch.Tensor, config) -> dict[st
     return {"token_scores": scores.detach().float().cpu(), "token_keep": keep.detach().cpu()}
 
 
-def segment_offsets(lengths: list[int], device) -> torch.Tensor:
-    """int32 ``[n+1]`` offsets from host lengths (an H2D copy, no sync)."""
+def host_offsets(lengths: list[int]) -> list[int]:
+    """``[0, l0, l0 + l1, ...]``: running offsets of host lengths."""
     offsets = [0]
     for n in lengths:
         offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
+    return offsets
+
+
+def count_ranges(counts: list[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` of consecutive groups of the given sizes."""
+    offsets = host_offsets(counts)
+    return list(zip(offsets[:-1], offsets[1:]))
+
+
+def range_lengths(ranges: list[tuple[int, int]]) -> list[int]:
+    return [end - start for start, end in ranges]
+
+
+def range_index(ranges: list[tuple[int, int]], device) -> torch.Tensor:
+    """Concatenated aranges of host ranges, built on the host and copied (no sync)."""
+    parts = [torch.arange(start, end) for start, end in ranges]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return flat.to(device, non_blocking=True)
+
+
+def segment_offsets(lengths: list[int], device) -> torch.Tensor:
+    """int32 ``[n+1]`` offsets from host lengths (an H2D copy, no sync)."""
+    return torch.tensor(host_offsets(lengths), dtype=torch.int32).to(device, non_blocking=True)
+
+
+def pad_token_id(cfg) -> int:
+    """The model's pad token id (top-level or text config), 0 when it has none."""
+    for source in (cfg, getattr(cfg, "text_config", None)):
+        value = getattr(source, "pad_token_id", None) if source is not None else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def image_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int):
+    """(valid, is_image, run_start) ``[B, L]`` bool masks: the non-padding positions, the image
+    placeholders among them, and the first placeholder of each image's run."""
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    is_image = (input_ids == image_token_id) & valid
+    run_start = is_image & ~F.pad(is_image[:, :-1], (1, 0), value=False)
+    return valid, is_image, run_start

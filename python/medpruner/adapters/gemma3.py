@@ -27,11 +27,15 @@ from medpruner.adapters import (
     Adapter,
     PrunedCall,
     compact_indices,
+    count_ranges,
+    host_offsets,
+    image_runs,
+    pad_token_id,
+    range_index,
     recorded_tokens,
     repack_sequences,
     segment_offsets,
 )
-from medpruner.adapters.qwen3_vl import _index, _offsets, _pad_token_id, _ranges
 
 
 class Gemma3Adapter(Adapter):
@@ -52,13 +56,7 @@ class Gemma3Adapter(Adapter):
         inner, cfg = model.model, model.config
         device = input_ids.device
         attention_mask = call.get("attention_mask")
-        valid = (
-            attention_mask.bool()
-            if attention_mask is not None
-            else torch.ones_like(input_ids, dtype=torch.bool)
-        )
-        is_image = (input_ids == cfg.image_token_id) & valid
-        run_start = is_image & ~F.pad(is_image[:, :-1], (1, 0), value=False)
+        valid, is_image, run_start = image_runs(input_ids, attention_mask, cfg.image_token_id)
         batch = input_ids.shape[0]
         num_images = pixel_values.shape[0]
         per_image = cfg.mm_tokens_per_image
@@ -69,7 +67,7 @@ class Gemma3Adapter(Adapter):
                 f"image tokens in input_ids ({meta[-1]} in {sum(images_per_row)} runs) do not match "
                 f"pixel_values ({num_images} images of {per_image} tokens)"
             )
-        volumes = _ranges(images_per_row)
+        volumes = count_ranges(images_per_row)
         slice_keep = iaf_select(
             pixel_values.reshape(num_images, -1),
             float(config.gamma),
@@ -101,9 +99,9 @@ class Gemma3Adapter(Adapter):
         if all_encoded:
             keep_all = keep
         else:
-            offsets = _offsets([per_image] * num_images)
+            offsets = host_offsets([per_image] * num_images)
             keep_all = torch.zeros(total_tokens, dtype=torch.bool, device=device)
-            keep_all[_index([(offsets[i], offsets[i + 1]) for i in encoded], device)] = keep
+            keep_all[range_index([(offsets[i], offsets[i + 1]) for i in encoded], device)] = keep
         image_keep = torch.zeros_like(is_image).masked_scatter(is_image, keep_all)
         seq_keep = valid & (~is_image | image_keep)
         if config.mode == "fast" and not all_encoded:
@@ -123,7 +121,7 @@ class Gemma3Adapter(Adapter):
         length = max(row_counts)
         total_kept = sum(tokens_kept)
 
-        to_repack = {"input_ids": (input_ids, _pad_token_id(cfg))}
+        to_repack = {"input_ids": (input_ids, pad_token_id(cfg))}
         if call.get("token_type_ids") is not None:
             to_repack["token_type_ids"] = (call["token_type_ids"], 0)
         repacked, new_mask = repack_sequences(seq_keep, counts, length, to_repack)

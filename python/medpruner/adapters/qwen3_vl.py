@@ -36,6 +36,12 @@ from medpruner.adapters import (
     Adapter,
     PrunedCall,
     compact_indices,
+    count_ranges,
+    host_offsets,
+    image_runs,
+    pad_token_id,
+    range_index,
+    range_lengths,
     recorded_tokens,
     repack_sequences,
     segment_offsets,
@@ -87,13 +93,7 @@ class QwenVLAdapter(Adapter):
         visual = inner.visual
         device = input_ids.device
         attention_mask = call.get("attention_mask")
-        valid = (
-            attention_mask.bool()
-            if attention_mask is not None
-            else torch.ones_like(input_ids, dtype=torch.bool)
-        )
-        is_image = (input_ids == cfg.image_token_id) & valid
-        run_start = is_image & ~F.pad(is_image[:, :-1], (1, 0), value=False)
+        valid, is_image, run_start = image_runs(input_ids, attention_mask, cfg.image_token_id)
 
         batch = input_ids.shape[0]
         num_images = grid.shape[0]
@@ -110,7 +110,7 @@ class QwenVLAdapter(Adapter):
                 f"image placeholders in input_ids ({meta[-1]} tokens in {sum(images_per_row)} runs) do not "
                 f"match image_grid_thw ({sum(tokens)} tokens in {num_images} images)"
             )
-        volumes = _ranges(images_per_row)
+        volumes = count_ranges(images_per_row)
 
         slice_keep = self._iaf(pixel_values, patches, volumes, config)
         if config.mode == "fast":
@@ -119,12 +119,12 @@ class QwenVLAdapter(Adapter):
         else:
             encoded = list(range(num_images))
         all_encoded = len(encoded) == num_images
-        patch_offsets = _offsets(patches)
-        token_offsets = _offsets(tokens)
+        patch_offsets = host_offsets(patches)
+        token_offsets = host_offsets(tokens)
         if all_encoded:
             enc_pixels, enc_grid = pixel_values, grid
         else:
-            rows = _index([(patch_offsets[i], patch_offsets[i + 1]) for i in encoded], device)
+            rows = range_index([(patch_offsets[i], patch_offsets[i + 1]) for i in encoded], device)
             enc_pixels = pixel_values.index_select(0, rows.to(pixel_values.device))
             enc_grid = grid[torch.tensor(encoded, device=grid.device)]
 
@@ -149,7 +149,7 @@ class QwenVLAdapter(Adapter):
             keep_all = keep
         else:
             keep_all = torch.zeros(total_tokens, dtype=torch.bool, device=device)
-            keep_all[_index([(token_offsets[i], token_offsets[i + 1]) for i in encoded], device)] = keep
+            keep_all[range_index([(token_offsets[i], token_offsets[i + 1]) for i in encoded], device)] = keep
         image_keep = torch.zeros_like(is_image).masked_scatter(is_image, keep_all)
         seq_keep = valid & (~is_image | image_keep)
         if config.mode == "fast" and not all_encoded:
@@ -175,7 +175,7 @@ class QwenVLAdapter(Adapter):
         total_kept = sum(per_image)
 
         position_ids, rope_deltas = self.rope_index(model, call, attention_mask)
-        pad_id = _pad_token_id(cfg)
+        pad_id = pad_token_id(cfg)
         repacked, new_mask = repack_sequences(
             seq_keep,
             counts,
@@ -233,7 +233,7 @@ class QwenVLAdapter(Adapter):
             if end > start:
                 by_size.setdefault(patches[start], []).append((start, end))
         num_images = len(patches)
-        patch_offsets = _offsets(patches)
+        patch_offsets = host_offsets(patches)
         if len(by_size) == 1:
             slices = pixel_values.reshape(num_images, -1)
             cu = segment_offsets([end - start for start, end in volumes], device)
@@ -241,20 +241,20 @@ class QwenVLAdapter(Adapter):
                 slices,
                 float(config.gamma),
                 cu_seqlens=cu,
-                max_seqlen=max(_lengths(volumes)),
+                max_seqlen=max(range_lengths(volumes)),
                 backend=config.backend,
             )
         keep = torch.ones(num_images, dtype=torch.bool, device=device)
         for group in by_size.values():
             images = [i for start, end in group for i in range(start, end)]
-            rows = _index([(patch_offsets[i], patch_offsets[i + 1]) for i in images], device)
+            rows = range_index([(patch_offsets[i], patch_offsets[i + 1]) for i in images], device)
             slices = pixel_values.index_select(0, rows).reshape(len(images), -1)
-            cu = segment_offsets(_lengths(group), device)
+            cu = segment_offsets(range_lengths(group), device)
             keep[torch.tensor(images, device=device)] = iaf_select(
                 slices,
                 float(config.gamma),
                 cu_seqlens=cu,
-                max_seqlen=max(_lengths(group)),
+                max_seqlen=max(range_lengths(group)),
                 backend=config.backend,
             )
         return keep
@@ -307,35 +307,3 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def encoder_output(self, out, features, side):
         return type(out)(pooler_output=(features,), deepstack_features=[(s,) for s in side])
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def _offsets(lengths: list[int]) -> list[int]:
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return offsets
-
-
-def _ranges(counts: list[int]) -> list[tuple[int, int]]:
-    offsets = _offsets(counts)
-    return list(zip(offsets[:-1], offsets[1:]))
-
-
-def _lengths(ranges: list[tuple[int, int]]) -> list[int]:
-    return [end - start for start, end in ranges]
-
-
-def _index(ranges: list[tuple[int, int]], device) -> torch.Tensor:
-    """Concatenated aranges of host ranges, built on the host and copied (no sync)."""
-    parts = [torch.arange(start, end) for start, end in ranges]
-    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-    return flat.to(device, non_blocking=True)
-
-
-def _pad_token_id(cfg) -> int:
-    for source in (cfg, getattr(cfg, "text_config", None)):
-        value = getattr(source, "pad_token_id", None) if source is not None else None
-        if value is not None:
-            return int(value)
-    return 0
