@@ -84,7 +84,10 @@ def check_cu_structure(op: str, cu_seqlens, device: torch.device, name: str = "c
 
 
 def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens"):
-    """Validate a ``[B+1]`` int32 offsets tensor: starts at 0, non-decreasing, ends at ``total``."""
+    """Validate a ``[B+1]`` int32 offsets tensor: starts at 0, non-decreasing, ends at ``total``.
+    ``None`` means one segment of all ``total`` rows."""
+    if cu_seqlens is None:
+        return torch.tensor([0, total], dtype=torch.int32, device=device)
     check_cu_structure(op, cu_seqlens, device, name)
     cu = cu_seqlens.to(torch.int64)
     bad = (cu[0] != 0) | (cu[-1] != total) | (cu[1:] < cu[:-1]).any()

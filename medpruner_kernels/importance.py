@@ -314,10 +314,7 @@ def _validate(q, k, cu_seqlens, scale, group):
     elif not math.isfinite(scale):
         raise ValueError(f"{_OP}: scale must be finite, got {scale}")
     num_tokens = q.shape[0]
-    if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=q.device)
-    else:
-        cu_seqlens = _validation.check_cu_seqlens(_OP, cu_seqlens, num_tokens, q.device)
+    cu_seqlens = _validation.check_cu_seqlens(_OP, cu_seqlens, num_tokens, q.device)
     if num_tokens % group:
         raise ValueError(f"{_OP}: group={group} does not divide the number of tokens N={num_tokens}")
     if group > 1:

@@ -345,10 +345,7 @@ def _validate(x, keys, keep, cu_seqlens, context_frac):
         raise TypeError(f"{_OP}: context_frac must be a Python float, got {type(context_frac).__name__}")
     if not math.isfinite(context_frac) or context_frac < 0:
         raise ValueError(f"{_OP}: context_frac must be finite and >= 0, got {context_frac}")
-    if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=x.device)
-    else:
-        cu_seqlens = _validation.check_cu_seqlens(_OP, cu_seqlens, num_tokens, x.device)
+    cu_seqlens = _validation.check_cu_seqlens(_OP, cu_seqlens, num_tokens, x.device)
     _validation.check_finite(_OP, "x", x)
     _validation.check_finite(_OP, "keys", keys)
     return cu_seqlens, float(context_frac)
