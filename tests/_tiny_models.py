@@ -12,50 +12,18 @@ import sys
 
 import numpy as np
 import torch
+from medpruner import _tiny
+from medpruner._tiny import QWEN_SPECIALS
+from medpruner._tiny import byte_vocab as _byte_vocab
 
 from medpruner_kernels import reference
 
-QWEN_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-
-def _byte_vocab() -> dict[str, int]:
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    return {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))}
-
 
 def qwen_tokenizer():
-    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
-
-    tokenizer = Qwen2Tokenizer(vocab=_byte_vocab(), merges=[])
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
-    tokenizer.pad_token = "<|endoftext|>"
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def _without_video_check(processor_class):
-    class LocalProcessor(processor_class):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    LocalProcessor.__name__ = processor_class.__name__
-    return LocalProcessor
+    return _tiny.qwen_tokenizer(padding_side="left")
 
 
 def qwen_processor(family: str = "qwen3_vl", *, patch_size: int = 8, clip_norm: bool = False):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     if family == "qwen3_vl":
         from transformers import Qwen3VLProcessor as processor_class
     else:
@@ -68,67 +36,17 @@ def qwen_processor(family: str = "qwen3_vl", *, patch_size: int = 8, clip_norm: 
             [0.5] * 3,
         )
     )
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch_size,
-        merge_size=2,
-        temporal_patch_size=2,
-        min_pixels=(2 * patch_size) ** 2,
-        max_pixels=(2 * patch_size) ** 2 * 64,
-        image_mean=mean,
-        image_std=std,
+    image_processor = _tiny.qwen_image_processor(
+        patch_size, max_merged_patches=64, image_mean=mean, image_std=std
     )
-    return _without_video_check(processor_class)(
-        image_processor=image_processor, tokenizer=qwen_tokenizer(), video_processor=None
-    )
+    return _tiny.image_only_processor(processor_class, image_processor, qwen_tokenizer())
 
 
 def tiny_qwen3_vl(seed: int = 0):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    tokenizer = qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    config = Qwen3VLConfig(
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=8,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=64,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-        ),
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=4096,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [4, 2, 2],
-                "mrope_interleaved": True,
-            },
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+    # the tests seed the global torch RNG and leave it there (restore_rng=False), as they always have
+    return _tiny.tiny_qwen3_vl_model(
+        qwen_tokenizer(), seed=seed, max_position_embeddings=4096, restore_rng=False
     )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.do_sample = False
-    return model
 
 
 def synthetic_volume(depth: int, size: int = 64, *, seed: int = 0, repeat_every: int = 2) -> torch.Tensor:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medpruner._tiny import image_only_processor as _image_only_processor
 from medpruner.report import atomic_write_text, environment, to_json, write_report
 from medpruner.volume import (
     CT_WINDOWS,
@@ -402,91 +403,16 @@ def load_model(path: str, device) -> ModelBundle:
     return _bundle(model.to(device).eval(), processor, str(path))
 
 
-def _image_only_processor(processor_class, image_processor, tokenizer):
-    """A Qwen-VL processor that accepts ``video_processor=None``: the video processor class needs
-    torchvision, which slices never use."""
-
-    class ImageOnlyProcessor(processor_class):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    ImageOnlyProcessor.__name__ = processor_class.__name__
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
-
-
 def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
     """A Qwen3-VL of a few hundred thousand random weights with a byte-level tokenizer, built from a
     config (no download): the real architecture and processor path, fast enough for a 2-core demo."""
-    import torch
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import Qwen3VLProcessor
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
-    specials += ["<|image_pad|>", "<|video_pad|>"]
-    byte_vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
-    tokenizer = Qwen2Tokenizer(vocab=byte_vocab, merges=[])
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    tokenizer.pad_token = "<|endoftext|>"
-    token = {name: tokenizer.convert_tokens_to_ids(name) for name in specials}
-    patch = 8
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": (2 * patch) ** 2, "longest_edge": (2 * patch) ** 2 * 1024},
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    )
-    processor = _image_only_processor(Qwen3VLProcessor, image_processor, tokenizer)
-    config = Qwen3VLConfig(
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=patch,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=64,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-        ),
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=32768,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [4, 2, 2],
-                "mrope_interleaved": True,
-            },
-            pad_token_id=token["<|endoftext|>"],
-        ),
-        image_token_id=token["<|image_pad|>"],
-        video_token_id=token["<|video_pad|>"],
-        vision_start_token_id=token["<|vision_start|>"],
-        vision_end_token_id=token["<|vision_end|>"],
-    )
-    config._attn_implementation = "sdpa"
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = Qwen3VLForConditionalGeneration(config).eval().to(device)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config.pad_token_id = token["<|endoftext|>"]
-    model.generation_config.eos_token_id = token["<|im_end|>"]
-    model.generation_config.do_sample = False
+    from medpruner._tiny import qwen_image_processor, qwen_tokenizer, tiny_qwen3_vl_model
+
+    tokenizer = qwen_tokenizer()
+    processor = _image_only_processor(Qwen3VLProcessor, qwen_image_processor(8), tokenizer)
+    model = tiny_qwen3_vl_model(tokenizer, seed=seed, device=device)
     return _bundle(model, processor, "tiny random-weight Qwen3-VL (built from a config)")
 
 
