@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -278,6 +279,33 @@ void dispatch_volume_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// NaN/Inf in a volume surfaces in every distance it enters, and every slice of a volume of two or
+// more slices enters one (slice 0 with slice 1), so checking the distances costs no second read of the
+// volume; only a 1-slice volume, which compares nothing, is read again. Raised here rather than by
+// the caller, because the first torch op after a pass that streamed the whole volume runs with cold
+// caches and costs more than this loop.
+template <typename T>
+bool row_is_finite(const T* row, int64_t cols) {
+  float acc = 0.f;
+  for (int64_t i = 0; i < cols; ++i) acc += to_float(row[i]) * 0.f;  // NaN for any NaN or Inf
+  return acc == 0.f;
+}
+
+void check_finite(const char* op, const torch::Tensor& slices, const float* dist,
+                  const std::vector<int64_t>& lone_rows) {
+  if (!at::isFloatingType(slices.scalar_type())) return;
+  bool finite = true;
+  for (int64_t s = 0; s < slices.size(0); ++s) finite = finite && std::isfinite(dist[s]);
+  dispatch_volume_dtype(slices.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    for (const int64_t row : lone_rows)
+      finite = finite && row_is_finite(slices.data_ptr<T>() + row * slices.stride(0), slices.size(1));
+  });
+  if (!finite)
+    throw pybind11::value_error(std::string(op) +
+                                ": volume contains NaN or Inf (or values whose differences overflow float32)");
+}
+
 std::tuple<torch::Tensor, torch::Tensor> iaf_select_cpu(const torch::Tensor& slices,
                                                        const torch::Tensor& cu_seqlens, double gamma) {
   check_slices(slices);
@@ -291,6 +319,10 @@ std::tuple<torch::Tensor, torch::Tensor> iaf_select_cpu(const torch::Tensor& sli
     using T = decltype(tag);
     iaf_impl<T>(slices, cu, segments, gamma, keep.data_ptr<bool>(), dist.data_ptr<float>());
   });
+  std::vector<int64_t> lone_rows;
+  for (int64_t b = 0; b < segments; ++b)
+    if (cu[b + 1] - cu[b] == 1) lone_rows.push_back(cu[b]);
+  check_finite("iaf_select", slices, dist.data_ptr<float>(), lone_rows);
   return {keep, dist};
 }
 
@@ -303,6 +335,13 @@ torch::Tensor anchor_distances_cpu(const torch::Tensor& slices, const torch::Ten
     using T = decltype(tag);
     anchor_distance_impl<T>(slices, anchor.data_ptr<int64_t>(), dist.data_ptr<float>());
   });
+  // A volume's first slice is its own anchor, and the next slice of the same volume compares with it.
+  const int64_t* a = anchor.data_ptr<int64_t>();
+  const int64_t rows = slices.size(0);
+  std::vector<int64_t> lone_rows;
+  for (int64_t s = 0; s < rows; ++s)
+    if (a[s] == s && (s + 1 == rows || a[s + 1] != s)) lone_rows.push_back(s);
+  check_finite("anchor_distances", slices, dist.data_ptr<float>(), lone_rows);
   return dist;
 }
 

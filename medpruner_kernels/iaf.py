@@ -465,10 +465,11 @@ def iaf_select(
     elif chosen == "triton":
         keep, dist = _iaf_select_triton(slices, cu, gamma, max_len)
     elif chosen == "cpp":
-        keep, dist = _iaf_select_cpp(slices, cu, gamma)
+        keep, dist = _iaf_select_cpp(slices, cu, gamma)  # raises on NaN/Inf itself
     else:
         keep, dist = _iaf_select_torch(slices, cu, gamma, max_len)
-    _check_finite_volume(op, slices, cu, dist)
+    if chosen != "cpp":
+        _check_finite_volume(op, slices, cu, dist)
     keep = keep.reshape(mask_shape)
     if return_distances:
         return keep, dist.reshape(mask_shape)
@@ -479,15 +480,19 @@ def _check_finite_volume(op: str, slices: torch.Tensor, cu: torch.Tensor, dist: 
     """NaN/Inf check fused into the distance pass: a non-finite value makes every distance it enters
     non-finite, and every slice of a volume of two or more slices enters one (slice 0 with slice 1).
     A separate pre-pass would read the whole volume a second time (2x the bytes of the op itself);
-    only the first slice of each volume, the one a 1-slice volume never compares, is read again."""
+    only 1-slice volumes, which compare nothing, are read again. On CUDA and under torch.compile the
+    segment lengths are not read on the host, so the first slice of every volume is checked instead."""
     if not slices.dtype.is_floating_point or slices.shape[0] == 0:
         return
-    if cu.shape[0] == 2:
-        first_rows = slices[:1]  # one volume: a view, no copy
+    bad = ~torch.isfinite(dist).all()
+    if slices.device.type == "cpu" and not torch.compiler.is_compiling():
+        starts = cu[:-1][(cu[1:] - cu[:-1]) == 1]
+        lone_rows = slices.index_select(0, starts.to(torch.int64)) if starts.numel() else None
     else:
-        first_rows = slices.index_select(0, cu[:-1].to(torch.int64).clamp(max=slices.shape[0] - 1))
-    low, high = torch.aminmax(first_rows)
-    bad = ~(torch.isfinite(dist).all() & torch.isfinite(low) & torch.isfinite(high))
+        lone_rows = slices.index_select(0, cu[:-1].to(torch.int64).clamp(max=slices.shape[0] - 1))
+    if lone_rows is not None:
+        low, high = torch.aminmax(lone_rows)
+        bad = bad | ~(torch.isfinite(low) & torch.isfinite(high))
     check_or_defer(bad, f"{op}: volume contains NaN or Inf (or values whose differences overflow float32)")
 
 
@@ -541,10 +546,11 @@ def anchor_distances(
     if chosen == "triton":
         dist = _anchor_distances_triton(slices, anchor)
     elif chosen == "cpp":
-        dist = _anchor_distances_cpp(slices, anchor)
+        dist = _anchor_distances_cpp(slices, anchor)  # raises on NaN/Inf itself
     else:
         dist = _anchor_distances_torch(slices, anchor)
-    _check_finite_volume(op, slices, cu, dist)
+    if chosen != "cpp":
+        _check_finite_volume(op, slices, cu, dist)
     return dist.reshape(mask_shape)
 
 
