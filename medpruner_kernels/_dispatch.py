@@ -29,9 +29,12 @@ except ImportError as err:
     CPP_IMPORT_ERROR = str(err)
     logger.info("medpruner_kernels._C is not available (%s); using Triton/torch paths", err)
 
-# find_spec: the flag is known before (and without) importing triton; the op modules import it only
-# when it is installed, to define their kernels (a CPU-only install without triton still works).
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+# find_spec: the flags are known before (and without) importing triton. The op modules import it
+# (about 2 s) only when its kernels can run: a torch built with CUDA or ROCm, or the interpreter
+# requested before import. A CPU-only torch never has a tensor Triton could launch on.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TORCH_HAS_GPU_BUILD = torch.version.cuda is not None or torch.version.hip is not None
+TRITON_AVAILABLE = TRITON_INSTALLED and (TORCH_HAS_GPU_BUILD or os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 _warned_missing_cpp = False
 
@@ -73,8 +76,13 @@ def resolve_backend(
         requested = env
 
     if requested == "triton":
-        if not TRITON_AVAILABLE:
+        if not TRITON_INSTALLED:
             raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton)")
+        if not TRITON_AVAILABLE:
+            raise RuntimeError(
+                f"{op}: backend='triton' with a CPU-only torch runs only in the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before importing medpruner_kernels"
+            )
         if not _triton_usable(device):
             raise RuntimeError(
                 f"{op}: backend='triton' needs CUDA tensors (got {device.type}); on CPU set "

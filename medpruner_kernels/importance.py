@@ -203,34 +203,36 @@ def _triton_config(head_dim: int, device: torch.device):
     return 64, 64, block_d, {"num_warps": 4, "num_stages": 2}
 
 
-@torch.library.triton_op("medpruner::attention_importance_triton", mutates_args=())
-def _importance_triton(
-    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int
-) -> torch.Tensor:
-    num_tokens, num_heads, head_dim = q.shape
-    if num_tokens == 0:
-        return q.new_zeros((0,), dtype=torch.float32)
-    block_m, block_n, block_d, launch = _triton_config(head_dim, q.device)
-    ieee = q.dtype == torch.float32
-    upcast = _bf16_interpreted(q)
-    qk_scale_log2 = scale * _LOG2E
-    lse = torch.empty((num_tokens, num_heads), device=q.device, dtype=torch.float32)
-    row0, seg, programs = _block_table(cu_seqlens, num_tokens, block_m)
-    torch.library.wrap_triton(_row_lse_kernel)[(programs, num_heads)](
-        q, k, lse, cu_seqlens, row0, seg,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        num_heads, head_dim, qk_scale_log2,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
-    )  # fmt: skip
-    partial = torch.empty((num_heads, num_tokens), device=q.device, dtype=torch.float32)
-    col0, seg, programs = _block_table(cu_seqlens, num_tokens, block_n)
-    torch.library.wrap_triton(_column_sum_kernel)[(programs, num_heads)](
-        q, k, lse, partial, cu_seqlens, col0, seg,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        num_tokens, num_heads, head_dim, qk_scale_log2,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
-    )  # fmt: skip
-    return _group_mean(partial.sum(dim=0) / num_heads, group)
+if TRITON_AVAILABLE:
+
+    @torch.library.triton_op("medpruner::attention_importance_triton", mutates_args=())
+    def _importance_triton(
+        q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int
+    ) -> torch.Tensor:
+        num_tokens, num_heads, head_dim = q.shape
+        if num_tokens == 0:
+            return q.new_zeros((0,), dtype=torch.float32)
+        block_m, block_n, block_d, launch = _triton_config(head_dim, q.device)
+        ieee = q.dtype == torch.float32
+        upcast = _bf16_interpreted(q)
+        qk_scale_log2 = scale * _LOG2E
+        lse = torch.empty((num_tokens, num_heads), device=q.device, dtype=torch.float32)
+        row0, seg, programs = _block_table(cu_seqlens, num_tokens, block_m)
+        torch.library.wrap_triton(_row_lse_kernel)[(programs, num_heads)](
+            q, k, lse, cu_seqlens, row0, seg,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            num_heads, head_dim, qk_scale_log2,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
+        )  # fmt: skip
+        partial = torch.empty((num_heads, num_tokens), device=q.device, dtype=torch.float32)
+        col0, seg, programs = _block_table(cu_seqlens, num_tokens, block_n)
+        torch.library.wrap_triton(_column_sum_kernel)[(programs, num_heads)](
+            q, k, lse, partial, cu_seqlens, col0, seg,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            num_tokens, num_heads, head_dim, qk_scale_log2,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
+        )  # fmt: skip
+        return _group_mean(partial.sum(dim=0) / num_heads, group)
 
 
 def _group_mean(received: torch.Tensor, group: int) -> torch.Tensor:

@@ -204,34 +204,36 @@ def _triton_blocks(device: torch.device) -> tuple[int, int, int, int]:
     return 64, 32, 32, 64
 
 
-@torch.library.triton_op("medpruner::merge_tokens_triton", mutates_args=())
-def _merge_triton(
-    x: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor, cu_seqlens: torch.Tensor, context_frac: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    num_tokens, feat_dim = x.shape
-    num_segments = cu_seqlens.numel() - 1
-    block_r, block_c, block_k, block_d = _triton_blocks(x.device)
-    x_out = torch.empty((num_tokens, feat_dim), device=x.device, dtype=x.dtype)
-    x_out.copy_(x)
-    rest = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
-    owner = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
-    target_flag = torch.zeros(num_tokens, device=x.device, dtype=torch.uint8)
-    seg_info = torch.empty((num_segments, 3), device=x.device, dtype=torch.int32)
-    torch.library.wrap_triton(_assign_kernel)[(num_segments,)](
-        keep.to(torch.uint8), keys, _key_norms(keys), cu_seqlens,
-        _targets_per_segment(cu_seqlens, context_frac), rest, owner, target_flag, seg_info,
-        keys.stride(0), keys.stride(1), keys.shape[1],
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_K=block_k,
-    )  # fmt: skip
-    if feat_dim > 0:
-        grid = (num_segments, (feat_dim + block_d - 1) // block_d)
-        torch.library.wrap_triton(_mean_kernel)[grid](
-            x, x_out, rest, owner, cu_seqlens, seg_info,
-            x.stride(0), x.stride(1), feat_dim,
-            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d, IEEE_DOT=x.dtype == torch.float32,
-            UPCAST=_bf16_interpreted(x),
+if TRITON_AVAILABLE:
+
+    @torch.library.triton_op("medpruner::merge_tokens_triton", mutates_args=())
+    def _merge_triton(
+        x: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor, cu_seqlens: torch.Tensor, context_frac: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens, feat_dim = x.shape
+        num_segments = cu_seqlens.numel() - 1
+        block_r, block_c, block_k, block_d = _triton_blocks(x.device)
+        x_out = torch.empty((num_tokens, feat_dim), device=x.device, dtype=x.dtype)
+        x_out.copy_(x)
+        rest = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
+        owner = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
+        target_flag = torch.zeros(num_tokens, device=x.device, dtype=torch.uint8)
+        seg_info = torch.empty((num_segments, 3), device=x.device, dtype=torch.int32)
+        torch.library.wrap_triton(_assign_kernel)[(num_segments,)](
+            keep.to(torch.uint8), keys, _key_norms(keys), cu_seqlens,
+            _targets_per_segment(cu_seqlens, context_frac), rest, owner, target_flag, seg_info,
+            keys.stride(0), keys.stride(1), keys.shape[1],
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_K=block_k,
         )  # fmt: skip
-    return x_out, keep | target_flag.to(torch.bool)
+        if feat_dim > 0:
+            grid = (num_segments, (feat_dim + block_d - 1) // block_d)
+            torch.library.wrap_triton(_mean_kernel)[grid](
+                x, x_out, rest, owner, cu_seqlens, seg_info,
+                x.stride(0), x.stride(1), feat_dim,
+                BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d, IEEE_DOT=x.dtype == torch.float32,
+                UPCAST=_bf16_interpreted(x),
+            )  # fmt: skip
+        return x_out, keep | target_flag.to(torch.bool)
 
 
 @torch.library.custom_op("medpruner::merge_tokens_cpp", mutates_args=())

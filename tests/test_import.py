@@ -1,9 +1,14 @@
 """`import medpruner_kernels` (and `import medpruner`) must stay cheap: no CUDA initialisation, no
 transformers, no adapters until a model-facing name is used."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 PROBE = """
 import json, sys, torch
@@ -39,3 +44,34 @@ def test_lazy_names_resolve():
 
     assert callable(medpruner.apply_medpruner)
     assert "apply_medpruner" in dir(medpruner)
+
+
+TRITON_PROBE = """
+import json, sys, torch
+import medpruner_kernels
+try:
+    medpruner_kernels.iaf_select(torch.rand(3, 4), 0.1, backend="triton")
+    error = None
+except RuntimeError as err:
+    error = str(err)
+print(json.dumps({"triton_imported": "triton" in sys.modules, "error": error}))
+"""
+
+
+def _probe_triton(interpret: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", TRITON_PROBE], capture_output=True, text=True, check=True, env=env)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None, reason="a CPU-only torch")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_cpu_only_torch_imports_triton_only_for_the_interpreter():
+    plain = _probe_triton(interpret=False)
+    assert plain["triton_imported"] is False
+    assert "TRITON_INTERPRET=1" in plain["error"]
+    interpreted = _probe_triton(interpret=True)
+    assert interpreted["triton_imported"] is True
+    assert interpreted["error"] is None
