@@ -130,14 +130,10 @@ def run_iaf(
     timings["to_device"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    keep = medpruner_kernels.iaf_select(signed, gamma, backend=backend)
+    # The distances for the report come from the same pass that decides the slices.
+    keep, distances = medpruner_kernels.iaf_select(signed, gamma, backend=backend, return_distances=True)
     _synchronize(target)
     timings["iaf"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    distances = medpruner_kernels.anchor_distances(signed, keep, backend=backend)
-    _synchronize(target)
-    timings["distances"] = time.perf_counter() - start
     return PruneResult(
         volume=volume,
         slices=slices,
