@@ -170,6 +170,36 @@ def test_batch_survives_a_bad_file_and_resumes(tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == len(entries)
 
 
+def test_batch_resume_redoes_volumes_under_new_settings_or_edited_files(tmp_path, capsys):
+    paths = _volume_files(tmp_path / "inputs", 3)
+    out = tmp_path / "out"
+
+    def run(*extra):
+        assert cli.main(["prune", str(tmp_path / "inputs"), "--out", str(out), "--json", *extra]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        current = {}
+        for line in (out / "results.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            current[entry["source"]] = entry
+        return (summary["processed"], summary["already_done"]), current
+
+    assert run("--gamma", "0.1")[0] == (3, 0)
+    assert run("--gamma", "0.1")[0] == (0, 3)
+    # Another gamma: every line recorded under 0.1 is stale, and the new lines follow the new gamma.
+    counts, current = run("--gamma", "0.3")
+    assert counts == (3, 0)
+    for path in paths:
+        entry = current[str(path.resolve())]
+        keep, _ = _reference(path, 0.3)
+        assert entry["settings"]["gamma"] == 0.3 and entry["kept_indices"] == np.flatnonzero(keep).tolist()
+    assert run("--gamma", "0.3", "--window", "percentile")[0] == (3, 0)
+    # An edited file (a slice more) is done again; the others are not.
+    np.save(paths[1], np.concatenate([np.load(paths[1]), np.load(paths[1])[-1:]]))
+    counts, current = run("--gamma", "0.3", "--window", "percentile")
+    assert counts == (1, 2)
+    assert current[str(paths[1].resolve())]["num_slices"] == 13
+
+
 # -------------------------------------------------------------------------------------- in-process
 def test_prune_dicom_series_uses_its_window(capsys):
     assert cli.main(["prune", str(CT5N), "--json", "--backend", "torch"]) == 0

@@ -590,23 +590,52 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], bool]:
     return volumes, batch
 
 
-def _resume_state(results: Path) -> set[str]:
-    """Sources already done; a last line cut off by a crash is removed (atomically) first."""
+def _batch_settings(gamma: float, window, slice_axis, frame, tokens: TokenOptions | None) -> dict:
+    """Everything a results line depends on besides its file, in its JSON form: a line recorded under
+    other settings is not reused."""
+    settings = {"gamma": gamma, "window": window, "slice_axis": slice_axis, "frame": frame}
+    if tokens is not None:
+        settings["tokens"] = {
+            "model": tokens.bundle.name,
+            **{k: getattr(tokens, k) for k in ("tau", "mode", "merge", "prompt", "resolution", "max_new_tokens")},
+        }
+    return json.loads(to_json(settings, indent=None))
+
+
+def _source_stamp(path: Path) -> list[int] | None:
+    """Size and newest modification time of a file, or of the files of a series folder: a source
+    edited since its line was written is done again."""
+    try:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        stats = [f.stat() for f in files]
+    except OSError:
+        return None
+    return [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+
+
+def _resume_state(results: Path, settings: dict) -> dict[str, list[int]]:
+    """Sources already done under ``settings``, with the stamp of the file they were done from. A
+    source's last line is its current one; a last line cut off by a crash is removed (atomically)
+    first."""
     if not results.exists():
-        return set()
+        return {}
     text = results.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         atomic_write_text(results, text)
-    done = set()
+    current = {}
     for line in text.splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(entry, dict) and entry.get("status") == "ok" and "source" in entry:
-            done.add(entry["source"])
-    return done
+        if isinstance(entry, dict) and "source" in entry:
+            current[entry["source"]] = entry
+    return {
+        source: entry.get("source_stamp")
+        for source, entry in current.items()
+        if entry.get("status") == "ok" and entry.get("settings") == settings
+    }
 
 
 def _append_line(results: Path, entry: dict) -> None:
@@ -655,12 +684,16 @@ def prune_batch(
 ) -> int:
     """Read and window on a thread pool (file decoding and numpy release the GIL), run IAF in this
     thread, append one JSON line per volume to ``results.jsonl``. Volumes already recorded as ``ok``
-    are skipped; a failing volume is recorded with its error and the run goes on (status 1 at the
-    end). When a source appears several times in the file, its last line is the current one."""
+    under the same settings, from a file unchanged since, are skipped; a failing volume is recorded
+    with its error and the run goes on (status 1 at the end). When a source appears several times in
+    the file, its last line is the current one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / RESULTS_NAME
-    done = _resume_state(results)
-    pending = [p for p in paths if str(p.resolve()) not in done]
+    settings = _batch_settings(gamma, window, slice_axis, frame, tokens)
+    done = _resume_state(results, settings)
+    # Stamped before any read: an edit during the run makes the next run redo the volume.
+    stamps = {path: _source_stamp(path) for path in paths}
+    pending = [p for p in paths if done.get(str(p.resolve()), "not done") != stamps[p]]
     skipped = len(paths) - len(pending)
     failures: list[tuple[str, str]] = []
     processed = 0
@@ -690,6 +723,8 @@ def prune_batch(
                 )
                 entry = {
                     "source": source,
+                    "source_stamp": stamps[path],
+                    "settings": settings,
                     "status": "ok",
                     **{k: record["result"][k] for k in ("num_slices", "kept", "retention", "kept_indices")},
                     "distance_to_anchor": record["result"]["distance_to_anchor"],
@@ -1038,7 +1073,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop near-duplicate slices (IAF) of one volume or many",
         description="One volume: prints a summary (or --json) and writes a report with --out. Several "
         "volumes (a folder of volumes, a glob or several paths): needs --out, appends one JSON line per "
-        "volume to OUT/results.jsonl, resumes where it stopped, and goes on past bad files.",
+        "volume to OUT/results.jsonl, resumes where it stopped (a volume recorded under other settings, "
+        "or edited since, is done again), and goes on past bad files.",
     )
     prune.add_argument(
         "volumes",
