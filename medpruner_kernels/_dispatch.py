@@ -58,6 +58,12 @@ def _cpp_usable(device: torch.device, cpp_ops: tuple[str, ...]) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and cpp_has_cuda())
 
 
+def is_traced(t: torch.Tensor) -> bool:
+    """True while torch.compile or export traces the call, and for tensor subclasses (fake,
+    functional) that hold no data: then a compiled kernel must run through its registered op."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
 def resolve_backend(
     op: str, device: torch.device, backend: str = "auto", *, cpp_ops: tuple[str, ...] = ()
 ) -> str:

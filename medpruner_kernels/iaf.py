@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, resolve_backend
+from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, is_traced, resolve_backend
 from medpruner_kernels._validation import (
     VOLUME_DTYPES,
     check_cu_seqlens,
@@ -337,10 +337,9 @@ if TRITON_AVAILABLE:
 
 @torch.library.custom_op("medpruner::iaf_select_cpp", mutates_args=())
 def _iaf_select_cpp(
-    slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float
+    slices: torch.Tensor, cu_seqlens: torch.Tensor | None, seqlen: int, gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    keep, dist = _C.iaf_select(slices, cu_seqlens, gamma)
-    return keep, dist
+    return _C.iaf_select(slices, cu_seqlens, seqlen, gamma)
 
 
 @torch.library.custom_op("medpruner::anchor_distances_cpp", mutates_args=())
@@ -410,9 +409,15 @@ def _as_rows(op: str, volume, cu_seqlens, batched: bool, max_seqlen):
             raise ValueError(f"{op}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
         return slices, cu, int(max_seqlen), mask_shape
     per_volume = volume.shape[1] if batched else volume.shape[0]
-    segments = volume.shape[0] if batched else 1
-    cu = torch.arange(0, segments + 1, dtype=torch.int32, device=device) * per_volume
-    return slices, cu, per_volume, mask_shape
+    return slices, None, per_volume, mask_shape
+
+
+def _offsets(cu: torch.Tensor | None, rows: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """``cu`` from :func:`_as_rows`, or the offsets of volumes of ``seqlen`` rows each when it is None
+    (built only by the backends that need a tensor: the compiled kernel takes ``seqlen`` itself)."""
+    if cu is not None:
+        return cu
+    return torch.arange(0, rows + 1, max(seqlen, 1), dtype=torch.int32, device=device)
 
 
 def iaf_select(
@@ -458,21 +463,28 @@ def iaf_select(
     op = "iaf_select"
     gamma = check_gamma(op, gamma)
     slices, cu, max_len, mask_shape = _as_rows(op, volume, cu_seqlens, batched, max_seqlen)
+    rows = slices.shape[0]
     chosen = resolve_backend(op, volume.device, backend, cpp_ops=("iaf_select",))
-    if slices.shape[0] == 0:
+    if rows == 0:
         keep = torch.zeros(0, dtype=torch.bool, device=volume.device)
         dist = torch.zeros(0, dtype=torch.float32, device=volume.device)
-    elif chosen == "triton":
-        keep, dist = _iaf_select_triton(slices, cu, gamma, max_len)
     elif chosen == "cpp":
-        keep, dist = _iaf_select_cpp(slices, cu, gamma)  # raises on NaN/Inf itself
+        # Raises on NaN/Inf itself. Outside a traced graph the extension is called directly: the
+        # custom-op layer costs ~40 us of Python per call, and ~0.4 ms right after the pass has
+        # streamed a volume-sized input through the caches (its code and data are evicted).
+        run = _iaf_select_cpp if is_traced(slices) else _C.iaf_select
+        keep, dist = run(slices, cu, max_len, gamma)
     else:
-        keep, dist = _iaf_select_torch(slices, cu, gamma, max_len)
-    if chosen != "cpp":
+        cu = _offsets(cu, rows, max_len, volume.device)
+        if chosen == "triton":
+            keep, dist = _iaf_select_triton(slices, cu, gamma, max_len)
+        else:
+            keep, dist = _iaf_select_torch(slices, cu, gamma, max_len)
         _check_finite_volume(op, slices, cu, dist)
-    keep = keep.reshape(mask_shape)
+    if keep.shape != mask_shape:
+        keep = keep.reshape(mask_shape)
     if return_distances:
-        return keep, dist.reshape(mask_shape)
+        return keep, dist if dist.shape == mask_shape else dist.reshape(mask_shape)
     return keep
 
 
@@ -532,7 +544,7 @@ def anchor_distances(
         the distances IAF compared with gamma.
     """
     op = "anchor_distances"
-    slices, cu, _, mask_shape = _as_rows(op, volume, cu_seqlens, batched, None)
+    slices, cu, seqlen, mask_shape = _as_rows(op, volume, cu_seqlens, batched, None)
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
         raise TypeError(f"{op}: keep must be a bool tensor")
     if tuple(keep.shape) != mask_shape:
@@ -542,11 +554,13 @@ def anchor_distances(
     chosen = resolve_backend(op, volume.device, backend, cpp_ops=("anchor_distances",))
     if slices.shape[0] == 0:
         return torch.zeros(mask_shape, dtype=torch.float32, device=volume.device)
+    cu = _offsets(cu, slices.shape[0], seqlen, volume.device)
     anchor = _anchor_index(keep.reshape(-1), cu)
     if chosen == "triton":
         dist = _anchor_distances_triton(slices, anchor)
     elif chosen == "cpp":
-        dist = _anchor_distances_cpp(slices, anchor)  # raises on NaN/Inf itself
+        run = _anchor_distances_cpp if is_traced(slices) else _C.anchor_distances
+        dist = run(slices, anchor)  # raises on NaN/Inf itself
     else:
         dist = _anchor_distances_torch(slices, anchor)
     if chosen != "cpp":

@@ -188,12 +188,14 @@ def test_wide_slices_use_many_column_tiles(backend):
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.uint8], ids=str)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_cpp_scan_splits_large_slices_across_threads(dtype, threads):
+@pytest.mark.parametrize("depth", [2, 3, 40, 41, 42])
+def test_cpp_scan_splits_large_slices_across_threads(dtype, threads, depth):
     # Above 32768 columns one volume's scan runs on all threads, each owning a column range; the column
-    # count is odd so the last range ends inside a lane group.
-    volume = _random_volume((40, 257 * 131), dtype, drift=0.05)
+    # count is odd so the last range ends inside a lane group. The scan decides three slices per sweep,
+    # so the depths end it on a full sweep and on sweeps of one and two slices.
+    volume = _random_volume((depth, 257 * 131), dtype, drift=0.05)
     gamma = _gamma_between(volume, 0.5)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -396,10 +398,12 @@ def test_opcheck(op):
     slices = _random_volume((30, 24), torch.float32)
     cu = torch.tensor([0, 12, 30], dtype=torch.int32)
     if "iaf_select" in str(op):
-        args = (slices, cu, 0.2) if "cpp" in str(op) else (slices, cu, 0.2, 18)
+        # The compiled kernel takes either offsets or a uniform volume length (no offsets tensor).
+        cases = [(slices, cu, 18, 0.2), (slices, None, 15, 0.2)] if "cpp" in str(op) else [(slices, cu, 0.2, 18)]
     else:
-        args = (slices, torch.tensor([0] * 12 + [12] * 18, dtype=torch.int64))
-    torch.library.opcheck(op, args)
+        cases = [(slices, torch.tensor([0] * 12 + [12] * 18, dtype=torch.int64))]
+    for args in cases:
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton on CUDA or TRITON_INTERPRET=1")
