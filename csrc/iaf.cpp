@@ -83,7 +83,7 @@ inline double block_abs_diff<double>(const double* a, const double* b, int64_t n
 // pass over the columns sums each slice's |difference| to the anchor and to the earlier slices of the
 // sweep: the anchor entering slice k is a or one of the earlier slices, so these six sums decide all
 // three in order. The anchor is read once per three slices (and the threads meet once per three), and
-// three streamed rows per thread keep more loads in flight than one or two: measured 8-10% faster
+// three streamed rows per thread keep more loads in flight than one or two: measured 7-9% faster
 // than two slices per sweep on the 2-core development VM, at or under the time of one plain read.
 // Four slices (ten sums) were no faster. sums[k * (k + 1) / 2 + j] pairs slice k with position j of
 // (a, s0, s1).
