@@ -91,6 +91,8 @@ constexpr int kSweep = 3;
 constexpr int kSweepSums = kSweep * (kSweep + 1) / 2;
 constexpr int64_t kSweepLanes = 8;
 constexpr int64_t kSweepBlock = 2048;  // 256 adds per float lane (as with two slices), then double
+// uint8 and int16 |differences| (<= 65535) then sum exactly in a float lane (< 2^24).
+static_assert(kSweepBlock / kSweepLanes * 65535 < (1 << 24), "integer sums must stay exact in float lanes");
 
 template <typename T>
 inline void block_sweep_sums(const T* s0, const T* s1, const T* s2, const T* a, int64_t len,
@@ -133,14 +135,24 @@ __attribute__((target_clones("avx2", "default"))) void float_sweep_sums(const fl
 template <>
 inline void block_sweep_sums<double>(const double* s0, const double* s1, const double* s2, const double* a,
                                      int64_t len, double sums[kSweepSums]) {
+  // Local accumulators: `sums` may alias the inputs as far as the compiler knows, which would make
+  // every add a store and a reload.
+  double sa0 = 0.0, sa1 = 0.0, s10 = 0.0, sa2 = 0.0, s20 = 0.0, s21 = 0.0;
+#pragma omp simd reduction(+ : sa0, sa1, s10, sa2, s20, s21)
   for (int64_t i = 0; i < len; ++i) {
-    sums[0] += std::fabs(s0[i] - a[i]);
-    sums[1] += std::fabs(s1[i] - a[i]);
-    sums[2] += std::fabs(s1[i] - s0[i]);
-    sums[3] += std::fabs(s2[i] - a[i]);
-    sums[4] += std::fabs(s2[i] - s0[i]);
-    sums[5] += std::fabs(s2[i] - s1[i]);
+    sa0 += std::fabs(s0[i] - a[i]);
+    sa1 += std::fabs(s1[i] - a[i]);
+    s10 += std::fabs(s1[i] - s0[i]);
+    sa2 += std::fabs(s2[i] - a[i]);
+    s20 += std::fabs(s2[i] - s0[i]);
+    s21 += std::fabs(s2[i] - s1[i]);
   }
+  sums[0] += sa0;
+  sums[1] += sa1;
+  sums[2] += s10;
+  sums[3] += sa2;
+  sums[4] += s20;
+  sums[5] += s21;
 }
 
 // The sums of one sweep over columns [begin, end). A sweep with fewer than three slices left repeats
@@ -213,10 +225,13 @@ void scan_segment_parallel(const T* x, int64_t row_stride, int64_t cols, int64_t
   if (end <= start) return;
   keep[start] = true;
   dist[start] = 0.f;
-  constexpr int kPad = 8;  // one cache line per thread's partials
-  static_assert(kSweepSums <= kPad, "a thread's partials must fit its cache line");
+  // One cache line per thread's partials, so the threads never write the same line.
+  struct alignas(64) Partials {
+    double sums[8];
+  };
+  static_assert(kSweepSums <= 8, "a thread's partials must fit its cache line");
   const int threads = omp_get_max_threads();
-  std::vector<double> partial(2 * static_cast<size_t>(threads) * kPad, 0.0);
+  std::vector<Partials> partial(2 * static_cast<size_t>(threads));
   const int64_t blocks = (cols + kSweepBlock - 1) / kSweepBlock;
   const double inv_cols = 1.0 / static_cast<double>(cols);
 #pragma omp parallel num_threads(threads)
@@ -229,14 +244,14 @@ void scan_segment_parallel(const T* x, int64_t row_stride, int64_t cols, int64_t
     int64_t sweep = 0;
     for (int64_t s = start + 1; s < end; s += kSweep, ++sweep) {
       const int64_t count = std::min<int64_t>(kSweep, end - s);
-      double* slot = partial.data() + (sweep & 1) * threads * kPad;
-      double* mine = slot + thread * kPad;
+      Partials* slot = partial.data() + (sweep & 1) * threads;
+      double* mine = slot[thread].sums;
       for (int k = 0; k < kSweepSums; ++k) mine[k] = 0.0;
       sweep_sums(x, row_stride, s, count, anchor, first, last, mine);
 #pragma omp barrier
       double sums[kSweepSums] = {};
       for (int t = 0; t < team; ++t)
-        for (int k = 0; k < kSweepSums; ++k) sums[k] += slot[t * kPad + k];
+        for (int k = 0; k < kSweepSums; ++k) sums[k] += slot[t].sums[k];
       anchor = decide_sweep(sums, s, count, anchor, inv_cols, gamma, thread == 0, keep, dist);
     }
   }
@@ -275,7 +290,9 @@ void anchor_distance_impl(const torch::Tensor& slices, const int64_t* anchor, fl
 void check_slices(const torch::Tensor& slices) {
   TORCH_CHECK(slices.device().is_cpu(), "slices must be a CPU tensor");
   TORCH_CHECK(slices.dim() == 2, "slices must be [rows, cols]");
-  TORCH_CHECK(slices.size(0) == 0 || slices.stride(1) == 1, "slices must have unit column stride");
+  // A single column has no column stride to speak of (a transposed [1, D] volume has stride D there).
+  TORCH_CHECK(slices.size(0) == 0 || slices.size(1) <= 1 || slices.stride(1) == 1,
+              "slices must have unit column stride");
 }
 
 template <typename Fn>
@@ -331,8 +348,9 @@ std::vector<int32_t> segment_offsets(const c10::optional<torch::Tensor>& cu_seql
                                      int64_t rows) {
   std::vector<int32_t> cu;
   if (cu_seqlens.has_value()) {
-    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt && cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 2,
-                "cu_seqlens must be int32 [B+1]");
+    TORCH_CHECK(cu_seqlens->device().is_cpu() && cu_seqlens->scalar_type() == at::kInt &&
+                    cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 2,
+                "cu_seqlens must be a CPU int32 [B+1] tensor");
     const auto offsets = cu_seqlens->contiguous();
     cu.assign(offsets.data_ptr<int32_t>(), offsets.data_ptr<int32_t>() + offsets.numel());
   } else {
@@ -371,6 +389,9 @@ torch::Tensor anchor_distances_cpu(const torch::Tensor& slices, const torch::Ten
   check_slices(slices);
   TORCH_CHECK(anchor.scalar_type() == at::kLong && anchor.is_contiguous() && anchor.numel() == slices.size(0),
               "anchor must be int64 [rows]");
+  const int64_t* anchor_rows = anchor.data_ptr<int64_t>();
+  for (int64_t s = 0; s < slices.size(0); ++s)
+    TORCH_CHECK(anchor_rows[s] >= 0 && anchor_rows[s] <= s, "anchor[", s, "] must be a row in [0, ", s, "]");
   auto dist = torch::zeros({slices.size(0)}, slices.options().dtype(at::kFloat));
   dispatch_volume_dtype(slices.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

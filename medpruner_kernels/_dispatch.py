@@ -59,9 +59,15 @@ def _cpp_usable(device: torch.device, cpp_ops: tuple[str, ...]) -> bool:
 
 
 def is_traced(t: torch.Tensor) -> bool:
-    """True while torch.compile or export traces the call, and for tensor subclasses (fake,
-    functional) that hold no data: then a compiled kernel must run through its registered op."""
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+    """True when a compiled kernel must run through its registered op, because something records or
+    intercepts the call: torch.compile or export, ``torch.jit.trace``, a dispatch mode (make_fx,
+    FlopCounterMode, ...), or a tensor subclass (fake, functional) that holds no data."""
+    return (
+        torch.compiler.is_compiling()
+        or type(t) is not torch.Tensor
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.jit.is_tracing()
+    )
 
 
 def resolve_backend(

@@ -61,6 +61,10 @@ def _gamma_between(volume, quantile, batched=False):
     slices, _ = _rows_and_offsets(volume, batched)
     x = slices.double()
     adjacent = (x[1:] - x[:-1]).abs().mean(dim=1)
+    if adjacent.numel() == 1:
+        # Every quantile of one distance is that distance, a decision only rounding settles: move
+        # clear of it (below keeps the slice, above drops it), so the test checks the decision.
+        return float(adjacent[0]) * (0.5 if quantile < 0.5 else 2.0)
     return float(torch.quantile(adjacent, quantile)) if adjacent.numel() else 0.1
 
 
@@ -418,6 +422,31 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(torch.ops.medpruner.iaf_select_triton, (slices, cu, 0.2, 18), test_utils=utils)
     anchor = torch.tensor([0] * 12 + [12] * 18, dtype=torch.int64, device=DEVICE)
     torch.library.opcheck(torch.ops.medpruner.anchor_distances_triton, (slices, anchor), test_utils=utils)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
+def test_tracers_record_the_registered_cpp_op():
+    # Eager calls go straight to the extension; anything that records or intercepts the call (here
+    # make_fx, through its dispatch mode) must see the registered op, not constants.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    volume = _random_volume((12, 5, 5), torch.float32)
+    gamma = _gamma_between(volume, 0.5)
+    traced = make_fx(lambda v: iaf_select(v, gamma, backend="cpp", return_distances=True))(volume)
+    targets = {str(node.target) for node in traced.graph.nodes}
+    assert "medpruner.iaf_select_cpp.default" in targets
+    other = _random_volume((12, 5, 5), torch.float32)
+    for got, want in zip(traced(other), iaf_select(other, gamma, backend="cpp", return_distances=True)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_column_volume_with_any_stride(backend):
+    # A transposed [1, D] volume is [D, 1] with column stride D: one column needs no unit stride.
+    volume = _random_volume((1, 9), torch.float32).t().to(DEVICE)
+    gamma = _gamma_between(volume, 0.5)
+    keep, dist = iaf_select(volume, gamma, backend=backend, return_distances=True)
+    assert_matches_reference(volume, gamma, keep, dist)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton" or DEVICE.type == "cuda"])
