@@ -192,7 +192,7 @@ def test_wide_slices_use_many_column_tiles(backend):
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("dtype", VOLUME_DTYPES, ids=str)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("depth", [2, 3, 40, 41, 42])
 def test_cpp_scan_splits_large_slices_across_threads(dtype, threads, depth):
@@ -208,6 +208,34 @@ def test_cpp_scan_splits_large_slices_across_threads(dtype, threads, depth):
     finally:
         torch.set_num_threads(previous)
     assert_matches_reference(volume, gamma, keep, dist)
+
+
+# Bit patterns of the non-negative finite values of each 16-bit float, split by magnitude so that an
+# error in one class (subnormals above all) is not hidden by the larger values of another. bfloat16
+# subnormals are float32 subnormals, whose float32 sums (the op's accumulation) carry no 2e-6
+# relative precision; its widening is a shift, the same for every class. Its values stop at 2^64:
+# a row of larger ones sums past float32's range, which the op rejects as overflow.
+HALF_CLASSES = {
+    torch.float16: {"subnormal": (1, 0x400), "below-one": (0x400, 0x3C00), "one-and-above": (0x3C00, 0x7C00)},
+    torch.bfloat16: {"below-one": (0x80, 0x3F80), "one-to-2^64": (0x3F80, 0x5F80)},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(HALF_CLASSES), ids=str)
+@pytest.mark.parametrize("cols", [1000, 40000])  # the C++ serial and threaded scans
+def test_every_half_precision_value_widens_exactly(backend, dtype, cols):
+    rows = []
+    for low, high in HALF_CLASSES[dtype].values():
+        values = torch.arange(low, high, dtype=torch.int32).to(torch.int16).view(dtype)
+        row = values.repeat(cols // values.numel() + 1)[:cols]
+        rows += [torch.zeros(cols, dtype=dtype), row, -row]
+    volume = torch.stack(rows).to(DEVICE)
+    cu = torch.arange(0, len(rows) + 1, 3, dtype=torch.int32, device=DEVICE)
+    keep, dist = iaf_select(volume, -1.0, cu_seqlens=cu, backend=backend, return_distances=True)
+    assert bool(keep.all())
+    _, ref_dist = reference.iaf_select(volume.cpu(), -1.0, cu.cpu())
+    torch.testing.assert_close(dist.cpu().double(), ref_dist, rtol=2e-6, atol=0.0)
 
 
 def _real_volume():
@@ -343,7 +371,7 @@ NON_FINITE_RUNS = [
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("case, backend", NON_FINITE_RUNS)
 def test_non_finite_volume_is_rejected(backend, value, dtype, case):
     shape, offsets, row = NON_FINITE_CASES[case]
