@@ -39,8 +39,42 @@ def test_iaf_cpu_backend(benchmark, cpu_volume, backend):
     assert torch.equal(keep, eager_iaf_loop(cpu_volume, GAMMA))
 
 
+NARROW_DTYPES = (torch.bfloat16, torch.float16, torch.uint8, torch.int16)
+
+
+def _gamma_units(dtype: torch.dtype) -> float:
+    """One unit of the [-1, 1] scale in drifting_volume's encoding of ``dtype``."""
+    return 1.0 if dtype.is_floating_point else (127.5 if dtype == torch.uint8 else 1000.0)
+
+
+@pytest.fixture(scope="module", params=NARROW_DTYPES, ids=lambda dtype: str(dtype).replace("torch.", ""))
+def narrow_volume(request):
+    """The same volume in the 16- and 8-bit dtypes: the C++ kernel widens them to float, so these
+    time the conversions (no read floor here: torch sums integers through int64, far off the memory
+    speed)."""
+    return drifting_volume(*CPU_SHAPE, request.param)
+
+
+def _narrow_group(volume: torch.Tensor) -> str:
+    return f"iaf 192x384x384 {str(volume.dtype).replace('torch.', '')} cpu"
+
+
+def test_iaf_cpu_narrow_eager_loop(benchmark, narrow_volume):
+    benchmark.group = _narrow_group(narrow_volume)
+    benchmark(eager_iaf_loop, narrow_volume, GAMMA * _gamma_units(narrow_volume.dtype))
+
+
+def test_iaf_cpu_narrow_backend(benchmark, narrow_volume):
+    if not CPP_AVAILABLE:
+        pytest.skip("medpruner_kernels._C is not built")
+    benchmark.group = _narrow_group(narrow_volume)
+    gamma = GAMMA * _gamma_units(narrow_volume.dtype)
+    keep = benchmark(iaf_select, narrow_volume, gamma, backend="cpp")
+    assert torch.equal(keep, eager_iaf_loop(narrow_volume, gamma))
+
+
 GPU_DEPTHS = (128, 256, 512, 1024)
-GPU_DTYPES = (torch.bfloat16, torch.float16, torch.uint8, torch.int16)
+GPU_DTYPES = NARROW_DTYPES
 
 
 def gpu_benchmarks(device="cuda") -> list[dict]:
@@ -53,7 +87,7 @@ def gpu_benchmarks(device="cuda") -> list[dict]:
     for dtype in GPU_DTYPES:
         for depth in GPU_DEPTHS:
             volume = drifting_volume(depth, 512, 512, dtype, device=device, seed=depth)
-            scale = 1.0 if dtype.is_floating_point else (127.5 if dtype == torch.uint8 else 1000.0)
+            scale = _gamma_units(dtype)
             for regime, gamma in (("many-keeps", 0.005 * scale), ("few-keeps", 0.25 * scale)):
                 keep = iaf_select(volume, gamma, backend="triton")
                 ref_keep, _ = reference.iaf_select(
