@@ -1,7 +1,8 @@
-// IAF (inter-slice anchor filtering) on CPU: the exact sequential rule, one fused pass per distance.
+// IAF (inter-slice anchor filtering) on CPU: the exact sequential rule, one fused pass per sweep of
+// three slices (see kSweep).
 //
 // Each decision depends on the previous ones, so slices are scanned in order; the work inside one
-// distance (a mean |a - b| over a slice) is what runs in parallel. Several volumes run one per thread
+// sweep (sums of |a - b| over the columns) is what runs in parallel. Several volumes run one per thread
 // instead, which avoids a parallel region per distance.
 #include <immintrin.h>
 #include <omp.h>
@@ -164,22 +165,30 @@ __attribute__((always_inline)) inline void widen(const T* src, float* dst, int64
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
+// Half on a CPU with F16C: eight values per instruction.
+__attribute__((target("avx2,f16c"))) void widen_f16c(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
 // uint8 and half widen a tile of each of the four rows into L1 first, then run the float loop: each
 // conversion is then a plain loop the compiler vectorises at full width. Converted inside the six-sum
 // loop they vectorised badly (uint8 at 13 ms for a 28 MB volume, 3.5-4.9 ms widened; half 13-17 ms,
 // 9-12 ms widened). bfloat16 and int16 convert in one or two instructions and run faster inside the
 // loop (5.2-5.5 ms, 7.6-9.5 ms widened), so they stay there.
-template <typename T>
+template <typename T, void (*Widen)(const T*, float*, int64_t) = widen<T>>
 __attribute__((always_inline)) inline void widened_sweep_sums(const T* s0, const T* s1, const T* s2, const T* a,
                                                               int64_t len, double sums[kSweepSums]) {
   constexpr int64_t kTile = 512;
   alignas(64) float tile[kSweep + 1][kTile];
   for (int64_t b = 0; b < len; b += kTile) {
     const int64_t n = std::min(kTile, len - b);
-    widen(a + b, tile[0], n);
-    widen(s0 + b, tile[1], n);
-    widen(s1 + b, tile[2], n);
-    widen(s2 + b, tile[3], n);
+    Widen(a + b, tile[0], n);
+    Widen(s0 + b, tile[1], n);
+    Widen(s1 + b, tile[2], n);
+    Widen(s2 + b, tile[3], n);
     block_sweep_sums<float>(tile[1], tile[2], tile[3], tile[0], n, sums);
   }
 }
@@ -198,25 +207,12 @@ MEDPRUNER_SWEEP_BLOCK(int16_t, block_sweep_sums)
 MEDPRUNER_SWEEP_BLOCK(uint8_t, widened_sweep_sums)
 #undef MEDPRUNER_SWEEP_BLOCK
 
-// Half on a CPU with F16C widens eight values per instruction; elsewhere the portable bit-pattern
-// widening runs (target_clones cannot pick on F16C and AVX2 together, so the choice is made here once).
+// Half widens with F16C where the CPU has it, elsewhere from the bit pattern (target_clones cannot
+// pick on F16C and AVX2 together, so the choice is made here once).
 __attribute__((target("avx2,f16c"))) void half_sweep_block_f16c(const c10::Half* s0, const c10::Half* s1,
                                                                const c10::Half* s2, const c10::Half* a,
                                                                int64_t len, double sums[kSweepSums]) {
-  constexpr int64_t kTile = 512;
-  alignas(64) float tile[kSweep + 1][kTile];
-  const c10::Half* rows[kSweep + 1] = {a, s0, s1, s2};
-  for (int64_t b = 0; b < len; b += kTile) {
-    const int64_t n = std::min(kTile, len - b);
-    for (int r = 0; r <= kSweep; ++r) {
-      int64_t i = 0;
-      for (; i + 8 <= n; i += 8)
-        _mm256_store_ps(tile[r] + i,
-                        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + b + i))));
-      for (; i < n; ++i) tile[r][i] = to_float(rows[r][b + i]);
-    }
-    block_sweep_sums<float>(tile[1], tile[2], tile[3], tile[0], n, sums);
-  }
+  widened_sweep_sums<c10::Half, widen_f16c>(s0, s1, s2, a, len, sums);
 }
 
 __attribute__((target_clones("avx2", "default"))) void half_sweep_block_portable(

@@ -417,7 +417,7 @@ def _offsets(cu: torch.Tensor | None, rows: int, seqlen: int, device: torch.devi
     (built only by the backends that need a tensor: the compiled kernel takes ``seqlen`` itself)."""
     if cu is not None:
         return cu
-    return torch.arange(0, rows + 1, max(seqlen, 1), dtype=torch.int32, device=device)
+    return torch.arange(0, rows + 1, seqlen, dtype=torch.int32, device=device)
 
 
 def iaf_select(
@@ -556,14 +556,14 @@ def anchor_distances(
         return torch.zeros(mask_shape, dtype=torch.float32, device=volume.device)
     cu = _offsets(cu, slices.shape[0], seqlen, volume.device)
     anchor = _anchor_index(keep.reshape(-1), cu)
-    if chosen == "triton":
-        dist = _anchor_distances_triton(slices, anchor)
-    elif chosen == "cpp":
+    if chosen == "cpp":
         run = _anchor_distances_cpp if is_traced(slices) else _C.anchor_distances
         dist = run(slices, anchor)  # raises on NaN/Inf itself
     else:
-        dist = _anchor_distances_torch(slices, anchor)
-    if chosen != "cpp":
+        if chosen == "triton":
+            dist = _anchor_distances_triton(slices, anchor)
+        else:
+            dist = _anchor_distances_torch(slices, anchor)
         _check_finite_volume(op, slices, cu, dist)
     return dist.reshape(mask_shape)
 

@@ -26,7 +26,7 @@ from _tiny_models import (  # noqa: E402
     tiny_qwen2_5_vl,
     tiny_qwen3_vl,
 )
-from medpruner import MedPrunerConfig, apply_medpruner, remove_medpruner  # noqa: E402
+from medpruner import apply_medpruner, remove_medpruner  # noqa: E402
 from medpruner.adapters import adapter_for  # noqa: E402
 
 BACKEND = "torch"
@@ -325,15 +325,6 @@ def test_placeholder_mismatch_raises_naming_the_input(family):
     apply_medpruner(family.model, backend=BACKEND)
     with pytest.raises(ValueError, match=key):
         family.model(**inputs)
-
-
-def test_config_json_round_trip_and_unknown_field():
-    config = MedPrunerConfig(gamma=0.1, tau=0.8, mode="paper", temperature=1.5)
-    assert MedPrunerConfig.from_json(config.to_json()) == config
-    with pytest.raises(ValueError, match="bogus"):
-        MedPrunerConfig.from_dict({"bogus": 1})
-    with pytest.raises(TypeError, match="merge"):
-        MedPrunerConfig(merge="yes")
 
 
 # ------------------------------------------------------------------------------ family-specific tests

@@ -304,7 +304,7 @@ def repack_sequences(
 
 def recorded_tokens(scores: torch.Tensor, keep: torch.Tensor, config) -> dict[str, torch.Tensor | None]:
     """The PruneStats token fields: CPU copies of the DINS scores and final keep mask when the config
-    asks for them (one device-to-host copy), nothing otherwise."""
+    asks for them (two device-to-host copies, after the adapter's own sync), nothing otherwise."""
     if not config.record_tokens:
         return {"token_scores": None, "token_keep": None}
     return {"token_scores": scores.detach().float().cpu(), "token_keep": keep.detach().cpu()}

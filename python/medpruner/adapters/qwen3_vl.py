@@ -236,12 +236,12 @@ class QwenVLAdapter(Adapter):
         patch_offsets = host_offsets(patches)
         if len(by_size) == 1:
             slices = pixel_values.reshape(num_images, -1)
-            cu = segment_offsets([end - start for start, end in volumes], device)
+            lengths = range_lengths(volumes)
             return iaf_select(
                 slices,
                 float(config.gamma),
-                cu_seqlens=cu,
-                max_seqlen=max(range_lengths(volumes)),
+                cu_seqlens=segment_offsets(lengths, device),
+                max_seqlen=max(lengths),
                 backend=config.backend,
             )
         keep = torch.ones(num_images, dtype=torch.bool, device=device)
@@ -249,12 +249,12 @@ class QwenVLAdapter(Adapter):
             images = [i for start, end in group for i in range(start, end)]
             rows = range_index([(patch_offsets[i], patch_offsets[i + 1]) for i in images], device)
             slices = pixel_values.index_select(0, rows).reshape(len(images), -1)
-            cu = segment_offsets(range_lengths(group), device)
+            lengths = range_lengths(group)
             keep[torch.tensor(images, device=device)] = iaf_select(
                 slices,
                 float(config.gamma),
-                cu_seqlens=cu,
-                max_seqlen=max(range_lengths(group)),
+                cu_seqlens=segment_offsets(lengths, device),
+                max_seqlen=max(lengths),
                 backend=config.backend,
             )
         return keep
