@@ -11,12 +11,7 @@ std::vector<Binder>& binders() {
 }  // namespace medpruner
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "medpruner_kernels compiled CPU (OpenMP) and optional CUDA kernels";
-#ifdef MEDPRUNER_WITH_CUDA
-  m.attr("has_cuda") = true;
-#else
-  m.attr("has_cuda") = false;
-#endif
+  m.doc() = "medpruner_kernels compiled CPU (OpenMP) kernels";
 #ifdef _OPENMP
   m.attr("has_openmp") = true;
 #else

@@ -1,5 +1,8 @@
 """Backend selection: "triton" on CUDA, "cpp" (the compiled extension) or "torch" on CPU.
 
+The compiled extension holds CPU kernels only: on CUDA tensors ``auto`` picks Triton, or torch when
+Triton is missing, never "cpp".
+
 ``MEDPRUNER_BACKEND`` overrides ``backend="auto"``. An automatic choice falls back quietly (with one
 warning when the compiled extension is missing); an explicit request that cannot be met raises with
 what it needs.
@@ -44,18 +47,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def cpp_has_cuda() -> bool:
-    return CPP_AVAILABLE and bool(getattr(_C, "has_cuda", False))
-
-
 def _triton_usable(device: torch.device) -> bool:
     return TRITON_AVAILABLE and (device.type == "cuda" or (device.type == "cpu" and triton_interpret()))
 
 
 def _cpp_usable(device: torch.device, cpp_ops: tuple[str, ...]) -> bool:
-    if not CPP_AVAILABLE or not all(hasattr(_C, name) for name in cpp_ops):
-        return False
-    return device.type == "cpu" or (device.type == "cuda" and cpp_has_cuda())
+    return device.type == "cpu" and CPP_AVAILABLE and all(hasattr(_C, name) for name in cpp_ops)
 
 
 def is_traced(t: torch.Tensor) -> bool:
@@ -109,22 +106,20 @@ def resolve_backend(
                 f"{op}: backend='cpp' needs the compiled extension medpruner_kernels._C, which failed "
                 f"to import ({CPP_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation .`"
             )
-        if not _cpp_usable(device, cpp_ops):
+        if device.type != "cpu":
             raise RuntimeError(
-                f"{op}: backend='cpp' on {device.type} needs an extension built with "
-                "MEDPRUNER_BUILD_CUDA=1" if device.type == "cuda" else f"{op}: _C lacks {cpp_ops}"
+                f"{op}: backend='cpp' runs on CPU tensors only (the extension has no CUDA kernels); "
+                f"got {device.type} tensors: use 'triton' or 'torch'"
             )
+        if not _cpp_usable(device, cpp_ops):
+            raise RuntimeError(f"{op}: the compiled extension lacks {cpp_ops}; rebuild it")
         return "cpp"
     if requested == "torch":
         return "torch"
 
     # auto
     if device.type == "cuda":
-        if TRITON_AVAILABLE:
-            return "triton"
-        if _cpp_usable(device, cpp_ops):
-            return "cpp"
-        return "torch"
+        return "triton" if TRITON_AVAILABLE else "torch"
     if cpp_ops and _cpp_usable(device, cpp_ops):
         return "cpp"
     if cpp_ops and not CPP_AVAILABLE and not _warned_missing_cpp:

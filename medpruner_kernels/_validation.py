@@ -2,11 +2,15 @@
 
 Checks that need tensor *values* (NaN, cu_seqlens monotonicity) run eagerly on CPU. On CUDA they
 would force a host sync, so they are queued as device flag tensors instead and raised by
-:func:`raise_pending_errors` at the caller's one sync point (the pipeline calls it once per request).
+:func:`raise_pending_errors` at the caller's last host read of a request (the adapters and the CLI
+call it there). :func:`deferred_checks` (or ``MEDPRUNER_DEFER_CHECKS=1``) makes CPU runs queue them
+too, so the CUDA error path can be tested on a machine without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 import torch
@@ -33,6 +37,38 @@ def _defer(message: str, bad: torch.Tensor) -> None:
     queue.append((message, bad.reshape(())))
 
 
+@contextlib.contextmanager
+def deferred_checks(enabled: bool = True):
+    """Within the block, value checks on CPU tensors are queued as on CUDA (this thread only), to be
+    raised by :func:`raise_pending_errors`. The queue is left as it is on exit."""
+    previous = getattr(_pending, "forced", None)
+    _pending.forced = enabled
+    try:
+        yield
+    finally:
+        _pending.forced = previous
+
+
+def checks_deferred(device: torch.device) -> bool:
+    """True when a value check on ``device`` is queued instead of raised at once."""
+    if device.type != "cpu":
+        return True
+    forced = getattr(_pending, "forced", None)
+    if forced is None:
+        return os.environ.get("MEDPRUNER_DEFER_CHECKS", "0") == "1"
+    return forced
+
+
+def pending_error_count() -> int:
+    """Checks queued and not yet raised (on this thread)."""
+    return len(_queue())
+
+
+def clear_pending_errors() -> None:
+    """Drop the queued checks without reading them (no host sync)."""
+    _queue().clear()
+
+
 def raise_pending_errors() -> None:
     """Read the queued CUDA validity flags (one host sync) and raise the first failure as ValueError."""
     queue = _queue()
@@ -47,12 +83,14 @@ def raise_pending_errors() -> None:
 
 
 def check_or_defer(bad: torch.Tensor, message: str) -> None:
-    """``bad`` is a 0-d bool tensor; raise now on CPU, queue the flag on CUDA."""
-    if bad.device.type == "cpu" or torch.compiler.is_compiling():
-        if bad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad):
-            raise ValueError(message)
+    """``bad`` is a 0-d bool tensor; raise now on CPU, queue the flag on CUDA (or under
+    :func:`deferred_checks`). Inside a compiled graph the check is skipped: a graph cannot raise."""
+    if torch.compiler.is_compiling():
         return
-    _defer(message, bad)
+    if checks_deferred(bad.device):
+        _defer(message, bad)
+    elif bool(bad):
+        raise ValueError(message)
 
 
 def check_tensor(op: str, name: str, t, dtypes: tuple[torch.dtype, ...]) -> None:

@@ -15,7 +15,7 @@ if not _has_cuda:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from medpruner_kernels import _dispatch  # noqa: E402
+from medpruner_kernels import _dispatch, _validation  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -35,6 +35,20 @@ def _seed():
     torch.manual_seed(0)
     random.seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _drain_deferred_checks():
+    """Each test starts with an empty queue of deferred checks and must leave none unread: a check
+    still queued at the end is an error that no caller raised."""
+    _validation.clear_pending_errors()
+    yield
+    try:
+        _validation.raise_pending_errors()
+    except ValueError as err:
+        pytest.fail(f"a deferred check was left unraised by the test: {err}")
+    finally:
+        _validation.clear_pending_errors()
 
 
 @pytest.fixture

@@ -1,0 +1,50 @@
+"""Backend choice: the compiled extension is CPU-only, so nothing may route CUDA tensors to it; the
+deferred-check switch queues CPU value checks as CUDA does."""
+
+import pytest
+import torch
+
+from medpruner_kernels import _dispatch, _validation
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("cpp_ops", [(), ("iaf_select",)])
+def test_auto_never_routes_cuda_tensors_to_the_extension(cpp_ops):
+    expected = "triton" if _dispatch.TRITON_AVAILABLE else "torch"
+    assert _dispatch.resolve_backend("op", CUDA, "auto", cpp_ops=cpp_ops) == expected
+
+
+@pytest.mark.skipif(not _dispatch.CPP_AVAILABLE, reason="the compiled extension is not built")
+def test_explicit_cpp_on_cuda_says_what_it_needs():
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        _dispatch.resolve_backend("op", CUDA, "cpp", cpp_ops=("iaf_select",))
+
+
+def test_extension_advertises_no_cuda_kernels():
+    if _dispatch.CPP_AVAILABLE:
+        assert not hasattr(_dispatch._C, "has_cuda")
+    assert not hasattr(_dispatch, "cpp_has_cuda")
+
+
+def test_deferred_checks_queue_on_cpu_and_raise_at_the_read():
+    bad = torch.tensor(True)
+    with _validation.deferred_checks():
+        _validation.check_or_defer(bad, "op: x is bad")
+        _validation.check_or_defer(torch.tensor(False), "op: y is bad")
+    assert _validation.pending_error_count() == 2
+    with pytest.raises(ValueError, match="x is bad"):
+        _validation.raise_pending_errors()
+    assert _validation.pending_error_count() == 0
+    with pytest.raises(ValueError, match="x is bad"):
+        _validation.check_or_defer(bad, "op: x is bad")
+
+
+def test_deferred_checks_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("MEDPRUNER_DEFER_CHECKS", "1")
+    assert _validation.checks_deferred(torch.device("cpu"))
+    with _validation.deferred_checks(False):
+        assert not _validation.checks_deferred(torch.device("cpu"))
+    monkeypatch.setenv("MEDPRUNER_DEFER_CHECKS", "0")
+    assert not _validation.checks_deferred(torch.device("cpu"))
+    assert _validation.checks_deferred(CUDA)
