@@ -132,7 +132,14 @@ def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name
     check_or_defer(
         bad, f"{op}: {name} must start at 0, be non-decreasing and end at the number of rows ({total})"
     )
-    return cu_seqlens.to(torch.int32).contiguous()
+    if checks_deferred(device) and not torch.compiler.is_compiling():
+        # The check above is only queued: until it is raised, the kernels must not read or write out
+        # of bounds (on CUDA that is a sticky illegal-address error), so they get offsets forced into
+        # shape, without a host read. Valid offsets pass through unchanged.
+        cu = torch.cummax(cu.clamp(0, total), dim=0).values
+        cu[0] = 0
+        cu[-1] = total
+    return cu.to(torch.int32).contiguous()
 
 
 def check_gamma(op: str, gamma) -> float:
