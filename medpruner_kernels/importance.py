@@ -26,6 +26,7 @@ import torch
 
 from medpruner_kernels import _validation
 from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, resolve_backend
+from medpruner_kernels._triton_common import _bf16_interpreted, interpreter_tiles
 
 _OP = "attention_importance"
 # The _C functions the cpp backend needs.
@@ -37,17 +38,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _tile_dot(a, b, IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
-        """fp32-accumulating tile product; ``IEEE_DOT`` avoids tf32 for float32 inputs, ``UPCAST``
-        multiplies in float32 (the Triton 3.9 interpreter gets bfloat16 ``tl.dot`` wrong)."""
-        if UPCAST:
-            product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        elif IEEE_DOT:
-            product = tl.dot(a, b, input_precision="ieee")
-        else:
-            product = tl.dot(a, b)
-        return product
+    from medpruner_kernels._triton_common import _tile_dot
 
     @triton.jit
     def _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd):
@@ -189,13 +180,9 @@ def _block_table(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
     return row0.to(torch.int32), seg_clamped.to(torch.int32), num_programs
 
 
-def _bf16_interpreted(t: torch.Tensor) -> bool:
-    return t.dtype == torch.bfloat16 and t.device.type != "cuda"
-
-
 def _triton_config(head_dim: int, device: torch.device):
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if device.type != "cuda":
+    if interpreter_tiles(device):
         # The interpreter runs every tile op in numpy: small tiles keep interpreted tests fast.
         return 16, 16, block_d, {}
     if block_d > 128:

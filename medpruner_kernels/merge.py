@@ -26,7 +26,7 @@ import torch
 
 from medpruner_kernels import _validation
 from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, resolve_backend
-from medpruner_kernels.importance import _bf16_interpreted
+from medpruner_kernels._triton_common import _bf16_interpreted
 
 _OP = "merge_tokens"
 # The _C functions the cpp backend needs.
@@ -38,7 +38,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from medpruner_kernels.importance import _tile_dot
+    from medpruner_kernels._triton_common import _tile_dot
 
     @triton.jit
     def _assign_kernel(
