@@ -80,6 +80,19 @@ def qwen_volume_inputs(processor, volumes: list[torch.Tensor], prompt: str = "De
 
 
 # ------------------------------------------------------------------------------- independent oracle
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def paper_scale_pixels(model, pixel_values, num_images):
+    """``[num_images, -1]`` float64 pixels on the paper's [-1, 1] scale: Qwen2.5-VL's processor divides
+    by the CLIP std (per channel, channel-major patch rows), the others by 0.5 already."""
+    rows = pixel_values.double()
+    if type(model).__name__.startswith("Qwen2_5"):
+        std = torch.tensor(CLIP_STD, dtype=torch.float64)
+        rows = (rows.reshape(rows.shape[0], 3, -1) * std.view(1, 3, 1) / 0.5).reshape(rows.shape)
+    return rows.reshape(num_images, -1)
+
+
 def qwen_expected_pruned(
     model, inputs, *, gamma, tau, merge, mode, temperature=2.0, context_frac=0.05, window_order=None
 ):
@@ -101,7 +114,7 @@ def qwen_expected_pruned(
         images_per_row.append(runs)
     cu_vol = torch.tensor([0] + torch.tensor(images_per_row).cumsum(0).tolist())
     num_images = grid.shape[0]
-    slice_keep, _ = reference.iaf_select(inputs["pixel_values"].reshape(num_images, -1), gamma, cu_vol)
+    slice_keep, _ = reference.iaf_select(paper_scale_pixels(model, inputs["pixel_values"], num_images), gamma, cu_vol)
 
     captured = {}
     attn = visual.blocks[-1].attn

@@ -11,8 +11,9 @@ import importlib
 _LAZY = {
     "apply_medpruner": "medpruner.pipeline",
     "remove_medpruner": "medpruner.pipeline",
-    "MedPrunerConfig": "medpruner.pipeline",
-    "PruneStats": "medpruner.pipeline",
+    "MedPrunerConfig": "medpruner.config",
+    "PruneStats": "medpruner.config",
+    "FAMILIES": "medpruner.config",
     "volume_to_inputs": "medpruner.pipeline",
 }
 

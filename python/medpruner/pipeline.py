@@ -1,5 +1,5 @@
-"""MedPruner configuration, the ``apply_medpruner`` / ``remove_medpruner`` entry points, and the
-"volume + prompt -> processor inputs" helper.
+"""The ``apply_medpruner`` / ``remove_medpruner`` entry points and the "volume + prompt -> processor
+inputs" helper. The configuration and stats live in :mod:`medpruner.config` (re-exported here).
 
 ``apply_medpruner(model, ...)`` patches a loaded Hugging Face VLM in place (the Liger-Kernel habit):
 its ``forward`` and ``generate`` then prune the visual tokens of every request that carries images, and
@@ -9,157 +9,34 @@ its images are that volume's slices, in acquisition order.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from medpruner.adapters import adapter_for, unpatch
+from medpruner.config import (
+    FAMILIES,
+    FAMILY_ALIASES,
+    MODES,
+    MedPrunerConfig,
+    PruneStats,
+    canonical_family,
+)
+
+__all__ = [
+    "FAMILIES",
+    "FAMILY_ALIASES",
+    "MODES",
+    "MedPrunerConfig",
+    "PruneStats",
+    "apply_medpruner",
+    "ct_windows_to_rgb",
+    "remove_medpruner",
+    "volume_to_inputs",
+]
+
 logger = logging.getLogger("medpruner")
-
-MODES = ("fast", "paper")
-BACKENDS = ("auto", "triton", "cpp", "torch")
-
-
-@dataclass
-class MedPrunerConfig:
-    """The MedPruner knobs (paper-faithful defaults; see DESIGN.md "Paper-faithful defaults").
-
-    gamma: IAF threshold on the mean absolute difference between a slice and its anchor, on the
-        model's normalised pixel tensor (the paper's [-1, 1] scale); a negative gamma keeps every slice.
-    tau: DINS nucleus mass kept per slice, in (0, 1]; 1 keeps every token.
-    merge: merge the pruned tokens into contextual tokens (VisionZip-style) instead of dropping them.
-    mode: "fast" runs IAF on the pixels before the vision tower (dropped slices are never encoded);
-        "paper" encodes every slice and keeps the first token of each dropped slice, as the paper's code.
-    temperature: softmax temperature of the DINS masses; None takes the family default (2 for Qwen3-VL
-        and Gemma3/MedGemma, 1 otherwise).
-    importance_layer: index of the vision-tower block whose attention gives the token importance
-        (negative counts from the end; -1 is the last block, the paper's choice).
-    context_frac: contextual tokens per slice, as a fraction of its tokens (at least one).
-    min_keep: tokens every kept slice keeps at least (>= 1: a kept slice never loses all its tokens).
-    backend: kernel backend, "auto" | "triton" | "cpp" | "torch".
-    record_tokens: keep CPU copies of the token scores and the final keep mask in the stats (for
-        heatmaps and debugging); costs one device-to-host copy per request, so off by default.
-    """
-
-    gamma: float = 0.05
-    tau: float = 0.9
-    merge: bool = True
-    mode: str = "fast"
-    temperature: float | None = None
-    importance_layer: int = -1
-    context_frac: float = 0.05
-    min_keep: int = 1
-    backend: str = "auto"
-    record_tokens: bool = False
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError (TypeError for a wrong type) naming the first bad field."""
-        _check_real("gamma", self.gamma)
-        if not math.isfinite(float(self.gamma)):
-            raise ValueError(f"MedPrunerConfig.gamma must be finite, got {self.gamma!r}")
-        _check_real("tau", self.tau)
-        if not 0.0 < float(self.tau) <= 1.0:
-            raise ValueError(f"MedPrunerConfig.tau must be in (0, 1], got {self.tau!r}")
-        if not isinstance(self.merge, bool):
-            raise TypeError(f"MedPrunerConfig.merge must be a bool, got {type(self.merge).__name__}")
-        if not isinstance(self.record_tokens, bool):
-            raise TypeError(
-                f"MedPrunerConfig.record_tokens must be a bool, got {type(self.record_tokens).__name__}"
-            )
-        if self.mode not in MODES:
-            raise ValueError(f"MedPrunerConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.temperature is not None:
-            _check_real("temperature", self.temperature)
-            if not (math.isfinite(float(self.temperature)) and float(self.temperature) > 0):
-                raise ValueError(f"MedPrunerConfig.temperature must be > 0 or None, got {self.temperature!r}")
-        if isinstance(self.importance_layer, bool) or not isinstance(self.importance_layer, int):
-            raise TypeError(
-                f"MedPrunerConfig.importance_layer must be an int, got {type(self.importance_layer).__name__}"
-            )
-        _check_real("context_frac", self.context_frac)
-        if not 0.0 <= float(self.context_frac) <= 1.0:
-            raise ValueError(f"MedPrunerConfig.context_frac must be in [0, 1], got {self.context_frac!r}")
-        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int):
-            raise TypeError(f"MedPrunerConfig.min_keep must be an int, got {type(self.min_keep).__name__}")
-        if self.min_keep < 1:
-            raise ValueError(f"MedPrunerConfig.min_keep must be >= 1, got {self.min_keep}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"MedPrunerConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-
-    def resolved_temperature(self, family_default: float) -> float:
-        return float(family_default if self.temperature is None else self.temperature)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, **json_kwargs) -> str:
-        return json.dumps(self.to_dict(), **json_kwargs)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MedPrunerConfig:
-        if not isinstance(values, dict):
-            raise TypeError(f"MedPrunerConfig.from_dict expects a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"MedPrunerConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str) -> MedPrunerConfig:
-        return cls.from_dict(json.loads(text))
-
-
-def _check_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"MedPrunerConfig.{name} must be a real number, got {type(value).__name__}")
-
-
-@dataclass
-class PruneStats:
-    """What the last pruned request kept. Lists are per volume (one per batch row).
-
-    slices_total / slices_kept: slices per volume before and after IAF.
-    tokens_per_slice: visual tokens kept per slice, for every slice of the volume (a slice dropped by IAF
-        shows 0 in fast mode and 1 in paper mode, where it keeps its first token).
-    tokens_before / tokens_after: visual tokens of the whole batch before and after pruning.
-    retention: tokens_after / tokens_before.
-    slices_encoded: slices that went through the vision tower (all of them in paper mode).
-    prune_seconds: wall time of the pruning stage (vision tower included), measured on the host after
-        the request's single sync, so it covers the queued device work.
-    token_scores / token_keep: only with ``MedPrunerConfig.record_tokens``: float32 and bool CPU
-        tensors over every token of the encoded slices (flat, in encoding order): the DINS importance
-        and the final keep mask (merge targets included).
-    """
-
-    mode: str
-    slices_total: list[int] = field(default_factory=list)
-    slices_kept: list[int] = field(default_factory=list)
-    tokens_per_slice: list[list[int]] = field(default_factory=list)
-    tokens_before: int = 0
-    tokens_after: int = 0
-    slices_encoded: int = 0
-    prune_seconds: float = 0.0
-    token_scores: torch.Tensor | None = None
-    token_keep: torch.Tensor | None = None
-
-    @property
-    def retention(self) -> float:
-        return self.tokens_after / self.tokens_before if self.tokens_before else 1.0
-
-    def summary(self) -> str:
-        return (
-            f"medpruner[{self.mode}]: slices {sum(self.slices_kept)}/{sum(self.slices_total)} kept "
-            f"({self.slices_encoded} encoded), visual tokens {self.tokens_after}/{self.tokens_before} "
-            f"({100.0 * self.retention:.1f}%), {1e3 * self.prune_seconds:.1f} ms"
-        )
 
 
 def apply_medpruner(
@@ -175,6 +52,7 @@ def apply_medpruner(
     min_keep: int = 1,
     backend: str = "auto",
     record_tokens: bool = False,
+    budget: float | int | None = None,
     config: MedPrunerConfig | None = None,
 ):
     """Patch a loaded Hugging Face VLM in place so that its ``forward`` and ``generate`` prune visual
@@ -184,8 +62,6 @@ def apply_medpruner(
     are then ignored). Calling it again on a patched model replaces the configuration. A model class no
     adapter handles raises TypeError naming the class; a bad value raises ValueError naming the field.
     """
-    from medpruner.adapters import adapter_for
-
     if config is None:
         config = MedPrunerConfig(
             gamma=gamma,
@@ -198,6 +74,7 @@ def apply_medpruner(
             min_keep=min_keep,
             backend=backend,
             record_tokens=record_tokens,
+            budget=budget,
         )
     elif not isinstance(config, MedPrunerConfig):
         raise TypeError(f"config must be a MedPrunerConfig, got {type(config).__name__}")
@@ -211,14 +88,11 @@ def apply_medpruner(
 
 def remove_medpruner(model):
     """Undo :func:`apply_medpruner` (a no-op on a model that is not patched); returns the model."""
-    from medpruner.adapters import unpatch
-
     unpatch(model)
     return model
 
 
 # ---------------------------------------------------------------------------------- volume -> inputs
-FAMILIES = ("qwen3_vl", "qwen2_5_vl", "medgemma")
 
 # Three CT windows (center, width) in Hounsfield units, one per RGB channel, in the spirit of MedGemma's
 # CT recipe: the full range, soft tissue, lung. Pass your own to ``ct_windows_to_rgb`` to match a checkpoint.
@@ -263,8 +137,7 @@ def volume_to_inputs(
 
     Returns the processor's BatchFeature (input_ids, attention_mask, pixel_values, ...).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    family = canonical_family(family)
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     slices = _volume_to_rgb(volume, ct_windows)

@@ -1,0 +1,586 @@
+"""The one pruning pipeline every model family shares (:meth:`Adapter.prune`), the patching of a model's
+``forward`` and ``generate``, and the sync-free tensor surgery it needs.
+
+A family file subclasses :class:`Adapter` and fills in a small fixed set of hooks:
+
+* :meth:`Adapter.layout`: where the slices sit: tokens and pixel rows per image (host metadata the
+  model's own vision tower reads anyway; nothing that waits on our device work);
+* :meth:`Adapter.iaf_slices`: each slice's pixels as rows for IAF, on the paper's [-1, 1] scale;
+* :meth:`Adapter.encode`: run the vision tower on the chosen images, capturing the token importance
+  and merge keys from block ``importance_layer``;
+* :meth:`Adapter.position_inputs` / :meth:`Adapter.finish_positions`: the position policy (Qwen
+  M-RoPE keeps each token's original (t, h, w); Gemma renumbers);
+* :meth:`Adapter.package`: how the kept encoder features are handed to the original forward;
+* :attr:`Adapter.wrapper_ids` / :attr:`Adapter.type_ids_key`: the tokens around each image and the
+  per-token type tensor repacked with the sequence.
+
+Host reads. Every value read back from the device goes through :func:`host_read`, after all device
+work it depends on is queued, and only where a host-side shape needs it: paper mode reads once (after
+DINS); fast mode with a budget reads once (the IAF mask decides what the tower encodes and, with the
+budget, every count); adaptive fast mode reads twice (the IAF mask before the tower, the DINS counts
+after it). Deferred kernel checks are raised at the last read. Host-to-device copies come from pinned
+memory with ``non_blocking`` (:func:`to_device`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medpruner.config import PruneStats
+
+logger = logging.getLogger("medpruner")
+
+_PATCH_ATTR = "_medpruner_patch"
+_PATCHED_NAMES = ("forward", "generate")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SliceLayout:
+    """Host metadata of a request's images (one image per slice, volumes in batch-row order).
+
+    tokens: LLM tokens per image; rows: leading-dim rows of the pixel tensor per image; source: the
+    input named when the placeholders in ``input_ids`` do not match the images."""
+
+    tokens: list[int]
+    rows: list[int]
+    source: str
+    row_offsets: list[int] = field(init=False)
+    token_offsets: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.row_offsets = host_offsets(self.rows)
+        self.token_offsets = host_offsets(self.tokens)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Encoded:
+    """The vision tower's output for the encoded images, per LLM token (flat, in encoding order)."""
+
+    output: Any
+    features: torch.Tensor
+    scores: torch.Tensor
+    keys: torch.Tensor
+    side: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class PrunedCall:
+    """The request to hand to the original forward/generate, and what the caller needs afterwards."""
+
+    call: dict[str, Any]
+    original_input_ids: torch.Tensor
+    pruned_length: int
+    stats: Any
+
+
+def host_read(*tensors: torch.Tensor, last: bool = False) -> list[list[int]]:
+    """The one place the pipeline reads device values: every tensor (integer or bool, any shape) in a
+    single device-to-host copy, returned as flat Python lists. ``last=True`` marks a request's final
+    read, where the checks the kernels deferred (CUDA, or ``deferred_checks``) are raised."""
+    from medpruner_kernels import raise_pending_errors
+
+    flat = [t.reshape(-1).to(torch.long) for t in tensors]
+    values = torch.cat(flat).tolist()
+    if last:
+        raise_pending_errors()
+    out, start = [], 0
+    for t in flat:
+        out.append(values[start : start + t.numel()])
+        start += t.numel()
+    return out
+
+
+def to_device(values, device, dtype=torch.long) -> torch.Tensor:
+    """A host list as a tensor on ``device``: pinned and ``non_blocking`` when the target is CUDA."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def check_or_defer(bad: torch.Tensor, message: str) -> None:
+    from medpruner_kernels import _validation
+
+    _validation.check_or_defer(bad, message)
+
+
+class Adapter:
+    """The shared pipeline, patching, timing and stats; a family subclass supplies the hooks."""
+
+    family = "base"
+    default_temperature = 1.0
+    pixel_key = "pixel_values"
+    # tokens that open and close each image's placeholders (config attribute names)
+    wrapper_ids = ("vision_start_token_id", "vision_end_token_id")
+    type_ids_key = "mm_token_type_ids"
+    # inputs the pruned call no longer carries (the encoder output replaces them)
+    consumed_keys = ("pixel_values",)
+
+    # --------------------------------------------------------------------------------- family hooks
+    def vision_depth(self, model) -> int:
+        raise NotImplementedError
+
+    def check_call(self, call: dict[str, Any]) -> None:
+        """Reject inputs the family cannot prune (ValueError naming them)."""
+
+    def layout(self, model, call: dict[str, Any]) -> SliceLayout:
+        raise NotImplementedError
+
+    def iaf_slices(self, pixels: torch.Tensor, num_images: int) -> torch.Tensor:
+        """``[num_images, -1]`` rows IAF compares, on the paper's [-1, 1] scale."""
+        return pixels.reshape(num_images, -1)
+
+    def encode(self, model, call, layout: SliceLayout, encoded: list[int] | None, layer: int, config) -> Encoded:
+        raise NotImplementedError
+
+    def position_inputs(self, model, call, attention_mask) -> tuple[dict[str, tuple[torch.Tensor, int]], Any]:
+        """(tensors ``[..., B, L]`` to repack with the sequence, state for :meth:`finish_positions`),
+        computed before any pruning work. The default (contiguous renumbering) repacks nothing."""
+        return {}, None
+
+    def finish_positions(self, model, pruned: dict, repacked: dict, new_mask, removed: torch.Tensor, state) -> None:
+        """Set the pruned call's positions; ``removed``: ``[B]`` tokens removed per row."""
+
+    def package(self, encoded: Encoded, index: torch.Tensor):
+        raise NotImplementedError
+
+    def check_config(self, model, config) -> None:
+        depth = self.vision_depth(model)
+        if not -depth <= config.importance_layer < depth:
+            raise ValueError(
+                f"importance_layer must be in [-{depth}, {depth - 1}] for this vision tower of {depth} "
+                f"blocks, got {config.importance_layer}"
+            )
+
+    # ---------------------------------------------------------------------------------- the pipeline
+    def prune(self, model, config, call: dict[str, Any]) -> PrunedCall:
+        if call.get("inputs_embeds") is not None:
+            raise ValueError("medpruner needs input_ids to locate the slices; inputs_embeds is not supported")
+        self.check_call(call)
+        input_ids = call["input_ids"]
+        labels = call.get("labels")
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)} to be pruned with the "
+                f"sequence, got {tuple(labels.shape)}"
+            )
+        cfg = model.config
+        device = input_ids.device
+        attention_mask = call.get("attention_mask")
+        layout = self.layout(model, call)
+        positions, position_state = self.position_inputs(model, call, attention_mask)
+        n_img, total_tokens = layout.num_images, layout.token_offsets[-1]
+        batch = input_ids.shape[0]
+        valid, is_image, run_start = image_runs(input_ids, attention_mask, cfg.image_token_id)
+        images_per_row = run_start.sum(1)
+        mismatch = (
+            f"the image placeholders in input_ids do not match {layout.source} "
+            f"({n_img} images of {total_tokens} tokens)"
+        )
+        check_or_defer((images_per_row.sum() != n_img) | (is_image.sum() != total_tokens), mismatch)
+        volume_cu = F.pad(images_per_row.cumsum(0), (1, 0)).to(torch.int32)
+
+        slice_keep = self._iaf(call, layout, volume_cu, config)
+        tokens_dev = to_device(layout.tokens, device)
+        image_row = torch.arange(batch, device=device).repeat_interleave(images_per_row, output_size=n_img)
+        budget = self._budget_counts(slice_keep, volume_cu, image_row, tokens_dev, config)
+        # Flat [B*L] rank of every placeholder among the images' tokens (robust to a mismatch, which
+        # the deferred check above reports): gathers replace a masked scatter that would fail first.
+        rank = (torch.cumsum(is_image.reshape(-1), 0) - 1).clamp(0, max(total_tokens - 1, 0)).view_as(is_image)
+        image_of_token = torch.arange(n_img, device=device).repeat_interleave(tokens_dev, output_size=total_tokens)
+
+        fast = config.mode == "fast"
+        seq_base = valid
+        if fast:
+            dropped_seq = is_image & (~slice_keep)[image_of_token][rank]
+            seq_base = valid & ~dropped_seq & ~self._dropped_wrappers(cfg, input_ids, dropped_seq)
+        row_counts = kept_counts = None
+        if fast:
+            reads = [images_per_row, slice_keep]
+            if budget is not None:
+                kept_tokens = torch.where(slice_keep, budget[0], 0)
+                removed = torch.zeros(batch, dtype=torch.long, device=device)
+                removed.index_add_(0, image_row, torch.where(slice_keep, tokens_dev - kept_tokens, 0))
+                reads += [seq_base.sum(1) - removed, kept_tokens]
+            host = host_read(*reads, last=budget is not None)
+            per_row, flags = host[0], host[1]
+            if budget is not None:
+                row_counts, kept_counts = host[2], host[3]
+            encoded = [i for i in range(n_img) if flags[i]]
+        else:
+            encoded = list(range(n_img))
+        all_encoded = len(encoded) == n_img
+
+        layer = config.importance_layer % self.vision_depth(model)
+        enc = self.encode(model, call, layout, None if all_encoded else encoded, layer, config)
+        enc_tokens = [layout.tokens[i] for i in encoded]
+        token_cu = to_device(host_offsets(enc_tokens), device, torch.int32)
+        enc_budget = None
+        if budget is not None:
+            enc_index = None if all_encoded else to_device(encoded, device)
+            enc_budget = tuple(b if enc_index is None else b[enc_index] for b in budget)
+        enc_keep = slice_keep if all_encoded else None
+        keep, enc.features = self.select_tokens(
+            enc.scores, enc.keys, enc.features, token_cu, enc_tokens, enc_keep, config, budget=enc_budget
+        )
+
+        if all_encoded:
+            keep_all = keep
+        else:
+            ranges = [(layout.token_offsets[i], layout.token_offsets[i + 1]) for i in encoded]
+            keep_all = torch.zeros(total_tokens, dtype=torch.bool, device=device)
+            keep_all[range_index(ranges, device)] = keep
+        seq_keep = seq_base & (~is_image | keep_all[rank])
+        counts = seq_keep.sum(1)
+        if row_counts is None:
+            kept_per_image = torch.zeros(n_img, dtype=torch.long, device=device)
+            kept_per_image.index_add_(0, image_of_token, keep_all.long())
+            if fast:
+                row_counts, kept_counts = host_read(counts, kept_per_image, last=True)
+            else:
+                per_row, flags, row_counts, kept_counts = host_read(
+                    images_per_row, slice_keep, counts, kept_per_image, last=True
+                )
+        length = max(row_counts)
+        total_kept = sum(kept_counts)
+
+        to_repack = {"input_ids": (input_ids, pad_token_id(cfg)), **positions}
+        if call.get(self.type_ids_key) is not None:
+            to_repack[self.type_ids_key] = (call[self.type_ids_key], 0)
+        if labels is not None:
+            to_repack["labels"] = (labels, IGNORE_INDEX)
+        repacked, new_mask = repack_sequences(seq_keep, counts, length, to_repack)
+        pruned = {k: v for k, v in call.items() if k not in self.consumed_keys}
+        pruned.update({k: v for k, v in repacked.items() if k not in positions})
+        pruned["attention_mask"] = new_mask.to(attention_mask.dtype) if attention_mask is not None else new_mask
+        self.finish_positions(model, pruned, repacked, new_mask, valid.sum(1) - counts, position_state)
+        pruned["mm_encoder_outputs"] = {"image": self.package(enc, compact_indices(keep, total_kept))}
+
+        volumes = count_ranges(per_row)
+        stats = PruneStats(
+            mode=config.mode,
+            slices_total=list(per_row),
+            slices_kept=[sum(flags[a:b]) for a, b in volumes],
+            tokens_per_slice=[kept_counts[a:b] for a, b in volumes],
+            tokens_before=total_tokens,
+            tokens_after=total_kept,
+            slices_encoded=len(encoded),
+            budget=config.budget,
+            **recorded_tokens(enc.scores, keep, config),
+        )
+        return PrunedCall(call=pruned, original_input_ids=input_ids, pruned_length=length, stats=stats)
+
+    def _dropped_wrappers(self, cfg, input_ids, dropped_seq) -> torch.Tensor:
+        """The start/end tokens around a dropped slice's placeholders (fast mode removes the whole span)."""
+        start_id, end_id = (getattr(cfg, name) for name in self.wrapper_ids)
+        next_dropped = F.pad(dropped_seq[:, 1:], (0, 1), value=False)
+        prev_dropped = F.pad(dropped_seq[:, :-1], (1, 0), value=False)
+        return ((input_ids == start_id) & next_dropped) | ((input_ids == end_id) & prev_dropped)
+
+    # ------------------------------------------------------------------------------------------ IAF
+    def _iaf(self, call, layout: SliceLayout, volume_cu: torch.Tensor, config) -> torch.Tensor:
+        """IAF over every volume of the batch: one call per run of equally sized images (usually one).
+        A size change inside a volume is reported through the deferred checks."""
+        from medpruner_kernels import iaf_select
+
+        pixels = call[self.pixel_key]
+        n_img = layout.num_images
+        groups, start = [], 0
+        for i in range(1, n_img + 1):
+            if i == n_img or layout.rows[i] != layout.rows[start]:
+                groups.append((start, i))
+                start = i
+        keeps = []
+        for start, end in groups:
+            rows = pixels[layout.row_offsets[start] : layout.row_offsets[end]]
+            cu = volume_cu if len(groups) == 1 else (volume_cu.clamp(start, end) - start).to(torch.int32)
+            if len(groups) > 1 and start > 0:
+                check_or_defer(
+                    ~(volume_cu == start).any(),
+                    "all slices of a volume must share one resolution (the image sizes change inside a "
+                    "volume); pin it with volume_to_inputs(resolution=...)",
+                )
+            keeps.append(
+                iaf_select(
+                    self.iaf_slices(rows, end - start),
+                    float(config.gamma),
+                    cu_seqlens=cu,
+                    max_seqlen=end - start,
+                    backend=config.backend,
+                )
+            )
+        return keeps[0] if len(keeps) == 1 else torch.cat(keeps)
+
+    # --------------------------------------------------------------------------------------- budget
+    @staticmethod
+    def _budget_counts(slice_keep, volume_cu, image_row, tokens, config):
+        """Per image, on the device: (tokens kept, of which DINS picks, contextual targets) under the
+        fixed budget (DESIGN.md "Fixed token budget"; the same rule as ``config.budget_split``), or
+        None without a budget. Only the IAF mask decides them."""
+        if config.budget is None:
+            return None
+        device = slice_keep.device
+        kept = slice_keep.long()
+        k = torch.zeros(volume_cu.numel() - 1, dtype=torch.long, device=device).index_add_(0, image_row, kept)
+        n = torch.zeros_like(k).index_add_(0, image_row, tokens * kept) // k.clamp(min=1)
+        if isinstance(config.budget, float):
+            total = torch.ceil(config.budget * (k * n).double()).long()
+        else:
+            total = torch.full_like(k, config.budget)
+        total = torch.minimum(torch.maximum(total, k), k * n)
+        rank = torch.cumsum(kept, 0) - kept - torch.cumsum(k, 0)[image_row] + k[image_row]
+        k_i = k[image_row].clamp(min=1)
+        share = total[image_row] // k_i + (rank < total[image_row] % k_i).long()
+        if config.merge:
+            per_slice = (config.context_frac * tokens.double()).long().clamp(min=1)
+            targets = torch.minimum(share - 1, per_slice).clamp(min=0)
+        else:
+            targets = torch.zeros_like(share)
+        # a dropped slice (paper mode) takes no part: all its tokens stay until the final mask
+        share = torch.where(slice_keep, share, tokens)
+        targets = torch.where(slice_keep, targets, 0)
+        return share, share - targets, targets
+
+    # ------------------------------------------------------------------------------------ DINS+merge
+    def select_tokens(self, scores, keys, pooled, token_cu, enc_tokens, slice_keep, config, budget=None):
+        """DINS + merge over the encoded slices -> (final keep mask, features to gather from).
+
+        scores/keys/pooled: per LLM token of the encoded slices (flat, ``token_cu`` offsets); slice_keep:
+        the IAF mask of the encoded slices in paper mode (every slice encoded; a dropped one keeps only
+        its first token), None in fast mode; budget: per encoded slice (kept, DINS picks, targets)."""
+        from medpruner_kernels import merge_tokens, nucleus_select
+
+        temperature = config.resolved_temperature(self.default_temperature)
+        selection = {} if budget is None else {"counts": budget[1]}
+        keep = nucleus_select(
+            scores,
+            float(config.tau),
+            temperature=temperature,
+            cu_seqlens=token_cu,
+            max_seqlen=max(enc_tokens),
+            min_keep=config.min_keep,
+            backend=config.backend,
+            **selection,
+        )
+        total = keep.numel()
+        paper = config.mode == "paper"
+        if paper:
+            slice_of_token = slice_keep.repeat_interleave(
+                to_device(enc_tokens, keep.device), output_size=total
+            )
+            first_token = torch.zeros_like(keep)
+            first_token[token_cu[:-1].long()] = True
+            # A dropped slice takes no part in the merge: all its tokens count as kept until the
+            # final mask reduces it to its first token.
+            keep = keep | ~slice_of_token
+        features = pooled
+        if config.merge:
+            targets = {} if budget is None else {"num_targets": budget[2]}
+            features, keep = merge_tokens(
+                pooled,
+                keys,
+                keep,
+                cu_seqlens=token_cu,
+                context_frac=float(config.context_frac),
+                backend=config.backend,
+                **targets,
+            )
+            features = features.to(pooled.dtype)
+        if paper:
+            keep = torch.where(slice_of_token, keep, first_token)
+        return keep, features
+
+    # ------------------------------------------------------------------------------------ patching
+    def wants_pruning(self, call: dict[str, Any]) -> bool:
+        if call.get(self.pixel_key) is None or call.get("input_ids") is None:
+            return False
+        cache = call.get("past_key_values")
+        return cache is None or cache.get_seq_length() == 0
+
+    def run(self, model, config, call: dict[str, Any]) -> PrunedCall:
+        start = time.perf_counter()
+        pruned = self.prune(model, config, call)
+        pruned.stats.prune_seconds = time.perf_counter() - start
+        model.medpruner_stats = pruned.stats
+        logger.debug("%s", pruned.stats.summary())
+        return pruned
+
+    def patch(self, model, config) -> None:
+        unpatch(model)
+        # What the instance itself holds (e.g. accelerate's device-map hook on forward) is restored
+        # by unpatch; the class methods need nothing.
+        saved = {name: model.__dict__[name] for name in _PATCHED_NAMES if name in model.__dict__}
+        original_forward = model.forward
+        original_generate = model.generate
+        adapter = self
+        forward_signature = inspect.signature(original_forward)
+
+        @functools.wraps(original_forward)
+        def forward(*args, **kwargs):
+            call = _bind(forward_signature, args, kwargs)
+            if not adapter.wants_pruning(call):
+                return original_forward(*args, **kwargs)
+            return original_forward(**adapter.run(model, config, call).call)
+
+        @functools.wraps(original_generate)
+        def generate(inputs=None, *args, **kwargs):
+            if isinstance(inputs, torch.Tensor) and kwargs.get("input_ids") is None:
+                kwargs["input_ids"], inputs = inputs, None
+            if inputs is not None or not adapter.wants_pruning(kwargs):
+                return original_generate(inputs, *args, **kwargs)
+            pruned = adapter.run(model, config, kwargs)
+            call = pruned.call
+            _translate_length_budget(model, call, pruned)
+            output = original_generate(*args, **call)
+            return _restore_prompt(output, pruned)
+
+        model.forward = forward
+        model.generate = generate
+        setattr(model, _PATCH_ATTR, (config, adapter, saved))
+        model.medpruner_config = config
+        model.medpruner_stats = None
+
+
+def unpatch(model) -> None:
+    """Undo :meth:`Adapter.patch`: the instance gets back exactly the attributes it had before."""
+    state = getattr(model, _PATCH_ATTR, None)
+    if state is None:
+        return
+    for name in (*_PATCHED_NAMES, _PATCH_ATTR, "medpruner_config", "medpruner_stats"):
+        model.__dict__.pop(name, None)
+    model.__dict__.update(state[2])
+
+
+def _bind(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
+    bound = signature.bind_partial(*args, **kwargs)
+    call = dict(bound.arguments)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in call:
+            call.update(call.pop(name))
+    return call
+
+
+def _translate_length_budget(model, call: dict[str, Any], pruned: PrunedCall) -> None:
+    """``max_length`` counts the prompt: keep the unpruned prompt's budget of new tokens, not more."""
+    if call.get("max_new_tokens") is not None:
+        return
+    generation_config = call.get("generation_config") or model.generation_config
+    if getattr(generation_config, "max_new_tokens", None) is not None:
+        return
+    max_length = call.pop("max_length", None) or getattr(generation_config, "max_length", None)
+    if max_length is not None:
+        budget = max_length - pruned.original_input_ids.shape[1]
+        if budget > 0:
+            call["max_new_tokens"] = budget
+
+
+def _restore_prompt(output, pruned: PrunedCall):
+    """generate returns prompt + new tokens: put the caller's unpruned prompt back so that slicing the
+    output at ``input_ids.shape[1]`` still yields exactly the new tokens."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = pruned.original_input_ids.to(sequences.device)
+    if sequences.shape[0] != prompt.shape[0]:
+        prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
+    restored = torch.cat([prompt, sequences[:, pruned.pruned_length :]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    return output
+
+
+# ------------------------------------------------------------------------------- shared surgery
+def compact_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the True entries of a 1-D ``mask``, given their ``count`` (already on the host), with
+    no host sync: each True entry scatters its index to its rank; False entries go to a spare slot."""
+    rank = torch.cumsum(mask, dim=0) - 1
+    slot = torch.where(mask, rank, torch.full_like(rank, count))
+    out = torch.zeros(count + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))
+    return out[:count]
+
+
+def repack_sequences(
+    keep: torch.Tensor, counts: torch.Tensor, length: int, tensors: dict[str, tuple[torch.Tensor, int]]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Left-pad the kept positions of each row to ``length``, without host syncs.
+
+    keep: bool ``[B, L]`` (padding of the input must already be False); counts: ``[B]`` kept per row
+    (device tensor, ``length`` = its max, read by the caller); tensors: name -> (tensor whose last
+    two dims are ``[B, L]``, fill value). Returns the repacked tensors and the new ``[B, length]``
+    attention mask (long).
+    """
+    batch, seq = keep.shape
+    rank = torch.cumsum(keep, dim=1) - 1
+    column = (length - counts).unsqueeze(1) + rank
+    row = torch.arange(batch, device=keep.device).unsqueeze(1) * (length + 1)
+    slot = torch.where(keep, row + column, row + length).reshape(-1)
+    out = {}
+    for name, (tensor, fill) in tensors.items():
+        lead = tensor.shape[:-2]
+        flat = tensor.reshape(*lead, batch * seq)
+        target = torch.full((*lead, batch * (length + 1)), fill, dtype=tensor.dtype, device=tensor.device)
+        target.scatter_(-1, slot.expand(*lead, -1), flat)
+        out[name] = target.reshape(*lead, batch, length + 1)[..., :length]
+    columns = torch.arange(length, device=keep.device).unsqueeze(0)
+    attention_mask = (columns >= (length - counts).unsqueeze(1)).long()
+    return out, attention_mask
+
+
+def recorded_tokens(scores: torch.Tensor, keep: torch.Tensor, config) -> dict[str, torch.Tensor | None]:
+    """The PruneStats token fields: CPU copies of the DINS scores and final keep mask when the config
+    asks for them (two device-to-host copies, after the request's last read), nothing otherwise."""
+    if not config.record_tokens:
+        return {"token_scores": None, "token_keep": None}
+    return {"token_scores": scores.detach().float().cpu(), "token_keep": keep.detach().cpu()}
+
+
+def host_offsets(lengths: list[int]) -> list[int]:
+    """``[0, l0, l0 + l1, ...]``: running offsets of host lengths."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
+def count_ranges(counts: list[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` of consecutive groups of the given sizes."""
+    offsets = host_offsets(counts)
+    return list(zip(offsets[:-1], offsets[1:], strict=True))
+
+
+def range_index(ranges: list[tuple[int, int]], device) -> torch.Tensor:
+    """Concatenated aranges of host ranges, built on the host and copied (pinned, no sync)."""
+    parts = [torch.arange(start, end) for start, end in ranges]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return to_device(flat, device)
+
+
+def pad_token_id(cfg) -> int:
+    """The model's pad token id (top-level or text config), 0 when it has none."""
+    for source in (cfg, getattr(cfg, "text_config", None)):
+        value = getattr(source, "pad_token_id", None) if source is not None else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def image_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int):
+    """(valid, is_image, run_start) ``[B, L]`` bool masks: the non-padding positions, the image
+    placeholders among them, and the first placeholder of each image's run."""
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    is_image = (input_ids == image_token_id) & valid
+    run_start = is_image & ~F.pad(is_image[:, :-1], (1, 0), value=False)
+    return valid, is_image, run_start

@@ -1,0 +1,125 @@
+"""The Qwen-VL hooks Qwen3-VL and Qwen2.5-VL share (the pipeline itself is ``base.Adapter.prune``).
+
+A volume is a sequence of images, one per slice: ``<|vision_start|><|image_pad|>*n<|vision_end|>``. The
+processor packs each slice as ``t*h*w`` flattened patches; the vision tower's merger turns every 2x2
+block of patches (4 consecutive rows of ``pixel_values``) into one LLM token, so the token importance is
+the attention-received score of the patches averaged over groups of 4. Positions: each kept token keeps
+the M-RoPE (t, h, w) it had in the full grid (``get_rope_index`` on the unpruned inputs, run before any
+pruning work so its own host reads wait on nothing of ours), and decoding continues after the unpruned
+sequence's last position.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from medpruner.adapters.base import Adapter, Encoded, SliceLayout, range_index, to_device
+
+
+class QwenVLAdapter(Adapter):
+    """M-RoPE, the grouped 2x2 merger, one image per slice."""
+
+    has_deepstack = False
+    consumed_keys = ("pixel_values", "image_grid_thw")
+
+    def vision_depth(self, model) -> int:
+        return len(model.model.visual.blocks)
+
+    def window_order(self, visual, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Permutation of merged tokens the tower applies before its blocks (None: identity)."""
+        return None
+
+    def check_call(self, call) -> None:
+        if call.get("pixel_values_videos") is not None:
+            raise ValueError("medpruner prunes image slices; video inputs (pixel_values_videos) are not supported")
+        if call.get("image_grid_thw") is None:
+            raise ValueError("image_grid_thw is required with pixel_values")
+        if call.get("mm_token_type_ids") is None:
+            raise ValueError("mm_token_type_ids is required (the processor returns it with input_ids)")
+
+    def layout(self, model, call) -> SliceLayout:
+        # The grid is image metadata the tower itself reads to the host (as Python ints) to build its
+        # positions; the processor returns it on the CPU.
+        grids = call["image_grid_thw"].tolist()
+        unit = model.model.visual.spatial_merge_size ** 2
+        rows = [t * h * w for t, h, w in grids]
+        if call["pixel_values"].shape[0] != sum(rows):
+            raise ValueError(
+                f"pixel_values has {call['pixel_values'].shape[0]} patch rows but image_grid_thw describes "
+                f"{sum(rows)} ({len(rows)} images)"
+            )
+        return SliceLayout(tokens=[r // unit for r in rows], rows=rows, source="image_grid_thw")
+
+    def encode(self, model, call, layout, encoded, layer, config) -> Encoded:
+        visual = model.model.visual
+        pixels, grid = call["pixel_values"], call["image_grid_thw"]
+        if encoded is not None:
+            ranges = [(layout.row_offsets[i], layout.row_offsets[i + 1]) for i in encoded]
+            pixels = pixels.index_select(0, range_index(ranges, pixels.device))
+            grid = grid[to_device(encoded, grid.device)]
+        captured: dict = {}
+        with self._capture(visual, layer, visual.spatial_merge_size**2, config, captured):
+            out = visual(pixels.type(visual.dtype), grid_thw=grid, return_dict=True)
+        scores, keys = captured["scores"], captured["keys"]
+        order = self.window_order(visual, grid)
+        if order is not None:
+            inverse = torch.argsort(order.to(scores.device))
+            scores, keys = scores[inverse], keys[inverse]
+        side = list(out.deepstack_features) if self.has_deepstack else []
+        return Encoded(out, out.pooler_output, scores, keys, side)
+
+    def package(self, encoded: Encoded, index: torch.Tensor):
+        return type(encoded.output)(pooler_output=(encoded.features.index_select(0, index),))
+
+    def position_inputs(self, model, call, attention_mask):
+        position_ids, rope_deltas = model.model.get_rope_index(
+            call["input_ids"],
+            mm_token_type_ids=call["mm_token_type_ids"],
+            image_grid_thw=call["image_grid_thw"],
+            attention_mask=attention_mask,
+        )
+        return {"position_ids": (position_ids.to(call["input_ids"].device), 0)}, rope_deltas
+
+    def finish_positions(self, model, pruned, repacked, new_mask, removed, rope_deltas) -> None:
+        text_positions = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
+        pruned["position_ids"] = torch.cat([text_positions.unsqueeze(0), repacked["position_ids"]], dim=0)
+        batch = new_mask.shape[0]
+        # The pruned rows are shorter than the unpruned ones: the delta grows by the tokens removed.
+        model.model.rope_deltas = rope_deltas.to(new_mask.device).view(batch, 1) + removed.view(batch, 1)
+
+    @contextmanager
+    def _capture(self, visual, layer: int, unit: int, config, captured: dict):
+        """Score the tokens at block ``layer`` from its post-RoPE q/k while the block runs its own
+        attention: a pre-hook takes the rotary tables and segment offsets, a hook on the qkv projection
+        takes q/k as they are produced, so nothing of size N x N and no extra projection is computed."""
+        from medpruner_kernels import attention_importance
+
+        attn = visual.blocks[layer].attn
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        state: dict = {}
+
+        def take_inputs(module, args, kwargs):
+            state["rope"] = kwargs["position_embeddings"]
+            state["cu"] = kwargs["cu_seqlens"]
+
+        def take_qkv(module, args, output):
+            n = output.shape[0]
+            q, k, _ = output.reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = rope(q, k, *state["rope"])
+            captured["scores"] = attention_importance(
+                q, k, cu_seqlens=state["cu"].to(torch.int32), scale=attn.scaling, group=unit, backend=config.backend
+            )
+            captured["keys"] = k.float().mean(dim=1).reshape(n // unit, unit, -1).mean(dim=1)
+
+        handles = [
+            attn.register_forward_pre_hook(take_inputs, with_kwargs=True),
+            attn.qkv.register_forward_hook(take_qkv),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
