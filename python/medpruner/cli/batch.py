@@ -1,0 +1,253 @@
+"""Many volumes: which paths a command line names, and the resumable run that appends one line per
+volume to ``results.jsonl`` and goes on past bad files."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from medpruner.cli.common import CommandError
+from medpruner.cli.models import TokenOptions
+from medpruner.cli.prune import prune_loaded, window_volume
+from medpruner.report import atomic_write_text, to_json
+from medpruner.volume import (
+    NIBABEL_SUFFIXES,
+    NRRD_SUFFIXES,
+    NUMPY_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    VolumeError,
+    load_volume,
+)
+
+RESULTS_NAME = "results.jsonl"
+# Files that are whole volumes on their own; any other file in a folder makes it a DICOM series folder.
+_VOLUME_FILE_SUFFIXES = NIBABEL_SUFFIXES + NRRD_SUFFIXES + NUMPY_SUFFIXES
+
+
+def _has_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _is_series_folder(folder: Path) -> bool:
+    """A folder of DICOM slices, not a folder of volumes: files only, none with a volume suffix."""
+    entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
+    if any(e.is_dir() for e in entries):
+        return False
+    files = [e for e in entries if e.is_file()]
+    return bool(files) and not any(e.name.lower().endswith(_VOLUME_FILE_SUFFIXES) for e in files)
+
+
+def _folder_volumes(folder: Path) -> list[Path]:
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or entry.name == RESULTS_NAME:
+            continue
+        if entry.is_dir() or entry.name.lower().endswith(SUPPORTED_SUFFIXES):
+            found.append(entry)
+    return found
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], bool]:
+    """Paths of the volumes named by ``inputs`` and whether this is a batch (several volumes, a glob,
+    or a folder of volumes)."""
+    volumes: list[Path] = []
+    batch = len(inputs) > 1
+    for text in inputs:
+        path = Path(text)
+        if _has_glob(text) and not path.exists():
+            batch = True
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise CommandError(f"{text}: the pattern matches nothing")
+            volumes.extend(Path(m) for m in matches)
+        elif path.is_dir() and not _is_series_folder(path):
+            batch = True
+            volumes.extend(_folder_volumes(path))
+        else:
+            volumes.append(path)
+    return volumes, batch
+
+
+def _batch_settings(gamma: float, window, slice_axis, frame, tokens: TokenOptions | None) -> dict:
+    """Everything a results line depends on besides its file, in its JSON form: a line recorded under
+    other settings is not reused."""
+    settings = {"gamma": gamma, "window": window, "slice_axis": slice_axis, "frame": frame}
+    if tokens is not None:
+        settings["tokens"] = {
+            "model": tokens.bundle.name,
+            **{k: getattr(tokens, k) for k in ("tau", "mode", "merge", "prompt", "resolution", "max_new_tokens")},
+        }
+    return json.loads(to_json(settings, indent=None))
+
+
+def _source_stamp(path: Path) -> list[int] | None:
+    """Size and newest modification time of a file, or of the files of a series folder: a source
+    edited since its line was written is done again."""
+    try:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        stats = [f.stat() for f in files]
+    except OSError:
+        return None
+    return [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+
+
+def _resume_state(results: Path, settings: dict) -> dict[str, list[int]]:
+    """Sources already done under ``settings``, with the stamp of the file they were done from. A
+    source's last line is its current one; a last line cut off by a crash is removed (atomically)
+    first."""
+    if not results.exists():
+        return {}
+    text = results.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        atomic_write_text(results, text)
+    current = {}
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "source" in entry:
+            current[entry["source"]] = entry
+    return {
+        source: entry.get("source_stamp")
+        for source, entry in current.items()
+        if entry.get("status") == "ok" and entry.get("settings") == settings
+    }
+
+
+def _append_line(results: Path, entry: dict) -> None:
+    # One write of one whole line on an O_APPEND descriptor: a crash leaves at most a cut-off last line,
+    # which the next run's _resume_state removes.
+    data = (to_json(entry, indent=None) + "\n").encode("utf-8")
+    descriptor = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, data)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _progress(total: int):
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="volume", file=sys.stderr)
+
+
+def _read_and_window(path: Path, window, slice_axis, frame):
+    start = time.perf_counter()
+    volume = load_volume(path, slice_axis=slice_axis, frame=frame)
+    load_seconds = time.perf_counter() - start
+    slices, chosen, window_seconds = window_volume(volume, window)
+    return volume, slices, chosen, {"load": load_seconds, "window": window_seconds}
+
+
+def prune_batch(
+    paths: list[Path],
+    *,
+    out_dir: Path,
+    gamma: float,
+    window,
+    slice_axis,
+    frame,
+    backend: str,
+    device: str,
+    workers: int,
+    as_json: bool,
+    tokens: TokenOptions | None = None,
+) -> int:
+    """Read and window on a thread pool (file decoding and numpy release the GIL), run IAF in this
+    thread, append one JSON line per volume to ``results.jsonl``. Volumes already recorded as ``ok``
+    under the same settings, from a file unchanged since, are skipped; a failing volume is recorded
+    with its error and the run goes on (status 1 at the end). When a source appears several times in
+    the file, its last line is the current one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / RESULTS_NAME
+    settings = _batch_settings(gamma, window, slice_axis, frame, tokens)
+    done = _resume_state(results, settings)
+    # Stamped before any read: an edit during the run makes the next run redo the volume.
+    stamps = {path: _source_stamp(path) for path in paths}
+    pending = [p for p in paths if done.get(str(p.resolve()), "not done") != stamps[p]]
+    skipped = len(paths) - len(pending)
+    failures: list[tuple[str, str]] = []
+    processed = 0
+    bar = _progress(len(pending))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # A bounded window of reads in flight keeps memory at a few volumes, whatever the batch size.
+        ahead = max(2, 2 * workers)
+        futures = [pool.submit(_read_and_window, p, window, slice_axis, frame) for p in pending[:ahead]]
+        for position, path in enumerate(pending):
+            if position + ahead < len(pending):
+                futures.append(
+                    pool.submit(_read_and_window, pending[position + ahead], window, slice_axis, frame)
+                )
+            source = str(path.resolve())
+            try:
+                volume, slices, chosen, timings = futures[position].result()
+                futures[position] = None
+                record, result, _ = prune_loaded(
+                    volume,
+                    slices,
+                    chosen,
+                    timings,
+                    gamma=gamma,
+                    backend=backend,
+                    device=device,
+                    tokens=tokens,
+                )
+                entry = {
+                    "source": source,
+                    "source_stamp": stamps[path],
+                    "settings": settings,
+                    "status": "ok",
+                    **{k: record["result"][k] for k in ("num_slices", "kept", "retention", "kept_indices")},
+                    "distance_to_anchor": record["result"]["distance_to_anchor"],
+                    "shape": record["volume"]["shape"],
+                    "spacing_mm": record["volume"]["spacing_mm"],
+                    "modality": record["volume"]["modality"],
+                    "slice_axis": record["volume"]["slice_axis"],
+                    "gamma": gamma,
+                    "window": record["config"]["window"],
+                    "backend": result.backend,
+                    "device": result.device,
+                    "timings_s": record["timings_s"],
+                }
+                if "tokens" in record:
+                    entry["tokens"] = record["tokens"]
+                processed += 1
+            except (VolumeError, ValueError, TypeError, RuntimeError, OSError) as err:
+                futures[position] = None
+                message = str(err) if isinstance(err, VolumeError) else f"{path}: {type(err).__name__}: {err}"
+                failures.append((source, message))
+                entry = {"source": source, "status": "error", "error": message}
+                print(f"medpruner: skipping {message}", file=sys.stderr)
+            _append_line(results, entry)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = {
+        "results": str(results),
+        "volumes": len(paths),
+        "processed": processed,
+        "already_done": skipped,
+        "failed": len(failures),
+        "failures": [{"source": s, "error": e} for s, e in failures],
+    }
+    if as_json:
+        print(to_json(summary, indent=None))
+    else:
+        print(
+            f"{processed} volume(s) processed, {skipped} already in {results}, {len(failures)} failed"
+            + "".join(f"\n  failed: {message}" for _, message in failures)
+        )
+    return 1 if failures else 0

@@ -1,0 +1,261 @@
+"""Token-level pruning with a vision-language model: loading a local checkpoint (or building the demo's
+tiny Qwen3-VL), feeding it a volume's slices, and running IAF + DINS + merge inside its ``generate``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medpruner._tiny import image_only_processor
+from medpruner.cli.common import CommandError, synchronize
+
+DEFAULT_TAU = 0.9
+# volume_to_inputs names Gemma3 checkpoints by the medical model built on them.
+_INPUT_FAMILY = {"qwen3_vl": "qwen3_vl", "qwen2_5_vl": "qwen2_5_vl", "gemma3": "medgemma"}
+DEMO_RESOLUTION = 96
+MODEL_RESOLUTION = 224
+DEFAULT_PROMPT = "Describe the findings in this volume."
+
+
+@dataclass
+class TokenOptions:
+    """Token-level pruning with a model (DINS + merge inside its ``generate``)."""
+
+    bundle: ModelBundle
+    tau: float
+    mode: str
+    merge: bool
+    prompt: str
+    resolution: int
+    max_new_tokens: int
+
+
+@dataclass
+class ModelBundle:
+    """A loaded VLM ready for ``apply_medpruner``: its processor, the volume_to_inputs family, the
+    slice size multiple its processor would otherwise resize to, and a name for reports."""
+
+    model: object
+    processor: object
+    family: str
+    pixel_key: str
+    size_multiple: int
+    merge_size: int
+    name: str
+
+
+def _size_multiple(processor) -> tuple[int, int]:
+    image_processor = getattr(processor, "image_processor", None)
+    patch = int(getattr(image_processor, "patch_size", 0) or 0)
+    merge = int(getattr(image_processor, "merge_size", 0) or 1)
+    return (patch * merge if patch else 32), merge
+
+
+def _bundle(model, processor, name: str) -> ModelBundle:
+    from medpruner.adapters import adapter_for
+
+    try:
+        adapter = adapter_for(model)
+        family = _INPUT_FAMILY[adapter.family]
+    except (TypeError, KeyError) as err:
+        raise CommandError(f"--model {name}: {err}") from err
+    multiple, merge = _size_multiple(processor)
+    return ModelBundle(model, processor, family, adapter.pixel_key, multiple, merge, name)
+
+
+# Processors that build a video processor (which needs torchvision) next to the image one.
+_IMAGE_ONLY_PROCESSORS = {
+    "Qwen3VLForConditionalGeneration": "Qwen3VLProcessor",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLProcessor",
+}
+
+
+def load_model(path: str, device) -> ModelBundle:
+    """A local Hugging Face checkpoint (model + processor); nothing is downloaded."""
+    if not Path(path).is_dir():
+        raise CommandError(
+            f"--model {path}: not a folder (pass a local checkpoint saved with save_pretrained)"
+        )
+    import transformers
+
+    try:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            path, local_files_only=True, dtype="auto"
+        )
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+        except ImportError:
+            class_name = _IMAGE_ONLY_PROCESSORS.get(type(model).__name__)
+            if class_name is None:
+                raise
+            processor = image_only_processor(
+                getattr(transformers, class_name),
+                transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True),
+                transformers.AutoTokenizer.from_pretrained(path, local_files_only=True),
+            )
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        raise CommandError(
+            f"--model {path}: cannot load the checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    return _bundle(model.to(device).eval(), processor, str(path))
+
+
+def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
+    """A Qwen3-VL of a few hundred thousand random weights with a byte-level tokenizer, built from a
+    config (no download): the real architecture and processor path, fast enough for a 2-core demo."""
+    from transformers import Qwen3VLProcessor
+
+    from medpruner._tiny import qwen_image_processor, qwen_tokenizer, tiny_qwen3_vl_model
+
+    tokenizer = qwen_tokenizer()
+    processor = image_only_processor(Qwen3VLProcessor, qwen_image_processor(8), tokenizer)
+    model = tiny_qwen3_vl_model(tokenizer, seed=seed, device=device)
+    return _bundle(model, processor, "tiny random-weight Qwen3-VL (built from a config)")
+
+
+def model_slices(slices: np.ndarray, resolution: int, multiple: int) -> np.ndarray:
+    """[0, 1] slices resized so the longer side is about ``resolution`` and both sides are multiples of
+    ``multiple`` (patch x merge): the processor then keeps them as they are, and IAF in the report sees
+    exactly the pixels the model sees."""
+    import torch
+
+    height, width = slices.shape[1:]
+    scale = resolution / max(height, width)
+    size = tuple(max(multiple, int(round(n * scale / multiple)) * multiple) for n in (height, width))
+    if size == (height, width):
+        return np.ascontiguousarray(slices, dtype=np.float32)
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None],
+        size=size,
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )[:, 0]
+    return resized.clamp_(0.0, 1.0).numpy()
+
+
+@dataclass
+class TokenResult:
+    record: dict
+    timings: dict[str, float]
+    heatmap_slices: list[int]
+    importance: list[np.ndarray]
+    keep: list[np.ndarray]
+    grid: tuple[int, int] | None
+
+
+def model_inputs(bundle: ModelBundle, slices: np.ndarray, prompt: str):
+    """Processor inputs of one volume (one image per slice) on the model's device."""
+    import torch
+
+    from medpruner import volume_to_inputs
+
+    inputs = volume_to_inputs(bundle.processor, torch.from_numpy(slices), prompt, family=bundle.family)
+    return inputs.to(next(bundle.model.parameters()).device)
+
+
+def run_model(
+    bundle: ModelBundle,
+    inputs,
+    slice_keep: np.ndarray,
+    *,
+    gamma: float,
+    tau: float,
+    mode: str,
+    merge: bool,
+    backend: str,
+    prompt: str,
+    max_new_tokens: int,
+    max_heatmaps: int = 8,
+) -> TokenResult:
+    """The whole MedPruner pipeline on a model: IAF + DINS + merge inside its ``generate``.
+
+    ``inputs``: from :func:`model_inputs`; ``slice_keep``: the IAF mask the report computed on the
+    same pixels (its kept slices are the ones with heatmaps)."""
+    import torch
+
+    from medpruner import apply_medpruner, remove_medpruner
+
+    model = bundle.model
+    device = next(model.parameters()).device
+    timings = {}
+    try:
+        apply_medpruner(model, gamma=gamma, tau=tau, mode=mode, merge=merge, backend=backend, record_tokens=True)
+    except (TypeError, ValueError) as err:
+        raise CommandError(f"--model {bundle.name}: {err}") from err
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        synchronize(device)
+    finally:
+        stats = model.medpruner_stats
+        remove_medpruner(model)
+    timings["generate"] = time.perf_counter() - start
+    timings["prune"] = stats.prune_seconds
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    tokenizer = getattr(bundle.processor, "tokenizer", bundle.processor)
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+    grid = None
+    if "image_grid_thw" in inputs:
+        _, rows, cols = (int(n) for n in inputs["image_grid_thw"][0].tolist())
+        grid = (rows // bundle.merge_size, cols // bundle.merge_size)
+    tokens_per_slice = [int(n) for n in stats.tokens_per_slice[0]]
+    record = {
+        "model": bundle.name,
+        "family": bundle.family,
+        "mode": mode,
+        "tau": tau,
+        "merge": merge,
+        "prompt": prompt,
+        "token_grid": None if grid is None else list(grid),
+        "slices_kept": int(stats.slices_kept[0]),
+        "slices_encoded": int(stats.slices_encoded),
+        "tokens_before": int(stats.tokens_before),
+        "tokens_after": int(stats.tokens_after),
+        "token_retention": float(stats.retention),
+        "tokens_per_slice": tokens_per_slice,
+        "generated_tokens": int(new_tokens.numel()),
+        "generated_text": text,
+    }
+
+    importance, keep, shown = [], [], []
+    encoded = np.flatnonzero(slice_keep) if mode == "fast" else np.arange(slice_keep.size)
+    # The report's IAF ran on the model's own pixels, so the slice selections agree; should they not
+    # (an adapter with another slice rule), the report gets no heatmaps rather than misplaced ones.
+    # Every slice of a volume has one resolution, so the encoded slices hold equal token counts.
+    recorded = stats.token_scores is not None
+    token_count = stats.token_scores.numel() if recorded else 0
+    per_encoded = token_count // max(len(encoded), 1)
+    same_slices = per_encoded > 0 and per_encoded * len(encoded) == token_count
+    if mode == "fast":
+        same_slices = same_slices and np.array_equal(np.asarray(tokens_per_slice) > 0, slice_keep)
+    if same_slices:
+        scores, final_keep = stats.token_scores.numpy(), stats.token_keep.numpy()
+        offsets = np.arange(len(encoded) + 1) * per_encoded
+        position_of = {int(s): p for p, s in enumerate(encoded)}
+        kept = np.flatnonzero(slice_keep)
+        for index in kept[
+            np.unique(np.linspace(0, kept.size - 1, min(max_heatmaps, kept.size)).round().astype(int))
+        ]:
+            p = position_of[int(index)]
+            shown.append(int(index))
+            importance.append(scores[offsets[p] : offsets[p + 1]])
+            keep.append(final_keep[offsets[p] : offsets[p + 1]].astype(bool))
+    return TokenResult(record, timings, shown, importance, keep, grid)
+
+
+def token_options(args, bundle: ModelBundle, resolution: int) -> TokenOptions:
+    return TokenOptions(
+        bundle=bundle,
+        tau=DEFAULT_TAU if args.tau is None else args.tau,
+        mode=args.mode or "fast",
+        merge=not args.no_merge,
+        prompt=args.prompt,
+        resolution=args.resolution or resolution,
+        max_new_tokens=args.max_new_tokens,
+    )

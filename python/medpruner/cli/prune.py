@@ -1,0 +1,251 @@
+"""One volume through IAF (and, with a model, the whole pipeline): the record that report.json and the
+batch's results lines share, the printed summary, and the report folder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medpruner.cli.common import pick_device, synchronize
+from medpruner.cli.models import TokenOptions, TokenResult, model_inputs, model_slices, run_model
+from medpruner.report import environment, write_report
+from medpruner.volume import Volume, Window, load_volume, normalize
+
+
+@dataclass
+class PruneResult:
+    volume: Volume
+    slices: np.ndarray
+    window: Window
+    keep: np.ndarray
+    distances: np.ndarray
+    timings: dict[str, float]
+    backend: str
+    device: str
+
+
+def window_volume(volume: Volume, window) -> tuple[np.ndarray, Window, float]:
+    start = time.perf_counter()
+    slices, chosen = normalize(volume, window)
+    return slices, chosen, time.perf_counter() - start
+
+
+def run_iaf(
+    volume: Volume,
+    slices: np.ndarray,
+    chosen: Window,
+    gamma: float,
+    *,
+    backend: str = "auto",
+    device: str = "auto",
+    timings: dict[str, float] | None = None,
+    pixels=None,
+) -> PruneResult:
+    """IAF on [0, 1] slices mapped to [-1, 1], so ``gamma`` is on the models' scale; or, given
+    ``pixels`` (a model's normalised pixel tensor, its rows grouped by slice), on exactly what the
+    model's own IAF compares."""
+    import torch
+
+    import medpruner_kernels
+    from medpruner_kernels._dispatch import resolve_backend
+
+    target = pick_device(device)
+    used = resolve_backend("iaf_select", target, backend, cpp_ops=("iaf_select",))
+    timings = dict(timings or {})
+    start = time.perf_counter()
+    if pixels is not None:
+        signed = pixels.to(target, torch.float32).reshape(slices.shape[0], -1)
+    else:
+        # Out of place: on CPU ``to`` returns the tensor that shares memory with ``slices``.
+        signed = torch.from_numpy(np.ascontiguousarray(slices)).to(target) * 2.0 - 1.0
+    synchronize(target)
+    timings["to_device"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    # The distances for the report come from the same pass that decides the slices.
+    keep, distances = medpruner_kernels.iaf_select(signed, gamma, backend=backend, return_distances=True)
+    synchronize(target)
+    timings["iaf"] = time.perf_counter() - start
+    return PruneResult(
+        volume=volume,
+        slices=slices,
+        window=chosen,
+        keep=keep.cpu().numpy().astype(bool),
+        distances=distances.cpu().numpy().astype(np.float32),
+        timings=timings,
+        backend=used,
+        device=str(target),
+    )
+
+
+def result_record(result: PruneResult, gamma: float, extra_config: dict | None = None) -> dict:
+    """The JSON content of a run (report.json and one results.jsonl line share it)."""
+    keep = result.keep
+    kept = int(keep.sum())
+    total = int(keep.size)
+    return {
+        "medpruner_report": 1,
+        "config": {
+            "gamma": gamma,
+            "gamma_scale": "mean |difference| on the [-1, 1] scale (mean = std = 0.5)",
+            "window": result.window.describe(),
+            **(extra_config or {}),
+        },
+        "volume": result.volume.describe(),
+        "result": {
+            "num_slices": total,
+            "kept": kept,
+            "dropped": total - kept,
+            "retention": kept / total if total else 0.0,
+            "kept_indices": np.flatnonzero(keep).tolist(),
+            "keep": keep.tolist(),
+            "distance_to_anchor": [round(float(d), 6) for d in result.distances],
+        },
+        "timings_s": {name: round(seconds, 6) for name, seconds in result.timings.items()},
+        "environment": environment(device=result.device, backend=result.backend),
+    }
+
+
+def summary_text(record: dict) -> str:
+    result, volume, config = record["result"], record["volume"], record["config"]
+    window = config["window"]
+    window_text = (
+        f"{window['name']} (level {window['level']:g}, width {window['width']:g} HU)"
+        if window["kind"] == "ct"
+        else f"percentiles {window['low_percentile']:g}..{window['high_percentile']:g}"
+    )
+    timings = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in record["timings_s"].items())
+    lines = [
+        f"volume     {volume['source']}",
+        f"           {volume['modality']} {'x'.join(map(str, volume['shape']))} (D x H x W), "
+        f"spacing {'x'.join(f'{s:g}' for s in volume['spacing_mm'])} mm, orientation {volume['orientation']}",
+        f"           slice axis {volume['slice_axis']}: {volume['slice_axis_reason']}",
+        f"window     {window_text}",
+        f"IAF        gamma {config['gamma']:g} on [-1, 1]: "
+        f"kept {result['kept']}/{result['num_slices']} slices (retention {100.0 * result['retention']:.1f}%)",
+        f"backend    {record['environment']['backend']} on {record['environment']['device']}",
+    ]
+    tokens = record.get("tokens")
+    if tokens is not None:
+        lines += [
+            f"model      {tokens['model']} ({tokens['family']}), slices resized to "
+            f"{'x'.join(map(str, tokens['slice_size']))}",
+            f"DINS       tau {tokens['tau']:g}, mode {tokens['mode']}, merge {'on' if tokens['merge'] else 'off'}: "
+            f"visual tokens {tokens['tokens_after']}/{tokens['tokens_before']} "
+            f"(retention {100.0 * tokens['token_retention']:.1f}%), {tokens['slices_encoded']} slices encoded",
+            f"generated  {tokens['generated_tokens']} tokens: {tokens['generated_text']!r}",
+        ]
+    lines.append(f"time       {timings}")
+    return "\n".join(lines)
+
+
+def prune_loaded(
+    volume: Volume,
+    slices: np.ndarray,
+    chosen: Window,
+    timings: dict[str, float],
+    *,
+    gamma: float,
+    backend: str,
+    device: str,
+    tokens: TokenOptions | None = None,
+    extra_config: dict | None = None,
+) -> tuple[dict, PruneResult, TokenResult | None]:
+    """IAF (and, with ``tokens``, the model pipeline) on windowed slices -> (record, result, tokens).
+
+    With a model the slices are first resized to its resolution, so the report's IAF and the model's
+    run on the same pixels."""
+    inputs = None
+    if tokens is not None:
+        start = time.perf_counter()
+        slices = model_slices(slices, tokens.resolution, tokens.bundle.size_multiple)
+        inputs = model_inputs(tokens.bundle, slices, tokens.prompt)
+        timings = dict(timings, model_inputs=time.perf_counter() - start)
+    pixels = None if inputs is None else inputs[tokens.bundle.pixel_key]
+    result = run_iaf(
+        volume, slices, chosen, gamma, backend=backend, device=device, timings=timings, pixels=pixels
+    )
+    token_result = None
+    if tokens is not None:
+        token_result = run_model(
+            tokens.bundle,
+            inputs,
+            result.keep,
+            gamma=gamma,
+            tau=tokens.tau,
+            mode=tokens.mode,
+            merge=tokens.merge,
+            backend=backend,
+            prompt=tokens.prompt,
+            max_new_tokens=tokens.max_new_tokens,
+        )
+        result.timings.update(token_result.timings)
+    record = result_record(result, gamma, extra_config)
+    if token_result is not None:
+        record["tokens"] = dict(token_result.record, slice_size=list(slices.shape[1:]))
+        record["config"]["gamma_scale"] = (
+            "mean |difference| on the model's normalised pixel tensor (what its own IAF compares; "
+            "[-1, 1] for processors with mean = std = 0.5)"
+        )
+        record["result"]["tokens_per_slice"] = token_result.record["tokens_per_slice"]
+        record["result"]["token_retention"] = token_result.record["token_retention"]
+    return record, result, token_result
+
+
+def prune_one(
+    source,
+    *,
+    gamma: float,
+    window,
+    slice_axis: int | None,
+    frame: int | None,
+    backend: str,
+    device: str,
+    out_dir: Path | None,
+    tokens: TokenOptions | None = None,
+    extra_config: dict | None = None,
+    html_page: bool = True,
+) -> dict:
+    start = time.perf_counter()
+    volume = load_volume(source, slice_axis=slice_axis, frame=frame)
+    load_seconds = time.perf_counter() - start
+    slices, chosen, window_seconds = window_volume(volume, window)
+    record, result, token_result = prune_loaded(
+        volume,
+        slices,
+        chosen,
+        {"load": load_seconds, "window": window_seconds},
+        gamma=gamma,
+        backend=backend,
+        device=device,
+        tokens=tokens,
+        extra_config=extra_config,
+    )
+    if out_dir is not None:
+        start = time.perf_counter()
+        heatmaps = {}
+        if token_result is not None and token_result.heatmap_slices:
+            heatmaps = dict(
+                token_importance=token_result.importance,
+                token_keep=token_result.keep,
+                token_slices=token_result.heatmap_slices,
+                token_grid=token_result.grid,
+            )
+        # The report's own timing is known only after its figures exist; report.json carries the rest.
+        write_report(
+            out_dir, record, result.slices, flips=volume.display_flips(), html_page=html_page, **heatmaps
+        )
+        record["timings_s"]["report"] = round(time.perf_counter() - start, 6)
+        record["report_dir"] = str(out_dir)
+    return record
+
+
+def report_files(out_dir: Path) -> str:
+    names = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
+    return f"{out_dir}: {', '.join(names)}"
+
+
+# Options that only a model run uses (None/False when not given).
