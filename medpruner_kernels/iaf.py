@@ -1,21 +1,27 @@
 """IAF, inter-slice anchor filtering: keep a slice when its mean absolute distance to the current
 anchor slice exceeds gamma; a kept slice becomes the new anchor.
 
-The rule is sequential (each decision moves the anchor), so the GPU path splits it into parallel
-distance passes and one small scan program per volume:
+The rule is sequential (each decision moves the anchor), so the GPU path splits it into a parallel
+band pass and one persistent scan launch, a fixed number of launches whatever the slice count:
 
-1. band pass (1 launch, every slice read once from HBM; the lags are L1/L2 hits): the partial sums
-   of |x[s] - x[s - g]| for g = 1..BAND over column tiles, ``band_part[s, g - 1, tile]``.
-2. scan (1 launch, one program per volume): from the anchor a, the distances to a+1..a+BAND sit in
-   the band, so the program jumps straight to the first one above gamma. A stretch longer than BAND
-   with no keep needs distances to an older anchor: the program records a row request and stops.
-3. rounds (a fixed number, 2 launches each, no host sync): a row pass computes the partial sums of
-   |x[s] - x[a]| for the ROW_LEN slices after the request, then the scan resumes. Each round moves the
-   scan at least BAND + 1 slices forward, so ceil(max_len / (BAND + 1)) rounds always finish; rounds
-   whose volume is done exit at once.
+1. band pass: each program walks a chunk of consecutive slices of one column tile and keeps the
+   last BAND slices of that tile in registers (a ring of 8 tiles, rotated by renaming in a loop
+   unrolled by BAND), so each element is loaded from global memory once (16-byte loads), plus BAND
+   warm-up slices per chunk (chunks are at least MIN_CHUNK slices). It writes per tile the partial
+   sums of |x[t + g] - x[t]| for g = 1..BAND, ``part[tile, t, g - 1]``.
+2. reduce (only with more than one tile): sums the tiles into ``band[t, g - 1]``.
+3. scan, one persistent launch: the first programs (one per volume) are scanners. A scanner holds
+   the band rows of SCAN_BLOCK consecutive anchors on chip and walks the keeps from there. A stretch
+   longer than BAND with no keep needs distances to an older anchor: the scanner publishes a row
+   request (anchor, the next ROW_LEN slices), and the other programs of the launch (workers), with
+   the scanner itself, compute its column pieces; pieces are claimed with an atomic ticket, so a
+   program only ever waits on work a running program has claimed (no deadlock, whatever the number
+   of resident programs; under the interpreter, which runs programs one after another, the scanner
+   computes every piece itself).
 
-Bytes: the volume once (band) plus, in the few-keeps regime, at most once more (rows never overlap:
-each covers slices after the previous one). Launches: 2 + 2 * ceil(max_len / (BAND + 1)).
+Bytes: the volume once (plus the warm-up slices, <= 1/16), and in the few-keeps regime at most once
+more: a request starts at least BAND + 1 slices after the previous one and covers ROW_LEN = BAND + 1
+slices, so rows never overlap. Launches: band, reduce and scan (and the zero fills of the outputs).
 """
 
 from __future__ import annotations
@@ -33,173 +39,241 @@ from medpruner_kernels._validation import (
     check_tensor,
 )
 
-BAND = 16
-ROW_LEN = 32
-BLOCK_P = 256
+BAND = 8  # lags kept on chip; the register ring and _stack8 are written for 8
+ROW_LEN = BAND + 1  # slices per row request: requests never overlap (see the module docstring)
+BLOCK = 1024  # band tile: 8 columns per thread of 4 warps (16-byte loads for 16-bit dtypes, 2 for fp32)
+MIN_CHUNK = 16 * BAND  # slices per band program at least: warm-up re-reads <= 1/16 of the volume
+TARGET_PROGRAMS = 1024  # band programs wanted (tiles x chunks) to cover every SM several times
+SCAN_BLOCK = 32  # anchors whose band rows a scanner loads at once
+ROW_BLOCK = 256  # row piece: 8 columns per lane of the scan kernel's single warp
+PIECE_CHUNK = 64  # row pieces a scanner sums per step
+WORKERS_PER_SM = 4
+BLOCK_P = 256  # anchor_distances (one pair per slice)
 MAX_TILES = 64
+CTL_WORDS = 8  # int32 control words per volume in the scan launch, after the role counter
 
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    # Offsets of a volume's control words: tickets claimed, pieces published, pieces done, scanner
+    # finished, and the current request (anchor, first slice, slice count).
+    _CLAIM, _PUBLISHED, _DONE, _FINISHED, _ANCHOR, _START, _COUNT = (tl.constexpr(i) for i in range(7))
+    _CTL_WORDS = tl.constexpr(CTL_WORDS)
+
+    @triton.jit
+    def _load_slice(x_ptr, s, last, row_stride, cols, num_cols):
+        # The row bound is folded into the column bound: the interpreter rejects vector & scalar masks.
+        bound = tl.where(s < last, num_cols, 0)
+        return tl.load(x_ptr + s.to(tl.int64) * row_stride + cols, mask=cols < bound, other=0).to(tl.float32)
+
+    @triton.jit
+    def _stack8(a0, a1, a2, a3, a4, a5, a6, a7):
+        # [B] x 8 -> [B, 8] (column k = a_k) in registers: join appends an in-thread dim of 2, and the
+        # reshape reads the three joined dims in reverse, so the leaves go in bit-reversed order.
+        pairs = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7)))
+        return tl.reshape(pairs, [a0.shape[0], 8])
+
     @triton.jit
     def _iaf_band_kernel(
         x_ptr,
-        band_part_ptr,
+        part_ptr,
         row_stride,
         num_rows,
         num_cols,
-        tile_cols,
-        num_tiles,
-        ROWS_PER_PROGRAM: tl.constexpr,
+        chunk_len,
         BAND: tl.constexpr,
-        BLOCK_P: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
-        chunk = tl.program_id(0)
-        tile = tl.program_id(1)
+        tl.static_assert(BAND == 8)
+        tile = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cols = tile * BLOCK + tl.arange(0, BLOCK)
+        first = chunk * chunk_len
+        last = tl.minimum(first + chunk_len, num_rows)
         lags = tl.arange(0, BAND) + 1
-        col_begin = tile * tile_cols
-        col_end = tl.minimum(col_begin + tile_cols, num_cols)
-        for i in range(ROWS_PER_PROGRAM):
-            s = chunk * ROWS_PER_PROGRAM + i
-            # Scalar conditions are folded into vector bounds: the interpreter rejects vector & scalar masks.
-            row_col_end = tl.where(s < num_rows, col_end, col_begin)
-            prev_rows = s - lags
-            prev_ok = (prev_rows >= 0) & (prev_rows + lags < num_rows)
-            part = tl.zeros([BAND], dtype=tl.float32)
-            for col0 in range(col_begin, col_end, BLOCK_P):
-                cols = col0 + tl.arange(0, BLOCK_P)
-                col_ok = cols < col_end
-                cur = tl.load(x_ptr + s.to(tl.int64) * row_stride + cols, mask=cols < row_col_end, other=0)
-                prev = tl.load(
-                    x_ptr + prev_rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-                    mask=prev_ok[:, None] & col_ok[None, :],
-                    other=0,
-                )
-                part += tl.sum(tl.abs(prev.to(tl.float32) - cur.to(tl.float32)[None, :]), axis=1)
-            tl.store(band_part_ptr + (s * BAND + lags - 1) * num_tiles + tile, part, mask=prev_ok)
+        tile_part = part_ptr + tile.to(tl.int64) * num_rows * BAND
+        # r7 is the previous slice, r0 the one BAND slices back.
+        zero = tl.zeros([BLOCK], dtype=tl.float32)
+        r0, r1, r2, r3, r4, r5, r6, r7 = zero, zero, zero, zero, zero, zero, zero, zero
+        warm = tl.maximum(first - BAND, 0)
+        for step in range(0, last - warm, BAND):
+            group = warm + step
+            # The group's loads go out together (no store in between), 8 slices in flight per program.
+            group_slices = (
+                _load_slice(x_ptr, group, last, row_stride, cols, num_cols),
+                _load_slice(x_ptr, group + 1, last, row_stride, cols, num_cols),
+                _load_slice(x_ptr, group + 2, last, row_stride, cols, num_cols),
+                _load_slice(x_ptr, group + 3, last, row_stride, cols, num_cols),
+                _load_slice(x_ptr, group + 4, last, row_stride, cols, num_cols),
+                _load_slice(x_ptr, group + 5, last, row_stride, cols, num_cols),
+                _load_slice(x_ptr, group + 6, last, row_stride, cols, num_cols),
+                _load_slice(x_ptr, group + 7, last, row_stride, cols, num_cols),
+            )
+            for i in tl.static_range(BAND):
+                s = group + i
+                cur = group_slices[i]
+                dists = tl.sum(
+                    _stack8(
+                        tl.abs(r7 - cur), tl.abs(r6 - cur), tl.abs(r5 - cur), tl.abs(r4 - cur),
+                        tl.abs(r3 - cur), tl.abs(r2 - cur), tl.abs(r1 - cur), tl.abs(r0 - cur),
+                    ),
+                    axis=0,
+                )  # fmt: skip
+                # Entry (t, g) is d(t, t + g), stored by the chunk that owns t + g; warm-up slices store nothing.
+                t = s - lags
+                owned = (s >= first) & (s < last)
+                tl.store(tile_part + t.to(tl.int64) * BAND + lags - 1, dists, mask=t >= tl.where(owned, 0, s))
+                r0, r1, r2, r3, r4, r5, r6, r7 = r1, r2, r3, r4, r5, r6, r7, cur
 
     @triton.jit
-    def _iaf_row_kernel(
-        x_ptr,
-        row_part_ptr,
-        state_ptr,
-        cu_ptr,
-        row_stride,
-        num_cols,
-        tile_cols,
-        num_tiles,
-        ROW_LEN: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-    ):
-        volume = tl.program_id(0)
-        tile = tl.program_id(1)
-        end = tl.load(cu_ptr + volume + 1)
-        anchor = tl.load(state_ptr + volume * 4 + 0)
-        pos = tl.load(state_ptr + volume * 4 + 1)
-        row_anchor = tl.load(state_ptr + volume * 4 + 2)
-        row_start = tl.load(state_ptr + volume * 4 + 3)
-        requested = (pos < end) & (row_anchor == anchor) & (row_start == pos)
-        offsets = tl.arange(0, ROW_LEN)
-        rows = row_start + offsets
-        rows_ok = rows < tl.where(requested, end, row_start)
-        col_begin = tile * tile_cols
-        col_end = tl.minimum(col_begin + tile_cols, num_cols)
-        ref_col_end = tl.where(requested, col_end, col_begin)
-        part = tl.zeros([ROW_LEN], dtype=tl.float32)
-        for col0 in range(col_begin, col_end, BLOCK_P):
-            cols = col0 + tl.arange(0, BLOCK_P)
-            col_ok = cols < col_end
-            ref = tl.load(x_ptr + anchor.to(tl.int64) * row_stride + cols, mask=cols < ref_col_end, other=0)
-            cur = tl.load(
-                x_ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-                mask=rows_ok[:, None] & col_ok[None, :],
-                other=0,
-            )
-            part += tl.sum(tl.abs(cur.to(tl.float32) - ref.to(tl.float32)[None, :]), axis=1)
-        tl.store(row_part_ptr + (volume * ROW_LEN + offsets) * num_tiles + tile, part, mask=rows_ok)
+    def _iaf_band_reduce_kernel(part_ptr, band_ptr, num_entries, num_tiles, BLOCK_R: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = offsets < num_entries
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        tile_ptr = part_ptr  # advanced in 64-bit pointer arithmetic: tiles x entries may pass 2**31
+        for _ in range(num_tiles):
+            total += tl.load(tile_ptr + offsets, mask=ok, other=0.0)
+            tile_ptr += num_entries
+        tl.store(band_ptr + offsets, total, mask=ok)
+
+    @triton.jit
+    def _row_piece(x_ptr, piece_part_ptr, anchor, row_start, count, piece, row_stride, num_cols,
+                   num_pieces, ROW_BLOCK: tl.constexpr):  # fmt: skip
+        """Partial sums of |x[row_start + j] - x[anchor]| over one column piece, j < count."""
+        cols = piece * ROW_BLOCK + tl.arange(0, ROW_BLOCK)
+        col_ok = cols < num_cols
+        ref = tl.load(x_ptr + anchor.to(tl.int64) * row_stride + cols, mask=col_ok, other=0).to(tl.float32)
+        for j in range(count):
+            row = (row_start + j).to(tl.int64)
+            cur = tl.load(x_ptr + row * row_stride + cols, mask=col_ok, other=0).to(tl.float32)
+            tl.store(piece_part_ptr + j * num_pieces + piece, tl.sum(tl.abs(cur - ref), axis=0))
 
     @triton.jit
     def _iaf_scan_kernel(
-        band_part_ptr,
+        x_ptr,
+        band_ptr,
         row_part_ptr,
-        state_ptr,
+        ctl_ptr,
         cu_ptr,
         keep_ptr,
         dist_ptr,
         gamma,
         inv_cols,
-        num_tiles,
-        FIRST: tl.constexpr,
+        row_stride,
+        num_cols,
+        num_segments,
+        num_pieces,
         BAND: tl.constexpr,
         ROW_LEN: tl.constexpr,
-        TILES: tl.constexpr,
+        ROW_PAD: tl.constexpr,
+        SCAN_BLOCK: tl.constexpr,
+        ROW_BLOCK: tl.constexpr,
+        PIECE_CHUNK: tl.constexpr,
     ):
-        volume = tl.program_id(0)
-        start = tl.load(cu_ptr + volume)
-        end = tl.load(cu_ptr + volume + 1)
-        if FIRST:
+        # Roles follow a ticket, not the program id: a worker only runs once every scanner has started.
+        role = tl.atomic_add(ctl_ptr, 1)
+        is_scanner = role < num_segments
+        volume = tl.where(is_scanner, role, (role - num_segments) % num_segments)
+        ctl = ctl_ptr + 1 + volume * _CTL_WORDS
+        piece_part = row_part_ptr + volume.to(tl.int64) * ROW_LEN * num_pieces
+        if is_scanner:
+            start = tl.load(cu_ptr + volume)
+            end = tl.load(cu_ptr + volume + 1)
+            tl.store(keep_ptr + start, 1, mask=end > start)
+            lags = tl.arange(0, BAND) + 1
+            block_rows = tl.arange(0, SCAN_BLOCK)
+            offsets = tl.arange(0, ROW_PAD)
+            pieces = tl.arange(0, PIECE_CHUNK)
             anchor = start
             pos = start + 1
-            row_anchor = start - 1
-            row_start = start
-            tl.store(keep_ptr + start, 1, mask=end > start)
-        else:
-            anchor = tl.load(state_ptr + volume * 4 + 0)
-            pos = tl.load(state_ptr + volume * 4 + 1)
-            row_anchor = tl.load(state_ptr + volume * 4 + 2)
-            row_start = tl.load(state_ptr + volume * 4 + 3)
-        lags = tl.arange(0, BAND) + 1
-        offsets = tl.arange(0, ROW_LEN)
-        tiles = tl.arange(0, TILES)
-        tile_ok = tiles < num_tiles
-        active = pos < end
-        while active:
-            gap = pos - anchor
-            if gap <= BAND:
-                targets = anchor + lags
-                ok = (lags >= gap) & (targets < end)
-                part = tl.load(
-                    band_part_ptr + ((targets * BAND + lags - 1) * num_tiles)[:, None] + tiles[None, :],
-                    mask=ok[:, None] & tile_ok[None, :],
-                    other=0.0,
-                )
-                d = tl.sum(part, axis=1) * inv_cols
-                first = tl.min(tl.where(ok & (d > gamma), lags, BAND + 1), axis=0)
-                tl.store(dist_ptr + targets, d, mask=ok & (lags <= first))
-                if first <= BAND:
-                    tl.store(keep_ptr + anchor + first, 1)
-                    anchor = anchor + first
-                    pos = anchor + 1
-                else:
-                    pos = anchor + BAND + 1
-            else:
-                if (row_anchor == anchor) & (pos >= row_start) & (pos < row_start + ROW_LEN):
-                    targets = row_start + offsets
-                    ok = (targets >= pos) & (targets < end)
-                    part = tl.load(
-                        row_part_ptr + ((volume * ROW_LEN + offsets) * num_tiles)[:, None] + tiles[None, :],
-                        mask=ok[:, None] & tile_ok[None, :],
-                        other=0.0,
-                    )
-                    d = tl.sum(part, axis=1) * inv_cols
-                    first = tl.min(tl.where(ok & (d > gamma), offsets, ROW_LEN), axis=0)
-                    tl.store(dist_ptr + targets, d, mask=ok & (offsets <= first))
-                    if first < ROW_LEN:
-                        tl.store(keep_ptr + row_start + first, 1)
-                        anchor = row_start + first
+            block_start = start - SCAN_BLOCK  # no block loaded yet
+            block = tl.zeros([SCAN_BLOCK, BAND], dtype=tl.float32)
+            published = 0
+            held = -1
+            while pos < end:
+                gap = pos - anchor
+                if gap <= BAND:
+                    # d(anchor, anchor + g) for g = 1..BAND is in the band: the anchor's row, from the
+                    # block on chip (reloaded, one vector load, when the anchor leaves it).
+                    if (anchor < block_start) | (anchor >= block_start + SCAN_BLOCK):
+                        block_start = anchor
+                        anchors = anchor + block_rows
+                        block = tl.load(
+                            band_ptr + anchors.to(tl.int64)[:, None] * BAND + lags[None, :] - 1,
+                            mask=(anchors < end)[:, None],
+                            other=0.0,
+                        )
+                    row = tl.sum(tl.where((block_rows == anchor - block_start)[:, None], block, 0.0), axis=0)
+                    d = row * inv_cols
+                    targets = anchor + lags
+                    candidate = (lags >= gap) & (targets < end)
+                    first = tl.min(tl.where(candidate & (d > gamma), lags, BAND + 1), axis=0)
+                    tl.store(dist_ptr + targets, d, mask=candidate & (lags <= first))
+                    if first <= BAND:
+                        anchor = anchor + first
+                        tl.store(keep_ptr + anchor, 1)
                         pos = anchor + 1
                     else:
-                        pos = row_start + ROW_LEN
+                        pos = anchor + BAND + 1
                 else:
-                    row_anchor = anchor
-                    row_start = pos
-                    active = False
-            active = active & (pos < end)
-        tl.store(state_ptr + volume * 4 + 0, anchor)
-        tl.store(state_ptr + volume * 4 + 1, pos)
-        tl.store(state_ptr + volume * 4 + 2, row_anchor)
-        tl.store(state_ptr + volume * 4 + 3, row_start)
+                    # A run longer than the band: distances to the anchor for the next ROW_LEN slices.
+                    count = tl.minimum(end - pos, ROW_LEN)
+                    tl.store(ctl + _ANCHOR, anchor)
+                    tl.store(ctl + _START, pos)
+                    tl.store(ctl + _COUNT, count)
+                    published += num_pieces
+                    tl.atomic_xchg(ctl + _PUBLISHED, published)
+                    if held < 0:
+                        held = tl.atomic_add(ctl + _CLAIM, 1)
+                    while held < published:
+                        piece = held - (published - num_pieces)
+                        _row_piece(x_ptr, piece_part, anchor, pos, count, piece, row_stride, num_cols, num_pieces,
+                                   ROW_BLOCK)  # fmt: skip
+                        tl.atomic_add(ctl + _DONE, 1)
+                        held = tl.atomic_add(ctl + _CLAIM, 1)
+                    done = tl.atomic_add(ctl + _DONE, 0)
+                    while done < published:
+                        done = tl.atomic_add(ctl + _DONE, 0)
+                    sums = tl.zeros([ROW_PAD], dtype=tl.float32)
+                    for p0 in range(0, num_pieces, PIECE_CHUNK):
+                        piece_ids = p0 + pieces
+                        # .cg: the partials were written by other SMs; never serve them from this SM's L1.
+                        chunk = tl.load(
+                            piece_part + offsets[:, None] * num_pieces + piece_ids[None, :],
+                            mask=(offsets < count)[:, None] & (piece_ids < num_pieces)[None, :],
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        sums += tl.sum(chunk, axis=1)
+                    d = sums * inv_cols
+                    first = tl.min(tl.where((offsets < count) & (d > gamma), offsets, ROW_PAD), axis=0)
+                    tl.store(dist_ptr + pos + offsets, d, mask=(offsets < count) & (offsets <= first))
+                    if first < ROW_PAD:
+                        anchor = pos + first
+                        tl.store(keep_ptr + anchor, 1)
+                        pos = anchor + 1
+                    else:
+                        pos = pos + count
+            tl.atomic_xchg(ctl + _FINISHED, 1)
+        else:
+            # A worker computes pieces of its volume's requests until the scanner finishes. It holds one
+            # ticket at a time; a ticket past the published pieces belongs to the next request.
+            held = tl.atomic_add(ctl + _CLAIM, 1)
+            finished = 0
+            while finished == 0:
+                published = tl.atomic_add(ctl + _PUBLISHED, 0)
+                if held < published:
+                    anchor = tl.load(ctl + _ANCHOR, cache_modifier=".cg")
+                    row_start = tl.load(ctl + _START, cache_modifier=".cg")
+                    count = tl.load(ctl + _COUNT, cache_modifier=".cg")
+                    piece = held - (published - num_pieces)
+                    _row_piece(x_ptr, piece_part, anchor, row_start, count, piece, row_stride, num_cols, num_pieces,
+                               ROW_BLOCK)  # fmt: skip
+                    tl.atomic_add(ctl + _DONE, 1)
+                    held = tl.atomic_add(ctl + _CLAIM, 1)
+                else:
+                    finished = tl.atomic_add(ctl + _FINISHED, 0)
 
     @triton.jit
     def _pair_distance_kernel(
@@ -229,46 +303,53 @@ if TRITON_AVAILABLE:
 
 # ------------------------------------------------------------------------------------------ launchers
 def _tiling(num_cols: int) -> tuple[int, int]:
-    """Column tiles of the distance passes: at most MAX_TILES partial sums per distance (the scan adds
-    them in one vector load), each tile a multiple of BLOCK_P."""
+    """Column tiles of anchor_distances: at most MAX_TILES partial sums per distance, each tile a
+    multiple of BLOCK_P."""
     tiles = max(1, min(MAX_TILES, triton.cdiv(num_cols, BLOCK_P)))
     tile_cols = triton.cdiv(triton.cdiv(num_cols, tiles), BLOCK_P) * BLOCK_P
     return tile_cols, triton.cdiv(num_cols, tile_cols)
 
 
-def _num_rounds(max_len: int) -> int:
-    # Until it finishes, the scan has passed (r + 1) * (BAND + 1) slices after r rounds.
-    return max(0, math.ceil(max_len / (BAND + 1)) - 1)
+def _band_chunks(rows: int, tiles: int) -> tuple[int, int]:
+    """(slices per band program, chunks): enough programs to fill the GPU, at least MIN_CHUNK slices
+    each (a program re-reads BAND slices before its chunk to fill its ring)."""
+    chunks = max(1, min(rows // MIN_CHUNK, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    return triton.cdiv(rows, chunks), chunks
 
 
-def _launch_iaf(slices, cu_seqlens, gamma, max_len):
+def _num_workers(device: torch.device) -> int:
+    # Under the interpreter programs run one after another: one worker checks that idle workers exit.
+    if device.type != "cuda":
+        return 1
+    return WORKERS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_iaf(slices, cu_seqlens, gamma):
     rows, cols = slices.shape
     segments = cu_seqlens.numel() - 1
-    tile_cols, num_tiles = _tiling(cols)
-    tiles_block = triton.next_power_of_2(num_tiles)
     device = slices.device
+    tiles = triton.cdiv(cols, BLOCK)
+    chunk_len, chunks = _band_chunks(rows, tiles)
+    part = torch.empty(tiles * rows * BAND, dtype=torch.float32, device=device)
+    wrap_triton(_iaf_band_kernel)[(tiles, chunks)](
+        slices, part, slices.stride(0), rows, cols, chunk_len, BAND=BAND, BLOCK=BLOCK, num_warps=4
+    )
+    band = part
+    if tiles > 1:
+        band = torch.empty(rows * BAND, dtype=torch.float32, device=device)
+        wrap_triton(_iaf_band_reduce_kernel)[(triton.cdiv(rows * BAND, 1024),)](
+            part, band, rows * BAND, tiles, BLOCK_R=1024, num_warps=4
+        )
+    pieces = triton.cdiv(cols, ROW_BLOCK)
+    row_part = torch.empty(segments * ROW_LEN * pieces, dtype=torch.float32, device=device)
+    ctl = torch.zeros(1 + segments * CTL_WORDS, dtype=torch.int32, device=device)
     keep = torch.zeros(rows, dtype=torch.int8, device=device)
     dist = torch.zeros(rows, dtype=torch.float32, device=device)
-    band_part = torch.empty(max(rows, 1) * BAND * num_tiles, dtype=torch.float32, device=device)
-    row_part = torch.empty(segments * ROW_LEN * num_tiles, dtype=torch.float32, device=device)
-    state = torch.empty(segments * 4, dtype=torch.int32, device=device)
-    rows_per_program = 4
-    wrap_triton(_iaf_band_kernel)[(triton.cdiv(rows, rows_per_program), num_tiles)](
-        slices, band_part, slices.stride(0), rows, cols, tile_cols, num_tiles,
-        ROWS_PER_PROGRAM=rows_per_program, BAND=BAND, BLOCK_P=BLOCK_P,
+    wrap_triton(_iaf_scan_kernel)[(segments + _num_workers(device),)](
+        slices, band, row_part, ctl, cu_seqlens, keep, dist, gamma, 1.0 / cols, slices.stride(0), cols,
+        segments, pieces, BAND=BAND, ROW_LEN=ROW_LEN, ROW_PAD=triton.next_power_of_2(ROW_LEN),
+        SCAN_BLOCK=SCAN_BLOCK, ROW_BLOCK=ROW_BLOCK, PIECE_CHUNK=PIECE_CHUNK, num_warps=1,
     )  # fmt: skip
-    scan_args = (band_part, row_part, state, cu_seqlens, keep, dist, gamma, 1.0 / cols, num_tiles)
-    wrap_triton(_iaf_scan_kernel)[(segments,)](
-        *scan_args, FIRST=True, BAND=BAND, ROW_LEN=ROW_LEN, TILES=tiles_block
-    )
-    for _ in range(_num_rounds(max_len)):
-        wrap_triton(_iaf_row_kernel)[(segments, num_tiles)](
-            slices, row_part, state, cu_seqlens, slices.stride(0), cols, tile_cols, num_tiles,
-            ROW_LEN=ROW_LEN, BLOCK_P=BLOCK_P,
-        )  # fmt: skip
-        wrap_triton(_iaf_scan_kernel)[(segments,)](
-            *scan_args, FIRST=False, BAND=BAND, ROW_LEN=ROW_LEN, TILES=tiles_block
-        )
     return keep.bool(), dist
 
 
@@ -326,9 +407,9 @@ if TRITON_AVAILABLE:
 
     @triton_op("medpruner::iaf_select_triton", mutates_args=())
     def _iaf_select_triton(
-        slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float, max_len: int
+        slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch_iaf(slices, cu_seqlens, gamma, max_len)
+        return _launch_iaf(slices, cu_seqlens, gamma)
 
     @triton_op("medpruner::anchor_distances_triton", mutates_args=())
     def _anchor_distances_triton(slices: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -441,8 +522,9 @@ def iaf_select(
             is on the [-1, 1] scale of the models' processors). A negative gamma keeps every slice.
         cu_seqlens: int32 ``[B+1]`` offsets of the volumes in a flat batch (0, ..., total_slices).
         batched: treat the first two dims as ``[B, D]``.
-        max_seqlen: longest volume of a varlen batch; on CUDA it bounds the number of scan rounds
-            without reading ``cu_seqlens`` on the host (default: the total, which is always safe).
+        max_seqlen: longest volume of a varlen batch: the torch path's loop bound (default: read
+            from ``cu_seqlens`` on CPU, the total slice count on CUDA, which is always safe). The
+            Triton path does not need it: its launch count is fixed.
         return_distances: also return each slice's float32 distance to the anchor it was compared
             with (0 for a volume's first slice).
         backend: "auto" | "triton" | "cpp" | "torch".
@@ -477,7 +559,7 @@ def iaf_select(
     else:
         cu = _offsets(cu, rows, max_len, volume.device)
         if chosen == "triton":
-            keep, dist = _iaf_select_triton(slices, cu, gamma, max_len)
+            keep, dist = _iaf_select_triton(slices, cu, gamma)
         else:
             keep, dist = _iaf_select_torch(slices, cu, gamma, max_len)
         _check_finite_volume(op, slices, cu, dist)

@@ -451,7 +451,7 @@ def test_opcheck_triton_ops():
         utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     slices = _random_volume((30, 24), torch.float32).to(DEVICE)
     cu = torch.tensor([0, 12, 30], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(torch.ops.medpruner.iaf_select_triton, (slices, cu, 0.2, 18), test_utils=utils)
+    torch.library.opcheck(torch.ops.medpruner.iaf_select_triton, (slices, cu, 0.2), test_utils=utils)
     anchor = torch.tensor([0] * 12 + [12] * 18, dtype=torch.int64, device=DEVICE)
     torch.library.opcheck(torch.ops.medpruner.anchor_distances_triton, (slices, anchor), test_utils=utils)
 
