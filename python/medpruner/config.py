@@ -85,9 +85,7 @@ class MedPrunerConfig:
         if not isinstance(self.merge, bool):
             raise TypeError(f"MedPrunerConfig.merge must be a bool, got {type(self.merge).__name__}")
         if not isinstance(self.record_tokens, bool):
-            raise TypeError(
-                f"MedPrunerConfig.record_tokens must be a bool, got {type(self.record_tokens).__name__}"
-            )
+            raise TypeError(f"MedPrunerConfig.record_tokens must be a bool, got {type(self.record_tokens).__name__}")
         if self.mode not in MODES:
             raise ValueError(f"MedPrunerConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.temperature is not None:

@@ -378,9 +378,7 @@ class Adapter:
         total = keep.numel()
         paper = config.mode == "paper"
         if paper:
-            slice_of_token = slice_keep.repeat_interleave(
-                to_device(enc_tokens, keep.device), output_size=total
-            )
+            slice_of_token = slice_keep.repeat_interleave(to_device(enc_tokens, keep.device), output_size=total)
             first_token = torch.zeros_like(keep)
             first_token[token_cu[:-1].long()] = True
             # A dropped slice takes no part in the merge: all its tokens count as kept until the

@@ -44,7 +44,7 @@ class QwenVLAdapter(Adapter):
         # The grid is image metadata the tower itself reads to the host (as Python ints) to build its
         # positions; the processor returns it on the CPU.
         grids = call["image_grid_thw"].tolist()
-        unit = model.model.visual.spatial_merge_size ** 2
+        unit = model.model.visual.spatial_merge_size**2
         rows = [t * h * w for t, h, w in grids]
         if call["pixel_values"].shape[0] != sum(rows):
             raise ValueError(
