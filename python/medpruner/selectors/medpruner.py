@@ -71,21 +71,12 @@ def budget_stage(scores, keys, features, slice_cu, slice_keep, budget, *, temper
     top = torch.tensor([b - c for b, c in zip(per_slice, targets)], dtype=torch.int32, device=scores.device)
     sub_keep = nucleus_select(scores[index], 1.0, temperature=temperature, cu_seqlens=sub_cu, counts=top,
                               backend=backend)
-    x = keys[index] if features is None else features[index]
-    sub_features = x.clone()
-    # A slice's target count c enters merge_tokens as C = int(context_frac * n); (c + 0.5) / n gives
-    # exactly c. Slices share at most two counts (b differs by one), so at most two merge calls.
-    for count in sorted(set(targets) - {0}):
-        rows = [i for i, c in enumerate(targets) if c == count]
-        group = torch.zeros(k, dtype=torch.bool, device=scores.device)
-        group[rows] = True
-        group_index, group_cu = kept_slice_tokens(group, sub_cu)
-        merged, group_keep = merge_tokens(
-            x[group_index], keys[index][group_index], sub_keep[group_index], cu_seqlens=group_cu,
-            context_frac=(count + 0.5) / n, backend=backend,
-        )
-        sub_features[group_index] = merged.to(sub_features.dtype)
-        sub_keep[group_index] = group_keep
+    sub_features = None
+    if merge:
+        x = keys[index] if features is None else features[index]
+        num_targets = torch.tensor(targets, dtype=torch.int32, device=scores.device)
+        sub_features, sub_keep = merge_tokens(x, keys[index], sub_keep, cu_seqlens=sub_cu, num_targets=num_targets,
+                                              backend=backend)
     return _scatter(index, sub_keep, sub_features if features is not None else None, features, scores.shape[0],
                     scores.device)
 
