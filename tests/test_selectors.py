@@ -11,7 +11,8 @@ from medpruner.selectors import SELECTORS, get_selector
 
 GRID = (4, 4)
 N_PER_SLICE = GRID[0] * GRID[1]
-# The kernels' backends agree with each other in their own tests; here the selectors' logic is under test.
+# The kernels' backends agree with each other in their own tests; here the selectors' logic is under test
+# (the MedPruner reference tests also run the default backend).
 KERNEL = {"backend": "torch"}
 KERNEL_METHODS = ("medpruner", "medpruner_budget", "iaf", "dins")
 
@@ -143,11 +144,12 @@ def ref_medpruner(scores, keys, features, slice_cu, pixels, *, gamma, tau, tempe
 @pytest.mark.parametrize("tau", [0.3, 0.9, 1.0])
 @pytest.mark.parametrize("merge", [True, False])
 @pytest.mark.parametrize("temperature", [None, 2.0])
-def test_medpruner_adaptive_matches_reference(num_slices, tau, merge, temperature):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_medpruner_adaptive_matches_reference(num_slices, tau, merge, temperature, backend):
     scores, keys, features, slice_cu, pixels = make_sample(num_slices, seed=num_slices)
     result = get_selector("medpruner").select(
         scores, keys, features, slice_cu, None, slice_pixels=pixels, tau=tau, merge=merge,
-        temperature=temperature, **KERNEL,
+        temperature=temperature, backend=backend,
     )
     slice_keep, keep, out = ref_medpruner(scores, keys, features, slice_cu, pixels, gamma=0.05, tau=tau,
                                           temperature=temperature, merge=merge, context_frac=0.05)
@@ -160,10 +162,11 @@ def test_medpruner_adaptive_matches_reference(num_slices, tau, merge, temperatur
 
 @pytest.mark.parametrize("budget", [1, 7, 13, 40, 0.05, 0.3, 1.0, 10_000])
 @pytest.mark.parametrize("merge", [True, False])
-def test_medpruner_budget_matches_reference(budget, merge):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_medpruner_budget_matches_reference(budget, merge, backend):
     scores, keys, features, slice_cu, pixels = make_sample(7, seed=3)
     result = get_selector("medpruner_budget").select(
-        scores, keys, features, slice_cu, budget, slice_pixels=pixels, merge=merge, context_frac=0.2, **KERNEL
+        scores, keys, features, slice_cu, budget, slice_pixels=pixels, merge=merge, context_frac=0.2, backend=backend
     )
     slice_keep, keep, out = ref_medpruner(scores, keys, features, slice_cu, pixels, gamma=0.05, tau=1.0,
                                           temperature=None, merge=merge, context_frac=0.2, budget=budget)
