@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -42,7 +44,23 @@ def eager_iaf_loop(volume: torch.Tensor, gamma: float) -> torch.Tensor:
     return keep
 
 
+def git_revision() -> dict:
+    """The checkout's commit and whether tracked files differ from it; None for both outside a git
+    checkout (a copied tree) or without git."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD").strip(), "git_dirty": bool(git("status", "--porcelain", "-uno"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+
+
 def environment() -> dict:
+    """Where and with what a result was measured: UTC date, package, torch, triton and Python
+    versions, git commit, CPU, and the CUDA device name ("cpu" without one)."""
     import medpruner_kernels
 
     info = {
@@ -51,6 +69,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
+        **git_revision(),
     }
     try:
         import triton

@@ -4,9 +4,17 @@ The models are built from the published configurations of Qwen3-VL-8B-Instruct a
 random bf16 weights (no checkpoint is needed: latency and memory depend on the shapes, not the values).
 Each volume is a synthetic CT-like stack (``_common.drifting_volume``) fed the paper's way, one image per
 slice, through the family's own image processor. Per (model, slice count, variant) the JSON records the
-prefill latency (the forward that fills the KV cache, pruning and vision tower included), the decode
-throughput, the peak GPU memory and the visual tokens that reach the language model. A configuration that
+prefill latency (the forward that fills the KV cache, pruning and vision tower included), the time of the
+pruning ops inside it, the decode throughput (each decode step after the prefill timed on its own; a time
+that cannot be a rate is recorded as ``decode_error``, never as a number), the peak GPU memory and the
+visual tokens that reach the language model. A configuration that
 runs out of memory or past the model's context is recorded as such instead of stopping the run.
+
+Row fields beyond the counts: ``prefill_ms`` (median), ``prefill_speedup`` (unpatched / this variant),
+``prune_ms`` and ``prune_share`` (the pruning stage, vision tower included, and its share of the
+prefill), ``prune_ops_ms`` and ``prune_ops_share`` (the medpruner_kernels ops alone, timed in one extra
+forward, and their share of that forward), ``decode_tokens_per_s`` and ``decode_ms_per_token`` (one over
+the median decode step, and that step) or ``decode_error``.
 
 Random weights attend almost uniformly, so DINS keeps far more tokens at tau = 0.9 than with trained
 weights (the paper reports a few percent): the rows record the retention reached, and ``--tau`` lowers it
@@ -22,8 +30,11 @@ Nothing runs at import (pytest may collect this directory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import gc
+import importlib
 import json
 import sys
 import time
@@ -259,6 +270,22 @@ def build_inputs(family: str, model, depth: int, size: int, device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ measure
+# Sanity ceiling on a decode rate. A step multiplies by every language-model weight (but one row of the
+# embedding table), and no memory system streams them faster than this (H200: 4.8 TB/s, B200: 8 TB/s).
+PEAK_BANDWIDTH_BYTES_PER_S = 1e13
+# A step runs every layer (tens of launches or loops); a microsecond per step is already impossible.
+MAX_DECODE_TOKENS_PER_S = 1e6
+# The public ops the adapters call; each outermost call is timed as pruning work.
+PRUNING_OPS = (
+    "iaf_select",
+    "anchor_distances",
+    "attention_importance",
+    "nucleus_select",
+    "nucleus_indices",
+    "merge_tokens",
+)
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -277,10 +304,132 @@ def _timed(fn, device, repeats: int) -> tuple[float, object]:
     return float(np.median(times)), result
 
 
-def measure(
-    model, inputs: dict, variant: str, *, device, decode_tokens: int, repeats: int, gamma: float, tau: float
-):
-    """One row of the table for ``variant`` ("unpatched" | "paper" | "fast")."""
+def decode_weight_bytes(model) -> int:
+    """Bytes of the weights one decode step multiplies by: the language model without its input
+    embedding table (a step gathers one row of it), plus the output projection (tied or not)."""
+    language = model.get_decoder()
+    weights = {id(p): p for p in language.parameters()}
+    weights.pop(id(language.get_input_embeddings().weight), None)
+    head = model.get_output_embeddings().weight
+    weights[id(head)] = head
+    return sum(p.numel() * p.element_size() for p in weights.values())
+
+
+def decode_ceiling(model) -> float:
+    """The highest decode rate (tokens/s) that can be true for ``model`` at batch 1."""
+    return min(MAX_DECODE_TOKENS_PER_S, PEAK_BANDWIDTH_BYTES_PER_S / decode_weight_bytes(model))
+
+
+def decode_rate(step_seconds, ceiling: float) -> dict:
+    """The decode row fields from measured decode-step times: ``decode_tokens_per_s`` (one over the
+    median step) and ``decode_ms_per_token``, or ``decode_error`` when the times cannot be a rate (no
+    step, a step timed at or below zero or NaN, or a rate above ``ceiling``). An error is never a
+    number."""
+    steps = [float(s) for s in step_seconds]
+    if not steps:
+        return {"decode_error": "no decode step was timed (it needs at least 2 new tokens)"}
+    bad = [s for s in steps if not s > 0.0]
+    if bad:
+        return {"decode_error": f"{len(bad)} of {len(steps)} decode steps timed non-positive or NaN ({bad[0]!r} s)"}
+    step = float(np.median(steps))
+    rate = 1.0 / step
+    if not rate <= ceiling:
+        return {
+            "decode_error": f"implausible decode rate {rate:.3g} tokens/s (median step {step:.3g} s): "
+            f"above the ceiling of {ceiling:.3g} tokens/s for this model"
+        }
+    return {"decode_tokens_per_s": rate, "decode_ms_per_token": 1e3 * step, "decode_steps_timed": len(steps)}
+
+
+class StepClock:
+    """A logits processor for ``generate`` that only takes the time. ``generate`` calls it once per new
+    token, right after the forward that produced that token's logits (the first call follows the
+    prefill), so consecutive stamps bracket exactly one decode step. It waits for the device first: the
+    logits are ready only when that step's kernels have finished."""
+
+    def __init__(self, device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def step_seconds(self) -> list[float]:
+        return [later - earlier for earlier, later in zip(self.stamps, self.stamps[1:])]
+
+
+def measure_decode(model, inputs: dict, *, device, decode_tokens: int, repeats: int) -> dict:
+    """Decode rate from the steps after the prefill, timed one by one (:class:`StepClock`) over
+    ``repeats`` generations after a warm-up generation; see :func:`decode_rate`."""
+    steps = []
+    for run_index in range(1 + repeats):
+        clock = StepClock(device)
+        model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, logits_processor=[clock])
+        if run_index:
+            steps += clock.step_seconds()
+    return decode_rate(steps, decode_ceiling(model))
+
+
+@contextlib.contextmanager
+def pruning_op_time(device):
+    """Time the public ``medpruner_kernels`` ops (:data:`PRUNING_OPS`) called inside the block. They are
+    wrapped where the adapters look them up at call time (the package and its op modules); only the
+    outermost call of a nest counts. On CUDA each call is bracketed by events on the current stream (no
+    host sync in the forward, and the span includes the time the GPU waited for the op's launches); on
+    CPU by the wall clock. Yields a dict that holds ``calls`` and ``ms`` once the block has exited."""
+    import medpruner_kernels
+
+    modules = [medpruner_kernels] + [
+        importlib.import_module(f"medpruner_kernels.{name}") for name in ("iaf", "importance", "nucleus", "merge")
+    ]
+    cuda = torch.device(device).type == "cuda"
+    spans, nesting = [], [0]
+
+    def timed(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if nesting[0]:
+                return fn(*args, **kwargs)
+            nesting[0] += 1
+            try:
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    result = fn(*args, **kwargs)
+                    end.record()
+                    spans.append((start, end))
+                else:
+                    began = time.perf_counter()
+                    result = fn(*args, **kwargs)
+                    spans.append(time.perf_counter() - began)
+            finally:
+                nesting[0] -= 1
+            return result
+
+        return wrapper
+
+    originals = [
+        (module, name, getattr(module, name)) for module in modules for name in PRUNING_OPS if hasattr(module, name)
+    ]
+    wrappers = {}
+    for module, name, fn in originals:
+        setattr(module, name, wrappers.setdefault(id(fn), timed(fn)))
+    totals: dict = {}
+    try:
+        yield totals
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+        _sync(device)
+        totals["calls"] = len(spans)
+        totals["ms"] = sum(start.elapsed_time(end) for start, end in spans) if cuda else 1e3 * sum(spans)
+
+
+def measure(model, inputs: dict, variant: str, *, device, decode_tokens: int, repeats: int, gamma: float, tau: float):
+    """One row of the table for ``variant`` ("unpatched" | "paper" | "fast"). ``decode_tokens=0`` times
+    the prefill only."""
     from medpruner import apply_medpruner, remove_medpruner
 
     remove_medpruner(model)
@@ -289,26 +438,30 @@ def measure(
     image_token = model.config.image_token_id
     row = {"variant": variant, "prompt_tokens": int(inputs["input_ids"].shape[1])}
     limit = model.config.get_text_config().max_position_embeddings
-    if variant == "unpatched" and row["prompt_tokens"] + decode_tokens > limit:
+    if variant == "unpatched" and row["prompt_tokens"] + max(decode_tokens, 1) > limit:
         row["status"] = f"exceeds_context ({limit} positions)"
         return row
+    decode, ops = {}, None
     try:
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
-            prefill_s, _ = _timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
+            prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
+            prefill_s, _ = _timed(prefill, device, repeats)
             stats = getattr(model, "medpruner_stats", None)
-            one_s, _ = _timed(
-                lambda: model.generate(**inputs, max_new_tokens=1, min_new_tokens=1),
-                device,
-                max(1, repeats // 2),
-            )
-            full_s, output = _timed(
-                lambda: model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens),
-                device,
-                max(1, repeats // 2),
-            )
+            if variant != "unpatched":
+                # A separate forward, so the wrappers cannot touch the timed prefills; the share is
+                # taken within this forward, whose ops are part of it by construction.
+                _sync(device)
+                began = time.perf_counter()
+                with pruning_op_time(device) as ops:
+                    prefill()
+                ops_forward_s = time.perf_counter() - began
+            if decode_tokens:
+                decode = measure_decode(
+                    model, inputs, device=device, decode_tokens=decode_tokens, repeats=max(1, repeats // 2)
+                )
     except torch.OutOfMemoryError:
         row["status"] = "oom"
         return row
@@ -317,30 +470,35 @@ def measure(
         gc.collect()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    visual_before = int((inputs["input_ids"] == image_token).sum())
     row.update(
         status="ok",
         prefill_ms=1e3 * prefill_s,
-        decode_tokens_per_s=(new_tokens - 1) / max(full_s - one_s, 1e-9),
-        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30
-        if torch.device(device).type == "cuda"
-        else None,
-        visual_tokens_before=int((inputs["input_ids"] == image_token).sum()),
-        visual_tokens=stats.tokens_after
-        if stats is not None
-        else int((inputs["input_ids"] == image_token).sum()),
+        **decode,
+        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None,
+        visual_tokens_before=visual_before,
+        visual_tokens=stats.tokens_after if stats is not None else visual_before,
     )
     if stats is not None:
         row.update(
             slices_kept=sum(stats.slices_kept),
             slices_encoded=stats.slices_encoded,
             retention=stats.retention,
+            # The whole pruning stage, vision tower included (PruneStats.prune_seconds).
             prune_ms=1e3 * stats.prune_seconds,
+            prune_share=stats.prune_seconds / prefill_s,
         )
+    if ops is not None:
+        if ops["calls"]:
+            row.update(
+                prune_ops_ms=ops["ms"], prune_ops_calls=ops["calls"], prune_ops_share=1e-3 * ops["ms"] / ops_forward_s
+            )
+        else:
+            row["prune_ops_error"] = "no medpruner_kernels op call was seen during the pruned prefill"
     return row
 
 
-def run(
+def iter_rows(
     models,
     slices,
     *,
@@ -352,14 +510,17 @@ def run(
     gamma: float,
     tau: float,
     qwen_size: int,
+    variants=VARIANTS,
 ):
-    rows = []
+    """Yield one row per (model, slice count, variant) as soon as it is measured. A pruned row whose
+    unpatched row (same model and slices) came first carries ``prefill_speedup``."""
     for family in models:
         model = build_model(family, device, dtype, tiny=tiny)
         size = qwen_size if family == "qwen3_vl" else 256
         for depth in slices:
             inputs = build_inputs(family, model, depth, size, device)
-            for variant in VARIANTS:
+            unpatched_ms = None
+            for variant in variants:
                 row = measure(
                     model,
                     inputs,
@@ -371,42 +532,54 @@ def run(
                     tau=tau,
                 )
                 row.update(model=family, slices=depth)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                if row["status"] == "ok":
+                    if variant == "unpatched":
+                        unpatched_ms = row["prefill_ms"]
+                    elif unpatched_ms is not None:
+                        row["prefill_speedup"] = unpatched_ms / row["prefill_ms"]
+                yield row
             del inputs
         del model
         gc.collect()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def run(models, slices, **options) -> list[dict]:
+    """:func:`iter_rows` collected, each row printed as a JSON line as it comes."""
+    rows = []
+    for row in iter_rows(models, slices, **options):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
 def main(argv=None) -> Path:
     """Run the table and write it to ``bench/results/e2e-<date>.json``; returns the path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--models", nargs="+", default=["qwen3_vl", "medgemma"], choices=["qwen3_vl", "medgemma"]
-    )
+    parser.add_argument("--models", nargs="+", default=["qwen3_vl", "medgemma"], choices=["qwen3_vl", "medgemma"])
     parser.add_argument("--slices", nargs="+", type=int, default=[64, 256, 600])
     parser.add_argument("--qwen-size", type=int, default=384, help="Qwen slice side in pixels (fixed grid)")
-    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument(
+        "--decode-tokens", type=int, default=32, help="new tokens per generation (>= 2: one decode step at least)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gamma", type=float, default=0.05)
     parser.add_argument("--tau", type=float, default=0.9)
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny models on CPU, float32 (checks the script)"
-    )
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, float32 (checks the script)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.decode_tokens < 2:
+        parser.error(f"--decode-tokens must be at least 2 (one comes from the prefill), got {args.decode_tokens}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     from _common import environment
 
     if args.smoke:
         device, dtype = "cpu", torch.float32
     else:
         if not torch.cuda.is_available():
-            raise SystemExit(
-                "bench/e2e.py measures GPU latency and memory: no CUDA device (use --smoke to check it)"
-            )
+            raise SystemExit("bench/e2e.py measures GPU latency and memory: no CUDA device (use --smoke to check it)")
         device, dtype = "cuda", torch.bfloat16
     rows = run(
         args.models,
