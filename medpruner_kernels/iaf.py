@@ -205,11 +205,11 @@ if TRITON_AVAILABLE:
                             other=0.0,
                         )
                     row = tl.sum(tl.where((block_rows == anchor - block_start)[:, None], block, 0.0), axis=0)
-                    d = row * inv_cols
+                    band_dist = row * inv_cols
                     targets = anchor + lags
                     candidate = (lags >= gap) & (targets < end)
-                    first = tl.min(tl.where(candidate & (d > gamma), lags, BAND + 1), axis=0)
-                    tl.store(dist_ptr + targets, d, mask=candidate & (lags <= first))
+                    first = tl.min(tl.where(candidate & (band_dist > gamma), lags, BAND + 1), axis=0)
+                    tl.store(dist_ptr + targets, band_dist, mask=candidate & (lags <= first))
                     if first <= BAND:
                         anchor = anchor + first
                         tl.store(keep_ptr + anchor, 1)
@@ -246,9 +246,9 @@ if TRITON_AVAILABLE:
                             cache_modifier=".cg",
                         )
                         sums += tl.sum(chunk, axis=1)
-                    d = sums * inv_cols
-                    first = tl.min(tl.where((offsets < count) & (d > gamma), offsets, ROW_PAD), axis=0)
-                    tl.store(dist_ptr + pos + offsets, d, mask=(offsets < count) & (offsets <= first))
+                    row_dist = sums * inv_cols
+                    first = tl.min(tl.where((offsets < count) & (row_dist > gamma), offsets, ROW_PAD), axis=0)
+                    tl.store(dist_ptr + pos + offsets, row_dist, mask=(offsets < count) & (offsets <= first))
                     if first < ROW_PAD:
                         anchor = pos + first
                         tl.store(keep_ptr + anchor, 1)
