@@ -14,11 +14,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _dicom_files import pydicom_file, write_jpeg_lossless_volume
+from conftest import available_backends
 from medpruner import cli
-from medpruner.volume import load_volume, normalize, to_model_range
+from medpruner.cli import prune as prune_module
+from medpruner.volume import VolumeError, load_volume, normalize, to_model_range
 from PIL import Image
 
-from medpruner_kernels import reference
+from medpruner_kernels import _validation, reference
 
 
 def _package_dir(name: str) -> Path:
@@ -44,9 +47,9 @@ def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def _reference(source, gamma: float, **load_kwargs):
+def _reference(source, gamma: float, window="auto", **load_kwargs):
     """Keep mask and distances of the float64 reference IAF on the same [-1, 1] slices the CLI uses."""
-    slices, _ = normalize(load_volume(source, **load_kwargs))
+    slices, _ = normalize(load_volume(source, **load_kwargs), window)
     signed = torch.from_numpy(to_model_range(slices).astype(np.float64)).reshape(slices.shape[0], -1)
     keep, dist = reference.iaf_select(signed, gamma, torch.tensor([0, slices.shape[0]], dtype=torch.int32))
     return keep.numpy(), dist.numpy()
@@ -446,3 +449,106 @@ def test_heatmaps_hold_each_kept_slice_attention_scores(tiny_bundle):
         assert scores.shape == (12,) and scores.sum() == pytest.approx(12.0, rel=1e-4)
         assert token_keep.sum() == per_slice[index]
         assert scores[token_keep].min() >= scores[~token_keep].max(initial=-np.inf)
+
+
+# -------------------------------------------------------------------------------- compressed DICOM
+@pytest.mark.parametrize(
+    "compressed, plain",
+    [
+        ("JPEG-LL.dcm", None),
+        ("JPEG2000.dcm", "JPEG2000_UNC.dcm"),
+        ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
+    ],
+)
+def test_prune_reads_compressed_dicom(compressed, plain, capsys):
+    path = pydicom_file(compressed)
+    assert cli.main(["prune", str(path), "--json", "--gamma", "0.05"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    # The uncompressed twin, where pydicom-data has one, gives a reference that no JPEG decoder made.
+    keep, dist = _reference(path if plain is None else pydicom_file(plain), 0.05)
+    assert record["volume"]["shape"][0] == keep.size and record["result"]["keep"] == keep.tolist()
+    np.testing.assert_allclose(record["result"]["distance_to_anchor"], dist, atol=2e-5)
+
+
+def test_prune_jpeg_lossless_volume_matches_its_stored_values(tmp_path, capsys):
+    # Drifting slices with a jump, in stored values that CT_small's header (intercept -1024) puts in the
+    # abdomen window's -160..240 HU.
+    rng = np.random.default_rng(8)
+    stored = 900 + rng.random((32, 32)) * 250 + rng.normal(0, 6, size=(10, 32, 32)).cumsum(axis=0)
+    stored = stored.astype(np.int16)
+    stored[6:] += 150
+    path = write_jpeg_lossless_volume(tmp_path / "ct.dcm", pydicom_file("CT_small.dcm"), stored)
+    assert cli.main(["prune", str(path), "--json", "--gamma", "0.05", "--window", "abdomen"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    keep, dist = _reference(stored.astype(np.float32) - 1024.0, 0.05, window="abdomen")
+    assert record["volume"]["modality"] == "CT" and record["result"]["keep"] == keep.tolist()
+    assert 1 < record["result"]["kept"] < 10
+    np.testing.assert_allclose(record["result"]["distance_to_anchor"], dist, atol=2e-5)
+
+
+# -------------------------------------------------------------------------------- deferred errors
+def _nan_volume(tmp_path, name: str) -> Path:
+    data = np.random.default_rng(2).random((6, 8, 8)).astype(np.float32)
+    path = tmp_path / name
+    np.save(path, data)
+    return path
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["eager", "deferred"])
+@pytest.mark.parametrize("backend", available_backends(("iaf_select",)))
+def test_non_finite_slices_in_iaf_are_an_error_naming_the_volume(tmp_path, backend, deferred):
+    path = _nan_volume(tmp_path, "scan.npy")
+    volume = load_volume(path)
+    slices, window = normalize(volume)
+    slices[3, 2, 5] = np.nan
+    with _validation.deferred_checks(deferred):
+        with pytest.raises(VolumeError, match=r"scan\.npy: iaf_select: volume contains NaN or Inf"):
+            cli.run_iaf(volume, slices, window, 0.05, backend=backend, device="cpu")
+    assert _validation.pending_error_count() == 0
+
+
+def _let_nan_through(monkeypatch, marker: str) -> None:
+    """Windowing maps NaN voxels to 0, so no NaN read from a file reaches a kernel; this puts one back
+    into the slices of files whose name holds ``marker``, to stand for an input that a kernel rejects
+    only at the read (its check deferred, as on CUDA)."""
+    real = prune_module.normalize
+
+    def normalize_keeping_a_nan(volume, window="auto"):
+        slices, chosen = real(volume, window)
+        if marker in str(volume.source):
+            slices[1, 0, 0] = np.nan
+        return slices, chosen
+
+    monkeypatch.setattr(prune_module, "normalize", normalize_keeping_a_nan)
+
+
+@pytest.mark.parametrize("backend", available_backends(("iaf_select",)))
+def test_a_deferred_nan_is_a_clear_command_error(tmp_path, monkeypatch, capsys, backend):
+    monkeypatch.setenv("MEDPRUNER_DEFER_CHECKS", "1")
+    _let_nan_through(monkeypatch, "bad")
+    path = _nan_volume(tmp_path, "bad.npy")
+    assert cli.main(["prune", str(path), "--backend", backend, "--out", str(tmp_path / "report")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"medpruner: error: {path}: iaf_select: volume contains NaN or Inf" + (
+        " (or values whose differences overflow float32)\n"
+    )
+    assert captured.out == "" and not (tmp_path / "report").exists()
+
+
+def test_a_deferred_nan_in_a_batch_is_an_error_line_and_the_batch_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDPRUNER_DEFER_CHECKS", "1")
+    _let_nan_through(monkeypatch, "vol1")
+    paths = _volume_files(tmp_path / "inputs", 3)
+    out = tmp_path / "out"
+    status = cli.main(["prune", str(tmp_path / "inputs"), "--out", str(out), "--backend", "torch", "--workers", "1"])
+    assert status == 1
+    assert "vol1.npy: iaf_select: volume contains NaN or Inf" in capsys.readouterr().err
+    entries = {e["source"]: e for e in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert len(entries) == 3
+    bad = entries[str(paths[1].resolve())]
+    assert bad["status"] == "error" and bad["error"].startswith(f"{paths[1]}: iaf_select: volume contains NaN")
+    # The volumes on either side are untouched by the bad one's queued check.
+    for path in (paths[0], paths[2]):
+        keep, _ = _reference(path, 0.05)
+        assert entries[str(path.resolve())]["status"] == "ok"
+        assert entries[str(path.resolve())]["kept_indices"] == np.flatnonzero(keep).tolist()

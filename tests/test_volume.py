@@ -16,8 +16,10 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from _dicom_files import pydicom_file, set_jpeg_lossless_pixels, write_jpeg_lossless_volume
 from medpruner import volume as vol
 from medpruner.volume import Volume, VolumeError, load_volume
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
 from medpruner_kernels import reference
 
@@ -324,6 +326,78 @@ def test_truncated_and_fake_dicom_files(tmp_path):
     shutil.copy(PYDICOM_DATA / "MR_truncated.dcm", truncated_header)
     with pytest.raises(VolumeError, match=r"MR_truncated\.dcm: cannot read"):
         load_volume(truncated_header)
+
+
+# -------------------------------------------------------------------------------- compressed DICOM
+def _stored_pixels(ds) -> np.ndarray:
+    return np.frombuffer(ds.PixelData, dtype=np.int16).reshape(ds.Rows, ds.Columns)
+
+
+def _jpeg_lossless(index, ds):
+    set_jpeg_lossless_pixels(ds, _stored_pixels(ds))
+
+
+def _jpeg2000_lossless(index, ds):
+    ds.compress(JPEG2000Lossless, _stored_pixels(ds))
+
+
+@pytest.mark.parametrize(
+    "encode", [_jpeg_lossless, _jpeg2000_lossless], ids=["jpeg-lossless-process14", "jpeg2000-lossless"]
+)
+def test_compressed_series_decode_to_the_uncompressed_volume(tmp_path, encode):
+    _write_series(tmp_path / "plain", 5)
+    _write_series(tmp_path / "packed", 5, edit=encode)
+    plain, packed = load_volume(tmp_path / "plain"), load_volume(tmp_path / "packed")
+    np.testing.assert_array_equal(packed.data, plain.data)
+    np.testing.assert_array_equal(packed.affine, plain.affine)
+    assert packed.modality == "CT" and packed.window_hint == plain.window_hint
+    base = pydicom.dcmread(CT_SMALL).pixel_array.astype(np.float32) - 1024.0
+    for k in range(5):
+        np.testing.assert_array_equal(packed.data[k], base + 10 * k)
+
+
+def test_jpeg_lossless_multiframe_holds_any_int16_exactly(tmp_path):
+    rng = np.random.default_rng(11)
+    frames = np.stack(
+        [
+            # Every difference category, and coded bytes of 0xFF that the encoder must stuff.
+            rng.integers(-32768, 32768, size=(24, 20)),
+            np.full((24, 20), -32768),
+            np.full((24, 20), 32767),
+            np.tile(np.arange(20) * 1500 - 14000, (24, 1)),
+        ]
+    ).astype(np.int16)
+    path = write_jpeg_lossless_volume(tmp_path / "frames.dcm", CT_SMALL, frames)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    v = load_volume(path)
+    assert v.shape == (4, 24, 20) and v.data.dtype == np.float32
+    # CT_small's rescale (slope 1, intercept -1024) applies to every frame.
+    np.testing.assert_array_equal(v.data, frames.astype(np.float32) - 1024.0)
+
+
+@pytest.mark.parametrize(
+    "compressed, plain",
+    [
+        ("JPEG2000.dcm", "JPEG2000_UNC.dcm"),
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
+        ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
+    ],
+)
+def test_jpeg2000_files_decode_like_their_uncompressed_twins(compressed, plain):
+    packed, reference = load_volume(pydicom_file(compressed)), load_volume(pydicom_file(plain))
+    assert packed.shape == reference.shape
+    np.testing.assert_array_equal(packed.data, reference.data)
+    np.testing.assert_array_equal(packed.affine, reference.affine)
+    assert packed.modality == reference.modality
+
+
+def test_jpeg_lossless_file_from_pydicom_data_loads():
+    path = pydicom_file("JPEG-LL.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    v = load_volume(path)
+    assert v.shape == (1, 1024, 256) and v.modality == "NM" and v.data.dtype == np.int16
+    np.testing.assert_array_equal(v.data[0], ds.pixel_array)
 
 
 # --------------------------------------------------------------------------------------------- NRRD

@@ -12,7 +12,7 @@ import numpy as np
 from medpruner.cli.common import pick_device, synchronize
 from medpruner.cli.models import TokenOptions, TokenResult, model_inputs, model_slices, run_model
 from medpruner.report import environment, write_report
-from medpruner.volume import Volume, Window, load_volume, normalize
+from medpruner.volume import Volume, VolumeError, Window, load_volume, normalize
 
 
 @dataclass
@@ -65,20 +65,41 @@ def run_iaf(
     timings["to_device"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    # The distances for the report come from the same pass that decides the slices.
-    keep, distances = medpruner_kernels.iaf_select(signed, gamma, backend=backend, return_distances=True)
+    try:
+        # The distances for the report come from the same pass that decides the slices.
+        keep, distances = medpruner_kernels.iaf_select(signed, gamma, backend=backend, return_distances=True)
+    except ValueError as err:
+        # Bad values found at once (CPU); on CUDA the same check is deferred to raise_deferred_errors.
+        raise VolumeError(volume.source, str(err)) from err
     synchronize(target)
     timings["iaf"] = time.perf_counter() - start
+    keep = keep.cpu().numpy().astype(bool)
+    distances = distances.cpu().numpy().astype(np.float32)
+    raise_deferred_errors(volume.source)
     return PruneResult(
         volume=volume,
         slices=slices,
         window=chosen,
-        keep=keep.cpu().numpy().astype(bool),
-        distances=distances.cpu().numpy().astype(np.float32),
+        keep=keep,
+        distances=distances,
         timings=timings,
         backend=used,
         device=str(target),
     )
+
+
+def raise_deferred_errors(source) -> None:
+    """Raise the value checks that the kernels deferred while a volume ran (on CUDA, or on CPU under
+    ``medpruner_kernels._validation.deferred_checks``) as a :class:`VolumeError` naming the volume.
+
+    Called after the volume's last host read, when the queued flags are ready and reading them adds no
+    wait; the queue is empty afterwards, so the next volume starts clean."""
+    import medpruner_kernels
+
+    try:
+        medpruner_kernels.raise_pending_errors()
+    except ValueError as err:
+        raise VolumeError(source, str(err)) from err
 
 
 def result_record(result: PruneResult, gamma: float, extra_config: dict | None = None) -> dict:
@@ -165,23 +186,33 @@ def prune_loaded(
         inputs = model_inputs(tokens.bundle, slices, tokens.prompt)
         timings = dict(timings, model_inputs=time.perf_counter() - start)
     pixels = None if inputs is None else inputs[tokens.bundle.pixel_key]
-    result = run_iaf(
-        volume, slices, chosen, gamma, backend=backend, device=device, timings=timings, pixels=pixels
-    )
     token_result = None
-    if tokens is not None:
-        token_result = run_model(
-            tokens.bundle,
-            inputs,
-            result.keep,
-            gamma=gamma,
-            tau=tokens.tau,
-            mode=tokens.mode,
-            merge=tokens.merge,
-            backend=backend,
-            prompt=tokens.prompt,
-            max_new_tokens=tokens.max_new_tokens,
+    try:
+        result = run_iaf(
+            volume, slices, chosen, gamma, backend=backend, device=device, timings=timings, pixels=pixels
         )
+        if tokens is not None:
+            token_result = run_model(
+                tokens.bundle,
+                inputs,
+                result.keep,
+                gamma=gamma,
+                tau=tokens.tau,
+                mode=tokens.mode,
+                merge=tokens.merge,
+                backend=backend,
+                prompt=tokens.prompt,
+                max_new_tokens=tokens.max_new_tokens,
+            )
+    except Exception:
+        # A failure while a kernel's check is still queued most likely comes from that bad input (the
+        # model ran on it): report the check, with the failure chained.
+        raise_deferred_errors(volume.source)
+        raise
+    # The model's reads came last (its adapter raises its own deferred checks there); anything queued
+    # since is raised before this volume's record is written.
+    raise_deferred_errors(volume.source)
+    if token_result is not None:
         result.timings.update(token_result.timings)
     record = result_record(result, gamma, extra_config)
     if token_result is not None:
