@@ -329,7 +329,7 @@ def ref_hiprune(scores, register_scores, budget, n, h, w, anchor_frac):
     return chosen
 
 
-@pytest.mark.parametrize("budget", [1, 6, 20, 50, 96])
+@pytest.mark.parametrize("budget", [1, 2, 3, 6, 20, 50, 96])
 @pytest.mark.parametrize("anchor_frac", [0.1, 0.3])
 @pytest.mark.parametrize("grid", [None, (2, 8)])
 def test_hiprune_matches_reference(budget, anchor_frac, grid):
