@@ -50,7 +50,7 @@ def git_revision() -> dict:
     root = Path(__file__).resolve().parent.parent
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout
 
     try:
         return {"git_commit": git("rev-parse", "HEAD").strip(), "git_dirty": bool(git("status", "--porcelain", "-uno"))}

@@ -3,6 +3,7 @@ JSON.
 
     python bench/plot.py bench/results/cpu-2core-2026-11-23.json      # pytest-benchmark: one panel per group
     python bench/plot.py bench/results/e2e-<stamp>.json               # bench/e2e.py: prefill vs slices
+    python bench/plot.py bench/results/gpu-<device>-<stamp>.json      # bench/gpu.py: ops vs floor, prefill
 
 Writes ``<input stem>.png`` next to the JSON (or ``--out``).
 """
@@ -70,9 +71,51 @@ def plot_e2e(record: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _op_label(record: dict) -> str:
+    shape = "x".join(map(str, record["shape"])) if "shape" in record else record.get("config", "")
+    parts = (record.get("op", "?"), shape, record.get("dtype"), record.get("regime"))
+    return " ".join(str(part) for part in parts if part)
+
+
+def plot_gpu(document: dict, out: Path) -> None:
+    """A bench/gpu.py result: each op record's time as a multiple of its floor (or its ms where it has
+    no floor), the graph-captured IAF included; the e2e prefill rows go to ``<out stem>-e2e.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = document["tables"]
+    records = [(r, "replayed graph") for r in tables["iaf_cuda_graph"]] + [(r, "") for r in tables["ops"]]
+    records = [(r, how) for r, how in records if r.get("ms") is not None]
+    if not records and not any(row.get("status") == "ok" for row in tables["e2e_prefill"]):
+        raise ValueError("the gpu record has no op or e2e rows to plot (see its 'sections' for the errors)")
+    if records:
+        floored = [(r, how) for r, how in records if r.get("ratio_to_floor") is not None]
+        panels = [p for p in (("x floor", floored, "ratio_to_floor"), ("ms", records, "ms")) if p[1]]
+        height = sum(0.25 * len(rows) + 1 for _, rows, _ in panels)
+        fig, axes = plt.subplots(len(panels), 1, figsize=(9, height), squeeze=False)
+        for ax, (unit, rows, key) in zip(axes[:, 0], panels):
+            ax.barh([f"{_op_label(r)} {how}".strip() for r, how in rows], [r[key] for r, _ in rows], color="tab:blue")
+            if key == "ratio_to_floor":
+                ax.axvline(1.0, color="0.3", linewidth=1)
+            else:
+                ax.set_xscale("log")
+            ax.set_xlabel(unit)
+            ax.tick_params(labelsize=7)
+        env = document.get("environment", {})
+        fig.suptitle(f"{env.get('device', '')} {env.get('date', '')[:10]} {env.get('git_commit') or ''}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+    if any(row.get("status") == "ok" for row in tables["e2e_prefill"]):
+        e2e = {"rows": tables["e2e_prefill"], "environment": document.get("environment", {})}
+        plot_e2e(e2e, out.with_name(f"{out.stem}-e2e.png"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="a pytest-benchmark JSON or a bench/e2e.py JSON")
+    parser.add_argument("results", type=Path, help="a pytest-benchmark, bench/e2e.py or bench/gpu.py JSON")
     parser.add_argument("--out", type=Path, help="PNG path (default: next to the JSON)")
     args = parser.parse_args(argv)
     data = json.loads(args.results.read_text())
@@ -81,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         plot_microbenchmarks(data, out)
     elif data.get("benchmark") == "e2e":
         plot_e2e(data, out)
+    elif data.get("benchmark") == "gpu":
+        plot_gpu(data, out)
     else:
-        raise SystemExit(f"{args.results}: neither a pytest-benchmark nor a bench/e2e.py result file")
+        raise SystemExit(f"{args.results}: not a pytest-benchmark, bench/e2e.py or bench/gpu.py result file")
     print(f"wrote {out}")
     return 0
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCH))
 
 import e2e  # noqa: E402
 import gpu  # noqa: E402
+import plot  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ gpu.py: args
@@ -244,6 +245,46 @@ def test_main_records_every_section_outcome(tmp_path, capsys, monkeypatch):
     assert {"device", "date", "medpruner_kernels", "git_commit", "torch"} <= set(env)
     out = capsys.readouterr().out
     assert "[importance] skipped" in out and "iaf_cuda_graph" in out and f"wrote {path}" in out
+
+
+def _result(section, status, records):
+    return {"section": section, "status": status, "seconds": 1.0, "limit_s": 9.0, "records": records}
+
+
+def test_plot_draws_a_gpu_result(tmp_path):
+    env = {"device": "NVIDIA H200", "date": "2026-11-29T01:02:03+00:00", "git_commit": "abc"}
+    ops = [
+        {"op": "iaf_select", "shape": [128, 512, 512], "dtype": "bfloat16", "regime": "many-keeps", "ms": 0.1},
+        {"op": "iaf_select", "shape": [128, 512, 512], "dtype": "bfloat16", "ms": 0.2, "ratio_to_floor": 1.3},
+        {"op": "iaf_select", "shape": [128, 512, 512], "ms": 0.05, "ratio_to_floor": 1.1, "cuda_graph": True},
+        {"op": "merge_tokens", "config": "medgemma-4b 600 slices", "ms": 2.0},
+    ]
+    rows = [
+        {
+            "model": "qwen3_vl",
+            "slices": s,
+            "variant": v,
+            "status": "ok",
+            "prefill_ms": 10.0 * s / (1 + (v != "unpatched")),
+        }
+        for s in (64, 256)
+        for v in e2e.VARIANTS
+    ]
+    results = [_result("iaf", "ok", ops[:3]), _result("merge", "ok", ops[3:]), _result("e2e", "ok", rows)]
+    path = gpu.write_results(tmp_path, env, {"total_s": 9}, results, 3.0)
+    assert path.name == "gpu-NVIDIA-H200-20261129T010203.json"
+    assert plot.main([str(path)]) == 0
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert path.with_name(f"{path.stem}-e2e.png").stat().st_size > 0
+    assert plot._op_label(ops[0]) == "iaf_select 128x512x512 bfloat16 many-keeps"
+    assert plot._op_label(ops[3]) == "merge_tokens medgemma-4b 600 slices"
+
+
+def test_plot_refuses_a_gpu_result_without_rows(tmp_path):
+    failed = _result("iaf", "error", []) | {"error": "RuntimeError: no"}
+    path = gpu.write_results(tmp_path, {"device": "cpu", "date": "2026-11-29T00:00:00+00:00"}, {}, [failed], 1.0)
+    with pytest.raises(ValueError, match="no op or e2e rows"):
+        plot.main([str(path)])
 
 
 def test_format_table_keeps_present_columns_only():
