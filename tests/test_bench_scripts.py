@@ -111,6 +111,19 @@ def test_stream_records_clean_run(tmp_path):
     assert gpu.read_records(path) == ([{"op": "a", "shape": [2, 3]}], [])
 
 
+def test_child_mode_records_an_import_error(tmp_path, monkeypatch):
+    """``--child``: a section whose module cannot even be imported still leaves an error line."""
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(gpu.importlib, "import_module", missing)
+    path = tmp_path / "r.jsonl"
+    assert gpu.main(["--child", "nucleus", "--records", str(path)]) == 1
+    records, errors = gpu.read_records(path)
+    assert records == [] and errors[0][gpu.ERROR_KEY] == "ModuleNotFoundError: No module named 'bench_nucleus'"
+
+
 def test_read_records_drops_only_a_cut_last_line(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"op": "a"}\n{"op": "b"}\n{"op": "c", "ms": 1.')
