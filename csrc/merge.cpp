@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -20,10 +21,12 @@
 namespace medpruner {
 
 // x: [N, D] float (any float dtype, any strides); keys: [N, Dk] float; keep: bool [N];
-// cu_seqlens: int [B+1]. Returns (x_out float32 [N, D], keep_out bool [N]).
+// cu_seqlens: int [B+1]; num_targets: optional int64 [B], per segment the target count C replacing
+// max(int(context_frac * n), 1) (C = 0: no merge). Returns (x_out float32 [N, D], keep_out bool [N]).
 std::tuple<torch::Tensor, torch::Tensor> merge_tokens(const torch::Tensor& x, const torch::Tensor& keys,
                                                       const torch::Tensor& keep, const torch::Tensor& cu_seqlens,
-                                                      double context_frac) {
+                                                      double context_frac,
+                                                      const std::optional<torch::Tensor>& num_targets) {
   TORCH_CHECK(x.device().is_cpu() && keys.device().is_cpu() && keep.device().is_cpu() &&
                   cu_seqlens.device().is_cpu(),
               "merge_tokens (cpp): CPU tensors only");
@@ -45,6 +48,13 @@ std::tuple<torch::Tensor, torch::Tensor> merge_tokens(const torch::Tensor& x, co
   float* out = x_out.data_ptr<float>();
   bool* keep_out_ptr = keep_out.data_ptr<bool>();
   const int64_t num_segments = cu.numel() - 1;
+  const int64_t* given_targets = nullptr;
+  if (num_targets.has_value()) {
+    TORCH_CHECK(num_targets->device().is_cpu() && num_targets->scalar_type() == torch::kInt64 &&
+                    num_targets->is_contiguous() && num_targets->numel() == num_segments,
+                "merge_tokens (cpp): num_targets must be contiguous int64 [B]");
+    given_targets = num_targets->data_ptr<int64_t>();
+  }
 
   // Phase 1. Targets of all segments are numbered globally; a segment's targets are contiguous.
   std::vector<int64_t> target_tok, member_tok, member_first_target, member_num_targets;
@@ -56,7 +66,10 @@ std::tuple<torch::Tensor, torch::Tensor> merge_tokens(const torch::Tensor& x, co
     }
     if (rest.empty()) continue;
     const int64_t num_rest = static_cast<int64_t>(rest.size());
-    const int64_t capacity = std::max<int64_t>(static_cast<int64_t>(context_frac * static_cast<double>(n)), 1);
+    const int64_t capacity =
+        given_targets ? given_targets[b]
+                      : std::max<int64_t>(static_cast<int64_t>(context_frac * static_cast<double>(n)), 1);
+    if (capacity <= 0) continue;  // no targets: nothing merges, the segment passes through
     const int64_t stride = std::max<int64_t>(num_rest / capacity, 1);
     const int64_t num_targets = std::min(capacity, (num_rest + stride - 1) / stride);
     const int64_t first_target = static_cast<int64_t>(target_tok.size());
@@ -143,7 +156,7 @@ std::tuple<torch::Tensor, torch::Tensor> merge_tokens(const torch::Tensor& x, co
 
 static void bind_merge(pybind11::module_& m) {
   m.def("merge_tokens", &merge_tokens, pybind11::arg("x"), pybind11::arg("keys"), pybind11::arg("keep"),
-        pybind11::arg("cu_seqlens"), pybind11::arg("context_frac"),
+        pybind11::arg("cu_seqlens"), pybind11::arg("context_frac"), pybind11::arg("num_targets") = pybind11::none(),
         "Contextual merge of unkept tokens into strided targets (x_out float32, keep_out)");
 }
 

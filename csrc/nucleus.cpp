@@ -5,6 +5,10 @@
 // popped until the prefix reaches tau: O(T + k log T) for k kept tokens, so peaked distributions (the
 // usual case, a few % kept) never pay for a full sort, and the prefix sums are added in exactly the
 // reference's order. Masses and sums are float64.
+//
+// With a fixed count per slice (the token budget) the heap holds the scores themselves: softmax and
+// scores / sum both increase strictly with the score, so this is the exact mass order, without the
+// ties that underflowed masses would create.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,6 +38,23 @@ struct Rule {
   int64_t min_keep;
   int64_t max_keep;  // already the effective upper bound when the caller gave none
 };
+
+// Keeps the `count` largest scores of one slice of n tokens read at x[t * stride] (ties: lower index).
+template <typename T>
+void select_fixed(const T* x, int64_t stride, int64_t n, int64_t count, bool* keep, std::vector<Mass>& heap) {
+  if (n <= 0) return;
+  std::fill(keep, keep + n, false);
+  heap.resize(n);
+  // -0.0 and +0.0 compare equal as doubles, so they tie like equal masses.
+  for (int64_t t = 0; t < n; ++t) heap[t] = {static_cast<double>(x[t * stride]), t};
+  std::make_heap(heap.begin(), heap.end(), pops_later);
+  auto end = heap.end();
+  for (int64_t taken = 0; taken < count; ++taken) {
+    std::pop_heap(heap.begin(), end, pops_later);
+    --end;
+    keep[end->index] = true;
+  }
+}
 
 // Selects within one slice of n tokens read at x[t * stride]; writes keep[0..n).
 template <typename T>
@@ -87,7 +108,7 @@ void select_slice(const T* x, int64_t stride, int64_t n, double tau, const Rule&
 
 template <typename T>
 void select_all(const torch::Tensor& scores, const double* tau, double tau_scalar, const int64_t* cu,
-                int64_t slices, const Rule& rule, bool* keep) {
+                const int64_t* counts, int64_t slices, const Rule& rule, bool* keep) {
   const T* x = scores.data_ptr<T>();
   const bool varlen = cu != nullptr;
   const int64_t tokens = varlen ? 0 : scores.size(1);
@@ -102,7 +123,11 @@ void select_all(const torch::Tensor& scores, const double* tau, double tau_scala
       const int64_t start = varlen ? cu[s] : s * tokens;
       const int64_t n = varlen ? cu[s + 1] - cu[s] : tokens;
       const T* slice = varlen ? x + start * tok_stride : x + s * row_stride;
-      select_slice(slice, tok_stride, n, tau ? tau[s] : tau_scalar, rule, keep + start, heap);
+      if (counts) {
+        select_fixed(slice, tok_stride, n, std::clamp<int64_t>(counts[s], 0, n), keep + start, heap);
+      } else {
+        select_slice(slice, tok_stride, n, tau ? tau[s] : tau_scalar, rule, keep + start, heap);
+      }
     }
   }
 }
@@ -110,7 +135,7 @@ void select_all(const torch::Tensor& scores, const double* tau, double tau_scala
 torch::Tensor nucleus_select_cpu(const torch::Tensor& scores, const std::optional<torch::Tensor>& tau,
                                  double tau_scalar, const std::optional<torch::Tensor>& cu_seqlens,
                                  std::optional<double> temperature, int64_t min_keep,
-                                 std::optional<int64_t> max_keep) {
+                                 std::optional<int64_t> max_keep, const std::optional<torch::Tensor>& counts) {
   TORCH_CHECK(scores.device().is_cpu(), "nucleus_select_cpu: scores must be a CPU tensor");
   const bool varlen = cu_seqlens.has_value();
   TORCH_CHECK(scores.dim() == (varlen ? 1 : 2), "nucleus_select_cpu: scores must be ",
@@ -133,13 +158,19 @@ torch::Tensor nucleus_select_cpu(const torch::Tensor& scores, const std::optiona
                 "nucleus_select_cpu: tau must be contiguous float64 [S]");
     tau_ptr = tau->data_ptr<double>();
   }
+  const int64_t* counts_ptr = nullptr;
+  if (counts.has_value()) {
+    TORCH_CHECK(counts->scalar_type() == torch::kInt64 && counts->is_contiguous() && counts->numel() == slices,
+                "nucleus_select_cpu: counts must be contiguous int64 [S]");
+    counts_ptr = counts->data_ptr<int64_t>();
+  }
   TORCH_CHECK(!temperature || *temperature > 0, "nucleus_select_cpu: temperature must be > 0");
   const Rule rule{temperature, min_keep, max_keep.value_or(INT64_MAX)};
   auto keep = torch::empty(scores.sizes(), scores.options().dtype(torch::kBool));
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "nucleus_select_cpu", [&] {
-      select_all<scalar_t>(scores, tau_ptr, tau_scalar, cu, slices, rule, keep.data_ptr<bool>());
+      select_all<scalar_t>(scores, tau_ptr, tau_scalar, cu, counts_ptr, slices, rule, keep.data_ptr<bool>());
     });
   }
   return keep;
@@ -148,9 +179,9 @@ torch::Tensor nucleus_select_cpu(const torch::Tensor& scores, const std::optiona
 void bind_nucleus(pybind11::module_& m) {
   m.def("nucleus_select_cpu", &nucleus_select_cpu, pybind11::arg("scores"), pybind11::arg("tau"),
         pybind11::arg("tau_scalar"), pybind11::arg("cu_seqlens"), pybind11::arg("temperature"),
-        pybind11::arg("min_keep"), pybind11::arg("max_keep"),
+        pybind11::arg("min_keep"), pybind11::arg("max_keep"), pybind11::arg("counts") = pybind11::none(),
         "Nucleus keep mask per slice (see medpruner_kernels.nucleus_select); float64 masses, OpenMP over "
-        "slices");
+        "slices; with counts, the counts[s] largest scores of slice s");
 }
 
 }  // namespace

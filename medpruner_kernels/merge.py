@@ -1,9 +1,10 @@
 """merge_tokens: fold the pruned tokens of each segment into a few contextual tokens (VisionZip-style).
 
 Per segment of n tokens: R = the tokens not kept, ascending; C = max(int(context_frac * n), 1) targets
-at stride max(1, len(R) // C) from R (the first C of R[::stride]); every other token of R joins the
-target whose L2-normalised key is most cosine-similar (ties: the earlier target);
-x_out[t] = x[t] + mean(x[members of t]) (unchanged without members); keep_out = keep | targets.
+(or C = num_targets[b], given per segment for a fixed token budget; C = 0 merges nothing) at stride
+max(1, len(R) // C) from R (the first C of R[::stride]); every other token of R joins the target whose
+L2-normalised key is most cosine-similar (ties: the earlier target); x_out[t] = x[t] + mean(x[members
+of t]) (unchanged without members); keep_out = keep | targets.
 
 Triton path, two launches, sync-free and deterministic (no atomics), scratch O(N):
   1. one program per segment: ranks of the unkept tokens (chunked cumsum) into a compacted ``rest``
@@ -70,7 +71,8 @@ if TRITON_AVAILABLE:
             tl.store(rest_ptr + seg_start + rank, tokens, mask=unkept != 0)
             num_rest += tl.sum(unkept, axis=0)
         capacity = tl.load(num_targets_ptr + seg)
-        stride = tl.maximum(num_rest // capacity, 1)
+        # capacity 0 (no targets): every stride works, the division must not be by zero.
+        stride = tl.maximum(num_rest // tl.maximum(capacity, 1), 1)
         num_targets = tl.minimum(capacity, (num_rest + stride - 1) // stride)
         tl.store(seg_info_ptr + seg * 3, num_rest)
         tl.store(seg_info_ptr + seg * 3 + 1, stride)
@@ -86,7 +88,7 @@ if TRITON_AVAILABLE:
         for r0 in range(0, num_rest, BLOCK_R):
             rank = r0 + lanes
             rank_ok = rank < num_rest
-            member = rank_ok & ((rank % stride != 0) | (rank >= num_targets * stride))
+            member = rank_ok & (num_targets > 0) & ((rank % stride != 0) | (rank >= num_targets * stride))
             member_tok = tl.load(rest_ptr + seg_start + rank, mask=rank_ok, other=0)
             member_norm = tl.load(norm_ptr + member_tok, mask=rank_ok, other=1.0)
             best = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -186,10 +188,16 @@ if TRITON_AVAILABLE:
             )
 
 
-def _targets_per_segment(cu_seqlens: torch.Tensor, context_frac: float) -> torch.Tensor:
-    """C = max(int(context_frac * n), 1) per segment, in float64 like the Python expression."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float64)
-    return torch.floor(lengths * context_frac).clamp_min(1).to(torch.int32)
+def _device_capacities(
+    cu_seqlens: torch.Tensor, context_frac: float, num_targets: torch.Tensor | None
+) -> torch.Tensor:
+    """Per segment the target count C as int32, without a host read: max(int(context_frac * n), 1)
+    (in float64 like the Python expression), or ``num_targets`` clamped to [0, n] (more targets than
+    tokens change nothing, and the clamp keeps the kernel's int32 arithmetic in range)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    if num_targets is None:
+        return torch.floor(lengths.to(torch.float64) * context_frac).clamp_min(1).to(torch.int32)
+    return torch.minimum(num_targets.to(torch.int64).clamp_min(0), lengths).to(torch.int32)
 
 
 def _key_norms(keys: torch.Tensor) -> torch.Tensor:
@@ -208,7 +216,12 @@ if TRITON_AVAILABLE:
 
     @torch.library.triton_op("medpruner::merge_tokens_triton", mutates_args=())
     def _merge_triton(
-        x: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor, cu_seqlens: torch.Tensor, context_frac: float
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        keep: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        context_frac: float,
+        num_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, feat_dim = x.shape
         num_segments = cu_seqlens.numel() - 1
@@ -219,9 +232,10 @@ if TRITON_AVAILABLE:
         owner = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
         target_flag = torch.zeros(num_tokens, device=x.device, dtype=torch.uint8)
         seg_info = torch.empty((num_segments, 3), device=x.device, dtype=torch.int32)
+        capacity = _device_capacities(cu_seqlens, context_frac, num_targets)
         torch.library.wrap_triton(_assign_kernel)[(num_segments,)](
             keep.to(torch.uint8), keys, _key_norms(keys), cu_seqlens,
-            _targets_per_segment(cu_seqlens, context_frac), rest, owner, target_flag, seg_info,
+            capacity, rest, owner, target_flag, seg_info,
             keys.stride(0), keys.stride(1), keys.shape[1],
             BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_K=block_k,
         )  # fmt: skip
@@ -238,14 +252,20 @@ if TRITON_AVAILABLE:
 
 @torch.library.custom_op("medpruner::merge_tokens_cpp", mutates_args=())
 def _merge_cpp(
-    x: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor, cu_seqlens: torch.Tensor, context_frac: float
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    context_frac: float,
+    num_targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x_out, keep_out = _C.merge_tokens(x, keys, keep, cu_seqlens, context_frac)
+    targets64 = None if num_targets is None else num_targets.to(torch.int64).contiguous()
+    x_out, keep_out = _C.merge_tokens(x, keys, keep, cu_seqlens, context_frac, targets64)
     return x_out.to(x.dtype), keep_out
 
 
 @_merge_cpp.register_fake
-def _(x, keys, keep, cu_seqlens, context_frac):
+def _(x, keys, keep, cu_seqlens, context_frac, num_targets=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(keep)
 
 
@@ -253,8 +273,9 @@ def _(x, keys, keep, cu_seqlens, context_frac):
 _TORCH_CHUNK_ELEMENTS = 1 << 23
 
 
-def _merge_torch_chunk(x, unit, keep, starts, lengths, context_frac, x_out, keep_out):
-    """Segments ``starts``/``lengths`` (host ints) padded to their longest: one batched pass."""
+def _merge_torch_chunk(x, unit, keep, starts, lengths, capacities, x_out, keep_out):
+    """Segments ``starts``/``lengths`` with at most ``capacities`` targets each (host ints, each in
+    [1, length]) padded to their longest: one batched pass."""
     device = x.device
     length_t = torch.tensor(lengths, device=device)
     max_len = max(lengths)
@@ -264,12 +285,12 @@ def _merge_torch_chunk(x, unit, keep, starts, lengths, context_frac, x_out, keep
     unkept = valid & ~keep[tokens]
     rank = torch.cumsum(unkept, dim=1) - 1
     num_rest = unkept.sum(dim=1)
-    capacity = torch.tensor([max(int(context_frac * n), 1) for n in lengths], device=device)
+    capacity = torch.tensor(capacities, device=device)
     stride = torch.clamp(num_rest // capacity, min=1)
     num_targets = torch.minimum(capacity, (num_rest + stride - 1) // stride)
     is_target = unkept & (rank % stride[:, None] == 0) & (rank < (num_targets * stride)[:, None])
     is_member = unkept & ~is_target
-    max_targets = max(min(max(int(context_frac * n), 1), n) for n in lengths)
+    max_targets = max(capacities)
     # Target tokens by slot; non-targets scatter into a spare last column that is dropped.
     slot = torch.where(is_target, rank // stride[:, None], max_targets)
     target_tok = torch.zeros((len(starts), max_targets + 1), dtype=tokens.dtype, device=device)
@@ -290,42 +311,55 @@ def _merge_torch_chunk(x, unit, keep, starts, lengths, context_frac, x_out, keep
     keep_out[tokens[is_target]] = True
 
 
+def _host_capacities(offsets: list[int], context_frac: float, num_targets: torch.Tensor | None) -> list[int]:
+    """Per segment the target count C, clamped to [0, n] (more targets than tokens change nothing)."""
+    lengths = [e - s for s, e in zip(offsets[:-1], offsets[1:])]
+    if num_targets is None:
+        return [min(max(int(context_frac * n), 1), n) for n in lengths]
+    return [min(max(c, 0), n) for c, n in zip(num_targets.tolist(), lengths, strict=True)]
+
+
 @torch.library.custom_op("medpruner::merge_tokens_torch", mutates_args=())
 def _merge_torch(
-    x: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor, cu_seqlens: torch.Tensor, context_frac: float
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    context_frac: float,
+    num_targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x_out = x.contiguous().clone()
     keep_out = keep.clone()
     unit = torch.nn.functional.normalize(keys.to(torch.float32), dim=1, eps=_NORM_EPS)
     offsets = cu_seqlens.tolist()
-    segments = [(s, e - s) for s, e in zip(offsets[:-1], offsets[1:]) if e > s]
+    capacities = _host_capacities(offsets, context_frac, num_targets)
+    # A segment without tokens or without targets has nothing to merge.
+    segments = [(s, e - s, c) for s, e, c in zip(offsets[:-1], offsets[1:], capacities) if c > 0]
     per_token = keys.shape[1] + x.shape[1] + 1
     first = 0
     while first < len(segments):
-        last, longest = first, 0
+        last, longest, targets = first, 0, 0
         while last < len(segments):
             longest = max(longest, segments[last][1])
-            targets = max(int(context_frac * longest), 1)
+            targets = max(targets, segments[last][2])
             if (
                 last > first
                 and (last - first + 1) * longest * (per_token + 2 * targets) > _TORCH_CHUNK_ELEMENTS
             ):
                 break
             last += 1
-        chunk = segments[first:last]
-        _merge_torch_chunk(
-            x, unit, keep, [s for s, _ in chunk], [n for _, n in chunk], context_frac, x_out, keep_out
-        )
+        starts, lengths, chunk_capacities = zip(*segments[first:last], strict=True)
+        _merge_torch_chunk(x, unit, keep, list(starts), list(lengths), list(chunk_capacities), x_out, keep_out)
         first = last
     return x_out, keep_out
 
 
 @_merge_torch.register_fake
-def _(x, keys, keep, cu_seqlens, context_frac):
+def _(x, keys, keep, cu_seqlens, context_frac, num_targets=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(keep)
 
 
-def _validate(x, keys, keep, cu_seqlens, context_frac):
+def _validate(x, keys, keep, cu_seqlens, context_frac, num_targets):
     _validation.check_tensor(_OP, "x", x, _X_DTYPES)
     _validation.check_tensor(_OP, "keys", keys, _validation.FLOAT_DTYPES)
     _validation.check_tensor(_OP, "keep", keep, (torch.bool,))
@@ -348,6 +382,21 @@ def _validate(x, keys, keep, cu_seqlens, context_frac):
     if not math.isfinite(context_frac) or context_frac < 0:
         raise ValueError(f"{_OP}: context_frac must be finite and >= 0, got {context_frac}")
     cu_seqlens = _validation.check_cu_seqlens(_OP, cu_seqlens, num_tokens, x.device)
+    if num_targets is not None:
+        segments = cu_seqlens.shape[0] - 1
+        if not isinstance(num_targets, torch.Tensor):
+            raise TypeError(
+                f"{_OP}: num_targets must be None or an int32/int64 tensor, got {type(num_targets).__name__}"
+            )
+        if num_targets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{_OP}: num_targets must be int32 or int64, got {num_targets.dtype}")
+        if num_targets.shape != (segments,):
+            raise ValueError(
+                f"{_OP}: num_targets must have shape [{segments}] (one per segment), got {tuple(num_targets.shape)}"
+            )
+        if num_targets.device != x.device:
+            raise ValueError(f"{_OP}: num_targets is on {num_targets.device} but x is on {x.device}")
+        _validation.check_or_defer((num_targets < 0).any(), f"{_OP}: num_targets must be >= 0 in every segment")
     _validation.check_finite(_OP, "x", x)
     _validation.check_finite(_OP, "keys", keys)
     return cu_seqlens, float(context_frac)
@@ -360,6 +409,7 @@ def merge_tokens(
     *,
     cu_seqlens: torch.Tensor | None = None,
     context_frac: float = 0.05,
+    num_targets: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge every pruned token of a segment into its most similar "contextual" token.
@@ -370,6 +420,11 @@ def merge_tokens(
         keep: bool ``[N]``, the tokens kept by the nucleus selection.
         cu_seqlens: int32 ``[B+1]`` segment offsets (slices); ``None``: one segment.
         context_frac: per segment of n tokens, ``C = max(int(context_frac * n), 1)`` targets.
+        num_targets: int32/int64 ``[B]`` on ``x``'s device, or None: per segment the number of targets
+            ``C``, replacing the ``context_frac`` rule (the fixed token budget). ``C = 0``: no target
+            and no merge in that segment (its rows and ``keep`` pass through); ``C`` above the unkept
+            count makes every unkept token a target. Negative values are a ValueError (deferred on
+            CUDA).
         backend: ``"auto"`` | ``"triton"`` | ``"cpp"`` | ``"torch"``.
 
     Math, per segment: ``R`` = unkept tokens ascending; targets ``T`` = the first ``C`` of
@@ -380,10 +435,10 @@ def merge_tokens(
         ``(x_out, keep_out)``: ``x_out`` ``[N, D]`` in ``x.dtype`` (contiguous, computed in float32),
         ``keep_out = keep | targets``. Token order never changes; filter with ``x_out[keep_out]``.
     """
-    cu_seqlens, context_frac = _validate(x, keys, keep, cu_seqlens, context_frac)
+    cu_seqlens, context_frac = _validate(x, keys, keep, cu_seqlens, context_frac, num_targets)
     chosen = resolve_backend(_OP, x.device, backend, cpp_ops=CPP_OPS)
     if chosen == "triton":
-        return _merge_triton(x, keys, keep, cu_seqlens, context_frac)
+        return _merge_triton(x, keys, keep, cu_seqlens, context_frac, num_targets)
     if chosen == "cpp":
-        return _merge_cpp(x, keys, keep, cu_seqlens, context_frac)
-    return _merge_torch(x, keys, keep, cu_seqlens, context_frac)
+        return _merge_cpp(x, keys, keep, cu_seqlens, context_frac, num_targets)
+    return _merge_torch(x, keys, keep, cu_seqlens, context_frac, num_targets)

@@ -8,10 +8,11 @@ Backends:
   the floats, and a bisection over bit patterns (31 masked sums) finds the cut mass, the mass of the
   token at which the sorted cumulative sum reaches tau. Tokens above the cut are kept, tied tokens in
   index order (a cumulative count gives each its place among the ties). After the min/max clamps a
-  second bisection over counts selects the top ``count`` tokens the same way. It also writes per-slice
-  validity flags, so on CUDA the whole batch
-  costs two launches (the kernel and one reduction of the flags), reads nothing on the host and can be
-  captured in a CUDA graph.
+  radix select over the bit patterns selects the top ``count`` tokens the same way. With fixed
+  ``counts`` (the token budget) the program skips the masses and radix-selects the top scores
+  (float32 keys, float64 keys for float64 scores: exact ranks on every dtype). It also writes per-slice
+  validity flags, so on CUDA the whole batch costs two launches (the kernel and one reduction of the
+  flags), reads nothing on the host and can be captured in a CUDA graph.
 * ``cpp``: ``medpruner_kernels._C.nucleus_select_cpu`` (csrc/nucleus.cpp), OpenMP over slices, float64.
 * ``torch``: vectorised torch (sort, cumsum, scatter); also the baseline of ``bench/bench_nucleus.py``.
 """
@@ -44,6 +45,46 @@ if TRITON_AVAILABLE:
     _BISECT_STEPS = tl.constexpr(31)
 
     @triton.jit
+    def _order_key(x, KEY64: tl.constexpr):
+        """A signed integer that orders like the float ``x``: negative floats have their magnitude bits
+        flipped (their bit patterns order backwards), and -0.0 becomes +0.0 (an equal score, a tie)."""
+        x = tl.where(x == 0, 0.0, x)
+        if KEY64:
+            bits = x.to(tl.int64, bitcast=True)
+            return bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
+        else:
+            bits = x.to(tl.int32, bitcast=True)
+            return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _keep_top(key, valid, count, KEY64: tl.constexpr):
+        """Per row, the ``count`` valid lanes with the largest keys, ties to the lower lane.
+
+        A radix select finds the cut, the largest key v with #(key >= v) >= count (the count-th largest
+        key; the largest integer when count is 0), one masked count per bit from the sign down: no sort,
+        no data movement between lanes. A cumulative count then ranks the tokens tied at the cut."""
+        nonneg = tl.sum((valid & (key >= 0)).to(tl.int32), axis=1)
+        if KEY64:
+            cut = tl.where(nonneg >= count, 0, -9223372036854775808).to(tl.int64)
+            one = tl.full(cut.shape, 1, tl.int64)
+            for i in range(63):
+                candidate = cut | (one << (62 - i))
+                enough = tl.sum((valid & (key >= candidate[:, None])).to(tl.int32), axis=1) >= count
+                cut = tl.where(enough, candidate, cut)
+        else:
+            cut = tl.where(nonneg >= count, 0, -2147483648).to(tl.int32)
+            one = tl.full(cut.shape, 1, tl.int32)
+            for i in range(31):
+                candidate = cut | (one << (30 - i))
+                enough = tl.sum((valid & (key >= candidate[:, None])).to(tl.int32), axis=1) >= count
+                cut = tl.where(enough, candidate, cut)
+        above = valid & (key > cut[:, None])
+        tied = valid & (key == cut[:, None])
+        tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
+        tied_needed = count - tl.sum(above.to(tl.int32), axis=1)
+        return above | (tied & (tie_rank <= tied_needed[:, None]))
+
+    @triton.jit
     def _nucleus_kernel(
         scores_ptr,
         stride_row,
@@ -52,6 +93,7 @@ if TRITON_AVAILABLE:
         tau_ptr,
         tau_scalar,
         temperature,
+        counts_ptr,
         keep_ptr,
         flags_ptr,
         num_slices,
@@ -63,6 +105,8 @@ if TRITON_AVAILABLE:
         VARLEN: tl.constexpr,
         SOFTMAX: tl.constexpr,
         TAU_PER_SLICE: tl.constexpr,
+        FIXED_COUNT: tl.constexpr,
+        KEY64: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -88,86 +132,84 @@ if TRITON_AVAILABLE:
             row_offset = rows * stride_row
         n = tl.where(row_valid, n, 0)
 
-        if TAU_PER_SLICE:
-            tau = tl.load(tau_ptr + rows, mask=row_valid, other=1.0).to(tl.float32)
-        else:
-            tau = tl.zeros([ROWS], dtype=tl.float32) + tau_scalar
-
         offs = tl.arange(0, BLOCK)
         valid = offs[None, :] < n[:, None]
-        x = tl.load(
+        raw = tl.load(
             scores_ptr + row_offset[:, None] + offs[None, :].to(tl.int64) * stride_tok, mask=valid, other=0.0
-        ).to(tl.float32)
+        )
+        x = raw.to(tl.float32)
         finite = (x == x) & (tl.abs(x) < float("inf"))
         scores_bad = tl.sum((valid & ~finite).to(tl.int32), axis=1) > 0
-
-        if SOFTMAX:
-            x_max = tl.max(tl.where(valid, x, float("-inf")), axis=1)
-            # (x - max) / T instead of x / T - max(x / T): x / T may overflow for T < 1, the difference
-            # only underflows towards exp(-inf) = 0, which is the right mass.
-            e = tl.where(valid, tl.exp((x - x_max[:, None]) / temperature), 0.0)
-            # Empty rows (padding, zero-length segments) have no mass: divide by 1, not 0.
-            denominator = tl.sum(e, axis=1)
-            p = e / tl.where(denominator > 0, denominator, 1.0)[:, None]
-            zero_total = tl.zeros([ROWS], dtype=tl.int1)
-        else:
-            scores_bad = scores_bad | (tl.sum((valid & (x < 0)).to(tl.int32), axis=1) > 0)
-            total = tl.sum(tl.where(valid, x, 0.0), axis=1)
-            zero_total = total == 0
-            p = x / tl.where(zero_total, 1.0, total)[:, None]
-        # Also maps -0.0 to +0.0, whose bit pattern would otherwise order below every other mass.
-        p = tl.where(valid & (p > 0), p, 0.0)
-
-        bits = p.to(tl.int32, bitcast=True)
-        total = tl.sum(p, axis=1)
-        # The cut mass: the largest present mass v with sum(p >= v) >= tau, found by bisection on the
-        # bit patterns (monotone for masses >= +0.0). Masked reductions instead of a sort: no data
-        # movement between lanes, and the same number of passes for every slice length.
-        lo = tl.zeros([ROWS], dtype=tl.int32)
-        hi = tl.zeros([ROWS], dtype=tl.int32) + _INF_BITS
-        for _ in range(_BISECT_STEPS):
-            mid = lo + (hi - lo) // 2
-            mass_at_least = tl.sum(tl.where(bits >= mid[:, None], p, 0.0), axis=1)
-            reached = mass_at_least >= tau
-            lo = tl.where(reached, mid, lo)
-            hi = tl.where(reached, hi, mid)
-        cut = lo[:, None]
-        above = valid & (bits > cut)
-        mass_above = tl.sum(tl.where(above, p, 0.0), axis=1)
-        tied = valid & (bits == cut)
-        # Equal masses are taken in index order: the j-th tied token's cumulative mass is
-        # mass_above + j * cut, and it is kept when the mass before it is still below tau.
-        tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
-        cut_mass = tl.max(tl.where(tied, p, 0.0), axis=1)
-        before = mass_above[:, None] + (tie_rank - 1).to(tl.float32) * cut_mass[:, None]
-        tied_kept = tl.sum((tied & (before < tau[:, None])).to(tl.int32), axis=1)
-        count = tl.sum(above.to(tl.int32), axis=1) + tied_kept
-        count = tl.where(total < tau, n, count).to(tl.int64)
         if not SOFTMAX:
-            count = tl.where(zero_total, min_keep, count)
-        count = tl.where(tau >= 1.0, n, count)
-        count = tl.minimum(tl.maximum(count, min_keep), tl.minimum(max_keep, n))
+            scores_bad = scores_bad | (tl.sum((valid & (x < 0)).to(tl.int32), axis=1) > 0)
 
-        # The kept set: the top `count` tokens by (mass descending, index ascending), through a second
-        # bisection on counts (the clamps may move the cut away from the mass cut).
-        lo = tl.zeros([ROWS], dtype=tl.int32)
-        hi = tl.zeros([ROWS], dtype=tl.int32) + _INF_BITS + 1
-        for _ in range(_BISECT_STEPS):
-            mid = lo + (hi - lo) // 2
-            enough = tl.sum((valid & (bits >= mid[:, None])).to(tl.int32), axis=1) >= count
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid)
-        cut = lo[:, None]
-        above = valid & (bits > cut)
-        tied = valid & (bits == cut)
-        tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
-        tied_needed = count - tl.sum(above.to(tl.int32), axis=1)
-        keep = above | (tied & (tie_rank <= tied_needed[:, None]))
-        tl.store(keep_ptr + start[:, None] + offs[None, :], keep, mask=valid)
-
+        # tau is checked in both modes, so that an argument is valid or not whatever else is passed.
         tau_bad = tl.zeros([ROWS], dtype=tl.int1)
         if TAU_PER_SLICE:
+            tau = tl.load(tau_ptr + rows, mask=row_valid, other=1.0).to(tl.float32)
             tau_bad = ~(tau > 0.0)
+        else:
+            tau = tl.zeros([ROWS], dtype=tl.float32) + tau_scalar
+        if FIXED_COUNT:
+            # Both masses (softmax, and scores / sum) increase strictly with the score, so ranking the
+            # scores themselves ranks the exact masses: no fp32 underflow can tie distinct scores.
+            count = tl.load(counts_ptr + rows, mask=row_valid, other=0).to(tl.int64)
+            count = tl.minimum(tl.maximum(count, 0), n)
+            if KEY64:
+                key = _order_key(raw.to(tl.float64), True)
+            else:
+                key = _order_key(x, False)
+            keep = _keep_top(key, valid, count, KEY64)
+        else:
+            if SOFTMAX:
+                x_max = tl.max(tl.where(valid, x, float("-inf")), axis=1)
+                # (x - max) / T instead of x / T - max(x / T): x / T may overflow for T < 1, the
+                # difference only underflows towards exp(-inf) = 0, which is the right mass.
+                e = tl.where(valid, tl.exp((x - x_max[:, None]) / temperature), 0.0)
+                # Empty rows (padding, zero-length segments) have no mass: divide by 1, not 0.
+                denominator = tl.sum(e, axis=1)
+                p = e / tl.where(denominator > 0, denominator, 1.0)[:, None]
+                zero_total = tl.zeros([ROWS], dtype=tl.int1)
+            else:
+                total = tl.sum(tl.where(valid, x, 0.0), axis=1)
+                zero_total = total == 0
+                p = x / tl.where(zero_total, 1.0, total)[:, None]
+            # Also maps -0.0 to +0.0, whose bit pattern would otherwise order below every other mass.
+            p = tl.where(valid & (p > 0), p, 0.0)
+
+            bits = p.to(tl.int32, bitcast=True)
+            total = tl.sum(p, axis=1)
+            # The cut mass: the largest present mass v with sum(p >= v) >= tau, found by bisection on
+            # the bit patterns (monotone for masses >= +0.0). Masked reductions instead of a sort: no
+            # data movement between lanes, and the same number of passes for every slice length.
+            lo = tl.zeros([ROWS], dtype=tl.int32)
+            hi = tl.zeros([ROWS], dtype=tl.int32) + _INF_BITS
+            for _ in range(_BISECT_STEPS):
+                mid = lo + (hi - lo) // 2
+                mass_at_least = tl.sum(tl.where(bits >= mid[:, None], p, 0.0), axis=1)
+                reached = mass_at_least >= tau
+                lo = tl.where(reached, mid, lo)
+                hi = tl.where(reached, hi, mid)
+            cut = lo[:, None]
+            above = valid & (bits > cut)
+            mass_above = tl.sum(tl.where(above, p, 0.0), axis=1)
+            tied = valid & (bits == cut)
+            # Equal masses are taken in index order: the j-th tied token's cumulative mass is
+            # mass_above + j * cut, and it is kept when the mass before it is still below tau.
+            tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
+            cut_mass = tl.max(tl.where(tied, p, 0.0), axis=1)
+            before = mass_above[:, None] + (tie_rank - 1).to(tl.float32) * cut_mass[:, None]
+            tied_kept = tl.sum((tied & (before < tau[:, None])).to(tl.int32), axis=1)
+            count = tl.sum(above.to(tl.int32), axis=1) + tied_kept
+            count = tl.where(total < tau, n, count).to(tl.int64)
+            if not SOFTMAX:
+                count = tl.where(zero_total, min_keep, count)
+            count = tl.where(tau >= 1.0, n, count)
+            count = tl.minimum(tl.maximum(count, min_keep), tl.minimum(max_keep, n))
+            # The kept set: the top `count` masses (the clamps may move the cut away from the mass cut).
+            keep = _keep_top(bits, valid, count, False)
+        tl.store(keep_ptr + start[:, None] + offs[None, :], keep, mask=valid)
+
         flag_base = flags_ptr + rows * 3
         tl.store(flag_base + 0, scores_bad.to(tl.int8), mask=row_valid)
         tl.store(flag_base + 1, tau_bad.to(tl.int8), mask=row_valid)
@@ -194,6 +236,7 @@ def _launch_triton(
     min_keep: int,
     max_keep: int | None,
     launcher,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernel through ``launcher`` (``wrap_triton`` inside the op, the plain kernel for tests).
 
@@ -218,6 +261,7 @@ def _launch_triton(
         tau if tau is not None else scores,
         float(tau_scalar),
         1.0 if temperature is None else float(temperature),
+        counts if counts is not None else scores,
         keep,
         flags,
         slices,
@@ -229,6 +273,9 @@ def _launch_triton(
         VARLEN=varlen,
         SOFTMAX=temperature is not None,
         TAU_PER_SLICE=tau is not None,
+        FIXED_COUNT=counts is not None,
+        # float64 scores are ranked on their own bits only where the rank is all there is to compute.
+        KEY64=counts is not None and scores.dtype == torch.float64,
         ROWS=rows,
         BLOCK=block,
         num_warps=4 if rows * block <= 1024 else (8 if rows * block <= 4096 else 16),
@@ -257,11 +304,18 @@ def _final_count(below, n, tau, tau_scalar, zero_total, min_keep, max_keep):
     return count.clamp(max=n) if isinstance(n, int) else torch.minimum(count, n)
 
 
-def _torch_dense(scores, tau, tau_scalar, temperature, min_keep, max_keep):
+def _torch_dense(scores, tau, tau_scalar, temperature, min_keep, max_keep, counts):
     slices, tokens = scores.shape
     if slices * tokens == 0:
         return torch.empty((slices, tokens), dtype=torch.bool, device=scores.device)
     x = scores.to(_compute_dtype(scores))
+    ranks = torch.arange(tokens, device=scores.device)
+    keep = torch.empty((slices, tokens), dtype=torch.bool, device=scores.device)
+    if counts is not None:
+        # The exact masses order like the scores (see the kernel); -0.0 == 0.0 in the sort's compare.
+        order = torch.sort(x, dim=1, descending=True, stable=True).indices
+        count = counts.to(torch.int64).clamp(0, tokens)
+        return keep.scatter_(1, order, ranks < count.unsqueeze(1))
     zero_total = None
     if temperature is not None:
         p = torch.softmax((x - x.amax(dim=1, keepdim=True)) / temperature, dim=1)
@@ -274,12 +328,10 @@ def _torch_dense(scores, tau, tau_scalar, temperature, min_keep, max_keep):
     threshold = tau.unsqueeze(1) if tau is not None else tau_scalar
     below = (cumulative < threshold).sum(dim=1)
     count = _final_count(below, tokens, tau, tau_scalar, zero_total, min_keep, max_keep)
-    ranks = torch.arange(tokens, device=scores.device)
-    keep = torch.empty((slices, tokens), dtype=torch.bool, device=scores.device)
     return keep.scatter_(1, order, ranks < count.unsqueeze(1))
 
 
-def _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep):
+def _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep, counts):
     """Ragged batch without padding (and without reading the longest segment on the host): one global
     stable sort by mass, then a stable sort by segment, groups each segment's tokens by falling mass."""
     total = scores.shape[0]
@@ -294,6 +346,13 @@ def _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, ma
     tokens = torch.arange(total, device=scores.device)
     segment = torch.searchsorted(cu[1:], tokens, right=True).clamp(max=segments - 1)
     x = scores.to(_compute_dtype(scores))
+    if counts is not None:
+        by_score = torch.sort(x, descending=True, stable=True).indices
+        order = by_score[torch.sort(segment[by_score], stable=True).indices]
+        segment_sorted = segment[order]
+        count = torch.minimum(counts.to(torch.int64).clamp(min=0), lengths)
+        keep[order] = tokens - cu[segment_sorted] < count[segment_sorted]
+        return keep
     zero_total = None
     if temperature is not None:
         seg_max = torch.full((segments,), float("-inf"), dtype=x.dtype, device=x.device)
@@ -331,14 +390,15 @@ def _nucleus_select_torch(
     temperature: float | None,
     min_keep: int,
     max_keep: int | None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if cu_seqlens is None:
-        return _torch_dense(scores, tau, tau_scalar, temperature, min_keep, max_keep)
-    return _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep)
+        return _torch_dense(scores, tau, tau_scalar, temperature, min_keep, max_keep, counts)
+    return _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep, counts)
 
 
 @_nucleus_select_torch.register_fake
-def _(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep):
+def _(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep, counts=None):
     return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
 
 
@@ -351,14 +411,18 @@ def _nucleus_select_cpp(
     temperature: float | None,
     min_keep: int,
     max_keep: int | None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     tau64 = None if tau is None else tau.to(torch.float64).contiguous()
     cu64 = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
-    return _dispatch._C.nucleus_select_cpu(scores, tau64, tau_scalar, cu64, temperature, min_keep, max_keep)
+    counts64 = None if counts is None else counts.to(torch.int64).contiguous()
+    return _dispatch._C.nucleus_select_cpu(
+        scores, tau64, tau_scalar, cu64, temperature, min_keep, max_keep, counts64
+    )
 
 
 @_nucleus_select_cpp.register_fake
-def _(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep):
+def _(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep, counts=None):
     return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
 
 
@@ -374,6 +438,7 @@ if TRITON_AVAILABLE:
         temperature: float | None,
         min_keep: int,
         max_keep: int | None,
+        counts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch_triton(
             scores,
@@ -385,6 +450,7 @@ if TRITON_AVAILABLE:
             min_keep,
             max_keep,
             torch.library.wrap_triton,
+            counts,
         )
 
 
@@ -405,7 +471,18 @@ def _scores_message(op: str, temperature) -> str:
     return f"{op}: scores contains NaN or Inf"
 
 
-def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max_keep, backend):
+def _check_counts_structure(op, counts, slices, device):
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(f"{op}: counts must be None or an int32/int64 tensor, got {type(counts).__name__}")
+    if counts.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: counts must be int32 or int64, got {counts.dtype}")
+    if counts.shape != (slices,):
+        raise ValueError(f"{op}: counts must have shape [{slices}] (one per slice), got {tuple(counts.shape)}")
+    if counts.device != device:
+        raise ValueError(f"{op}: counts is on {counts.device} but scores is on {device}")
+
+
+def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max_keep, backend, counts=None):
     """Validate every argument (ValueError/TypeError naming it) and pick the backend.
 
     Returns the keyword arguments of the registered op plus ``backend`` and ``deferred``: whether the
@@ -464,6 +541,8 @@ def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max
             raise TypeError(f"{op}: max_keep must be None or an int, got {type(max_keep).__name__}")
         if max_keep < min_keep:
             raise ValueError(f"{op}: max_keep ({max_keep}) must be >= min_keep ({min_keep})")
+    if counts is not None:
+        _check_counts_structure(op, counts, slices, device)
 
     resolved = _dispatch.resolve_backend(op, device, backend, cpp_ops=CPP_OPS)
     bound = None
@@ -506,6 +585,17 @@ def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max
             _validation.check_or_defer(
                 ~(tau_tensor > 0).all(), f"{op}: tau must be > 0 and not NaN in every slice"
             )
+    if counts is not None and slices:
+        # Checked on every path (deferred on CUDA: device ops only); the kernels clamp to [0, n] so a
+        # bad count queued for later can never address memory out of bounds.
+        if cu_seqlens is None:
+            lengths = scores.shape[1]
+        else:
+            lengths = cu_seqlens[1:].to(torch.int64) - cu_seqlens[:-1].to(torch.int64)
+        _validation.check_or_defer(
+            ((counts < 0) | (counts > lengths)).any(),
+            f"{op}: counts must lie in [0, n] for every slice of n tokens",
+        )
     return dict(
         scores=scores,
         tau=tau_tensor,
@@ -514,6 +604,7 @@ def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max
         temperature=temperature,
         min_keep=min_keep,
         max_keep=max_keep,
+        counts=counts,
         backend=resolved,
         bound=bound,
         deferred=deferred,
@@ -556,6 +647,7 @@ def nucleus_select(
     max_seqlen: int | None = None,
     min_keep: int = 1,
     max_keep: int | None = None,
+    counts: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per slice, keep the smallest set of highest-mass tokens whose total mass reaches ``tau`` (DINS).
@@ -576,20 +668,31 @@ def nucleus_select(
             CPU, and on CUDA (where that read would sync) it is ``total_tokens``: correct, but slow
             for many short slices, and above 16384 ``backend="auto"`` then takes the torch path.
         min_keep, max_keep: the count is clamped to ``[min_keep, max_keep]`` and to the slice length.
+        counts: int32 or int64 ``[S]`` (``[B]`` with cu_seqlens) on ``scores``' device, or None: a
+            fixed token budget. Slice ``i`` then keeps exactly its ``counts[i]`` highest-mass tokens
+            (``0 <= counts[i] <= n_i``; ties: lower index first), and ``tau``, ``min_keep`` and
+            ``max_keep`` play no part in the count (they are still validated). Both masses increase
+            strictly with the score, so the exact mass order is the score order: every backend ranks
+            the scores themselves, exactly, with no rounding (fp32 masses would underflow to false
+            ties far from the top). NaN/Inf (and, without temperature, negative) scores are still
+            errors.
         backend: ``"auto" | "triton" | "cpp" | "torch"``.
 
     Returns:
         bool keep mask of ``scores``' shape in the original token order: per slice the ``count``
-        largest ``p`` (ties: lower index first), ``count`` being the smallest prefix of the descending
-        ``p`` whose sum is ``>= tau``, clamped. Masses and sums are fp32 on the Triton and torch paths
-        (float64 for float64 input), float64 on the C++ path; a decision can differ from the float64
-        reference only where a prefix sum is within rounding of ``tau``.
+        largest ``p`` (ties: lower index first), ``count`` being ``counts[i]`` when given, else the
+        smallest prefix of the descending ``p`` whose sum is ``>= tau``, clamped. Masses and sums are
+        fp32 on the Triton and torch paths (float64 for float64 input), float64 on the C++ path; a tau
+        decision can differ from the float64 reference only where a prefix sum is within rounding of
+        ``tau``.
 
-    Invalid values (NaN/Inf or negative scores, bad tau tensor, bad cu_seqlens) raise ValueError at once
-    on CPU; on CUDA they are queued without a host sync and raised by
-    :func:`medpruner_kernels.raise_pending_errors`.
+    Invalid values (NaN/Inf or negative scores, bad tau tensor, bad cu_seqlens, counts outside
+    ``[0, n_i]``) raise ValueError at once on CPU; on CUDA they are queued without a host sync and
+    raised by :func:`medpruner_kernels.raise_pending_errors`.
     """
-    return _run(_prepare(OP, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max_keep, backend))
+    return _run(
+        _prepare(OP, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max_keep, backend, counts)
+    )
 
 
 def nucleus_indices(
@@ -601,6 +704,7 @@ def nucleus_indices(
     max_seqlen: int | None = None,
     min_keep: int = 1,
     max_keep: int | None = None,
+    counts: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection of :func:`nucleus_select` (same arguments) as a ragged pair, without a host sync.
@@ -612,7 +716,7 @@ def nucleus_indices(
             ``cu_counts[-1]`` is the number kept in all (reading it is the caller's one sync).
     """
     args = _prepare(
-        "nucleus_indices", scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max_keep, backend
+        "nucleus_indices", scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max_keep, backend, counts
     )
     cu = args["cu_seqlens"]
     keep = _run(args).reshape(-1)

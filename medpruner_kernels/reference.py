@@ -89,15 +89,26 @@ def nucleus_select(
     temperature: float | None = None,
     min_keep: int = 1,
     max_keep: int | None = None,
+    counts: torch.Tensor | None = None,
     dtype=torch.float64,
 ) -> torch.Tensor:
     """``scores``: flat ``[total_tokens]``; ``tau``: ``[B]`` per segment. Returns the keep mask
     ``[total_tokens]`` in the original order: per segment the ``count`` highest masses (ties: lower
     index first), where ``count`` is the smallest prefix of the sorted masses whose sum is >= tau,
-    clamped to [min_keep, max_keep]."""
+    clamped to [min_keep, max_keep].
+
+    With ``counts`` (``[B]``), segment b keeps exactly its ``counts[b]`` highest masses instead. The
+    masses increase strictly with the score (softmax and scores / sum alike), so the exact mass order
+    is the score order; the scores are ranked, since float64 masses underflow to false ties (a sink
+    token 1000 above the rest leaves every other softmax mass at 0.0)."""
     keep = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
     for b, (start, end) in enumerate(segments(cu_seqlens)):
         if end <= start:
+            continue
+        if counts is not None:
+            # + 0.0 turns -0.0 into +0.0: equal scores, a tie.
+            order = torch.sort(scores[start:end].to(dtype) + 0.0, descending=True, stable=True).indices
+            keep[start + order[: int(counts[b])]] = True
             continue
         p = nucleus_probabilities(scores[start:end], temperature, dtype)
         count = nucleus_count(p, float(tau[b]), min_keep, max_keep)
@@ -141,25 +152,29 @@ def merge_tokens(
     cu_seqlens: torch.Tensor,
     *,
     context_frac: float = 0.05,
+    num_targets: torch.Tensor | None = None,
     dtype=torch.float64,
 ):
     """Contextual merge of the tokens not in ``keep``, per segment of n tokens: R = unkept tokens
-    ascending; C = max(int(context_frac * n), 1) targets taken at stride max(1, len(R) // C) from R;
+    ascending; C = max(int(context_frac * n), 1) targets (or C = num_targets[b]; C = 0 merges nothing
+    in that segment) taken at stride max(1, len(R) // C) from R;
     every other token of R joins the target whose L2-normalised key has the highest cosine similarity
     (ties: the earlier target); x_out[t] = x[t] + mean(x[members of t]). Returns (x_out in ``dtype``,
     keep_out = keep | targets). Token order never changes."""
     x_out = x.to(dtype).clone()
     keep_out = keep.clone()
-    for start, end in segments(cu_seqlens):
+    for b, (start, end) in enumerate(segments(cu_seqlens)):
         n = end - start
         if n == 0:
             continue
         rest = (~keep[start:end]).nonzero().flatten() + start
         if rest.numel() == 0:
             continue
-        num_targets = max(int(context_frac * n), 1)
-        stride = max(1, rest.numel() // num_targets)
-        targets = rest[::stride][:num_targets]
+        count = max(int(context_frac * n), 1) if num_targets is None else int(num_targets[b])
+        if count == 0:
+            continue
+        stride = max(1, rest.numel() // count)
+        targets = rest[::stride][:count]
         is_target = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         is_target[targets] = True
         members = rest[~is_target[rest]]

@@ -41,7 +41,7 @@ def random_inputs(num_tokens, feat_dim, key_dim, dtype, keep_fraction=0.3, key_d
     return x, keys, keep
 
 
-def merge_plan(keys, keep, cu, context_frac):
+def merge_plan(keys, keep, cu, context_frac, num_targets=None):
     """The documented rule, derived here in float64: the target mask, each member's target token (-1
     for non-members), and the smallest non-zero gap between a member's two best similarities."""
     keep = keep.cpu()
@@ -49,11 +49,11 @@ def merge_plan(keys, keep, cu, context_frac):
     targets = torch.zeros(keep.numel(), dtype=torch.bool)
     owner = torch.full((keep.numel(),), -1, dtype=torch.int64)
     gap = math.inf
-    for start, end in reference.segments(cu.cpu()):
+    for b, (start, end) in enumerate(reference.segments(cu.cpu())):
         rest = (~keep[start:end]).nonzero().flatten() + start
-        if rest.numel() == 0:
+        count = max(int(context_frac * (end - start)), 1) if num_targets is None else int(num_targets[b])
+        if rest.numel() == 0 or count == 0:
             continue
-        count = max(int(context_frac * (end - start)), 1)
         chosen = rest[:: max(1, rest.numel() // count)][:count]
         targets[chosen] = True
         members = rest[~targets[rest]]
@@ -80,12 +80,13 @@ def merged_in_dtype(x, targets, owner):
     return out
 
 
-def assert_matches_reference(x, keys, keep, cu, context_frac, x_out, keep_out):
-    targets, owner, gap = merge_plan(keys, keep, cu, context_frac)
+def assert_matches_reference(x, keys, keep, cu, context_frac, x_out, keep_out, num_targets=None):
+    targets, owner, gap = merge_plan(keys, keep, cu, context_frac, num_targets)
     assert gap > DECISION_GAP, "test inputs put a member within float32 rounding of a tie; change them"
     ref_x, ref_keep = reference.merge_tokens(
-        x.cpu(), keys.cpu(), keep.cpu(), cu.cpu(), context_frac=context_frac
-    )
+        x.cpu(), keys.cpu(), keep.cpu(), cu.cpu(), context_frac=context_frac,
+        num_targets=None if num_targets is None else num_targets.cpu(),
+    )  # fmt: skip
     assert torch.equal(ref_keep, keep.cpu() | targets)
     assert keep_out.dtype == torch.bool and torch.equal(keep_out.cpu(), keep.cpu() | targets)
     assert x_out.dtype == x.dtype and x_out.shape == x.shape
@@ -99,9 +100,11 @@ def assert_matches_reference(x, keys, keep, cu, context_frac, x_out, keep_out):
     assert error <= bound, f"max error {error:.3g} > {bound:.3g} (torch's own {x.dtype} error {own:.3g})"
 
 
-def run_and_check(x, keys, keep, cu, context_frac, backend):
-    x_out, keep_out = merge_tokens(x, keys, keep, cu_seqlens=cu, context_frac=context_frac, backend=backend)
-    assert_matches_reference(x, keys, keep, cu, context_frac, x_out, keep_out)
+def run_and_check(x, keys, keep, cu, context_frac, backend, num_targets=None):
+    x_out, keep_out = merge_tokens(
+        x, keys, keep, cu_seqlens=cu, context_frac=context_frac, num_targets=num_targets, backend=backend
+    )
+    assert_matches_reference(x, keys, keep, cu, context_frac, x_out, keep_out, num_targets)
     return x_out, keep_out
 
 
@@ -263,6 +266,69 @@ def test_default_segment_and_edge_sizes(backend):
         assert_matches_reference(x, keys, keep, cu_of([n]), 0.05, x_out, keep_out)
 
 
+# ------------------------------------------------------------------ num_targets (fixed token budget)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("targets_dtype", [torch.int32, torch.int64], ids=str)
+def test_num_targets_match_reference(backend, dtype, structure, targets_dtype):
+    lengths = STRUCTURES[structure]
+    x, keys, keep = random_inputs(sum(lengths), 40, 24, dtype)
+    # 0 (no merge), 1, a few, n (every unkept token a target) and far above n, cycled over the segments.
+    pattern = [0, 1, 3, None, 10**6, 2]
+    counts = [n if c is None else c for c, n in zip(itertools.cycle(pattern), lengths)]
+    num_targets = torch.tensor(counts, dtype=targets_dtype, device=DEVICE)
+    x_out, keep_out = run_and_check(x, keys, keep, cu_of(lengths), 0.05, backend, num_targets)
+    for (start, end), c in zip(reference.segments(cu_of(lengths, "cpu")), counts):
+        if c == 0:  # passes through untouched
+            assert torch.equal(x_out[start:end].cpu(), x[start:end].cpu())
+            assert torch.equal(keep_out[start:end].cpu(), keep[start:end].cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_targets_equal_to_the_context_rule_changes_nothing(backend):
+    lengths = [60, 1, 35, 0, 12]
+    x, keys, keep = random_inputs(sum(lengths), 16, 8, torch.float32)
+    cu = cu_of(lengths)
+    rule = torch.tensor([max(int(0.1 * n), 1) for n in lengths], device=DEVICE)
+    by_rule = merge_tokens(x, keys, keep, cu_seqlens=cu, context_frac=0.1, backend=backend)
+    # context_frac is ignored once num_targets is given.
+    given = merge_tokens(x, keys, keep, cu_seqlens=cu, context_frac=0.9, num_targets=rule, backend=backend)
+    assert torch.equal(by_rule[0], given[0]) and torch.equal(by_rule[1], given[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_targets_budget_layout(backend):
+    # The budget's use: b tokens per slice, c = min(b - 1, ...) targets and b - c kept by DINS; here
+    # 40 tokens, 5 kept, 3 targets from the 35 unkept at stride 11: tokens 5, 16, 27 (first 5 kept).
+    n = 40
+    x, keys, _ = random_inputs(n, 12, 6, torch.float32)
+    keep = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    keep[:5] = True
+    x_out, keep_out = run_and_check(x, keys, keep, cu_of([n]), 0.05, backend, torch.tensor([3], device=DEVICE))
+    assert keep_out.nonzero().flatten().cpu().tolist() == [0, 1, 2, 3, 4, 5, 16, 27]
+    all_zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    x_out, keep_out = merge_tokens(x, keys, keep, num_targets=all_zero, backend=backend)
+    assert torch.equal(x_out, x) and torch.equal(keep_out, keep)
+
+
+def test_num_targets_bad_input():
+    x, keys, keep = _inputs()
+    cu = torch.tensor([0, 3, 8], dtype=I32)
+    cases = [
+        (ValueError, "num_targets", dict(cu_seqlens=cu, num_targets=torch.tensor([1, -1]))),
+        (ValueError, "num_targets", dict(num_targets=torch.tensor([-3]))),
+        (TypeError, "num_targets", dict(num_targets=[1])),
+        (TypeError, "num_targets", dict(num_targets=torch.tensor([1.0]))),
+        (ValueError, "num_targets", dict(cu_seqlens=cu, num_targets=torch.tensor([1]))),
+        (ValueError, "num_targets", dict(num_targets=torch.tensor(1))),
+    ]
+    for backend in BACKENDS:
+        for error, match, kwargs in cases:
+            with pytest.raises(error, match=match):
+                merge_tokens(x, keys, keep, backend=backend, **kwargs)
+
+
 # ------------------------------------------------------------------------------------- properties
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -272,17 +338,19 @@ def test_default_segment_and_edge_sizes(backend):
     keep_fraction=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
     context_frac=st.sampled_from([0.0, 0.05, 0.2, 0.5, 2.0]),
     dtype=st.sampled_from(DTYPES),
+    given_targets=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_property_all_backends_match_reference(
-    lengths, feat_dim, key_dim, keep_fraction, context_frac, dtype, seed
+    lengths, feat_dim, key_dim, keep_fraction, context_frac, dtype, given_targets, seed
 ):
     torch.manual_seed(seed)
     x, keys, keep = random_inputs(sum(lengths), feat_dim, key_dim, dtype, keep_fraction)
     cu = cu_of(lengths)
-    assume(merge_plan(keys, keep, cu, context_frac)[2] > DECISION_GAP)
+    num_targets = torch.randint(0, 8, (len(lengths),), device=DEVICE) if given_targets else None
+    assume(merge_plan(keys, keep, cu, context_frac, num_targets)[2] > DECISION_GAP)
     for backend in BACKENDS:
-        run_and_check(x, keys, keep, cu, context_frac, backend)
+        run_and_check(x, keys, keep, cu, context_frac, backend, num_targets)
 
 
 # ----------------------------------------------------------------------------------- bad input
@@ -346,12 +414,14 @@ def test_unavailable_explicit_backend_raises(monkeypatch):
 # ------------------------------------------------------------------------- torch.library plumbing
 def _op_args(device=DEVICE):
     x, keys, keep = random_inputs(40, 12, 8, torch.float32)
-    return (x.to(device), keys.to(device), keep.to(device), cu_of([25, 1, 14], device), 0.1)
+    args = (x.to(device), keys.to(device), keep.to(device), cu_of([25, 1, 14], device), 0.1)
+    return [args, (*args, torch.tensor([3, 0, 14], device=device))]
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_opcheck(backend):
-    torch.library.opcheck(getattr(torch.ops.medpruner, f"merge_tokens_{backend}"), _op_args())
+    for args in _op_args():
+        torch.library.opcheck(getattr(torch.ops.medpruner, f"merge_tokens_{backend}"), args)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton on CUDA or TRITON_INTERPRET=1")
@@ -360,7 +430,8 @@ def test_opcheck_triton():
     utils = ("test_schema",)
     if DEVICE.type == "cuda":
         utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.medpruner.merge_tokens_triton, _op_args(), test_utils=utils)
+    for args in _op_args():
+        torch.library.opcheck(torch.ops.medpruner.merge_tokens_triton, args, test_utils=utils)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton" or DEVICE.type == "cuda"])

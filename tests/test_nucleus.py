@@ -365,6 +365,172 @@ def test_property_random(slices, tokens, tau, temperature, min_keep, extra, ragg
         assert_matches_reference(keep, scores, tau, max_ambiguous=1.0, **kwargs)
 
 
+# ------------------------------------------------------------------------ fixed counts (token budget)
+def reference_counts_keep(scores, counts, *, temperature=None, cu_seqlens=None):
+    flat, cu, taus = _flat(scores, 0.9, cu_seqlens)
+    keep = reference.nucleus_select(flat, taus, cu, temperature=temperature, counts=counts.cpu())
+    return keep.reshape(scores.shape)
+
+
+def _random_counts(lengths, generator=None):
+    """One count per slice in [0, n], with 0 and n both present whenever there are two slices."""
+    counts = [int(torch.randint(0, n + 1, (), generator=generator)) for n in lengths]
+    if len(counts) >= 2:
+        counts[0], counts[-1] = 0, lengths[-1]
+    return counts
+
+
+def _counts_scores(shape, dtype, temperature, kind):
+    if kind == "ties":
+        # Few distinct values: most tokens tie with others, so the lower-index rule decides.
+        raw = torch.randint(0, 4, shape).to(torch.float64) * (1.0 if temperature is not None else 0.25)
+        return raw.to(dtype).to(DEVICE)
+    return _scores(shape, dtype, temperature, kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("temperature", [None, 2.0])
+@pytest.mark.parametrize("kind", ["random", "peaked", "ties"])
+def test_counts_dense_match_reference(backend, dtype, temperature, kind):
+    scores = _counts_scores((23, 41), dtype, temperature, kind)
+    counts = torch.tensor(_random_counts([41] * 23), device=DEVICE)
+    # tau, min_keep and max_keep play no part in a fixed count.
+    keep = nucleus_select(
+        scores, 0.05, temperature=temperature, counts=counts, min_keep=7, max_keep=9, backend=backend
+    )
+    assert keep.dtype == torch.bool and keep.device == scores.device
+    assert torch.equal(keep.cpu(), reference_counts_keep(scores, counts, temperature=temperature))
+    assert keep.sum(dim=1).cpu().tolist() == counts.cpu().tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("temperature", [None, 1.0])
+@pytest.mark.parametrize("counts_dtype", [torch.int32, torch.int64], ids=_ids)
+def test_counts_varlen_match_reference(backend, dtype, temperature, counts_dtype):
+    lengths = [0, 5, 0, 17, 1, 64, 33, 2, 0]
+    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32).to(DEVICE)
+    scores = _counts_scores((sum(lengths),), dtype, temperature, "random")
+    counts = torch.tensor(_random_counts(lengths), dtype=counts_dtype, device=DEVICE)
+    for max_seqlen in (None, 64):
+        keep = nucleus_select(
+            scores, 0.9, temperature=temperature, cu_seqlens=cu, max_seqlen=max_seqlen, counts=counts,
+            backend=backend,
+        )  # fmt: skip
+        expected = reference_counts_keep(scores, counts, temperature=temperature, cu_seqlens=cu)
+        assert torch.equal(keep.cpu(), expected)
+    indices, cu_counts = nucleus_indices(
+        scores, 0.9, temperature=temperature, cu_seqlens=cu, counts=counts, backend=backend
+    )
+    assert (cu_counts[1:] - cu_counts[:-1]).cpu().tolist() == counts.cpu().tolist()
+    total = int(cu_counts[-1])
+    assert torch.equal(indices[:total].cpu(), expected.nonzero().flatten())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [None, 1.0])
+def test_counts_zero_and_all(backend, temperature):
+    scores = _scores((6, 30), torch.float32, temperature)
+    for value, kept in ((0, [False] * 30), (30, [True] * 30)):
+        counts = torch.full((6,), value, dtype=torch.int64, device=DEVICE)
+        # Even tau >= 1 (keep all) and min_keep above the count do not move a fixed count.
+        keep = nucleus_select(scores, 1.0, temperature=temperature, counts=counts, min_keep=5, backend=backend)
+        assert keep.cpu().tolist() == [kept] * 6
+    empty = nucleus_select(
+        torch.rand(0, device=DEVICE), 0.5, cu_seqlens=torch.zeros(3, dtype=torch.int32, device=DEVICE),
+        counts=torch.zeros(2, dtype=torch.int32, device=DEVICE), backend=backend,
+    )  # fmt: skip
+    assert empty.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_ties_and_exact_order(backend):
+    # Equal scores (and -0.0 == +0.0) tie: the lower index wins.
+    signed = torch.tensor([[0.0, -0.0, 2.0, 0.0, -0.0, 1.0]], device=DEVICE)
+    keep = nucleus_select(signed, 0.9, counts=torch.tensor([4], device=DEVICE), backend=backend)
+    assert keep.cpu().tolist() == [[True, True, True, False, False, True]]
+    flat = torch.ones(3, 10, device=DEVICE)
+    keep = nucleus_select(flat, 0.9, temperature=1.0, counts=torch.tensor([0, 4, 10], device=DEVICE),
+                          backend=backend)  # fmt: skip
+    assert keep.sum(dim=1).cpu().tolist() == [0, 4, 10] and bool(keep[1, :4].all())
+    # An attention sink 1000 above the rest: every other softmax mass underflows to 0.0 even in
+    # float64, yet the exact masses still order like the scores, and the kernels must rank them so.
+    scores = torch.tensor([[0.3, 0.1, 1000.0, 0.7, 0.5, 0.2, 0.9]], dtype=torch.float64)
+    assert bool((torch.softmax(scores, dim=1)[0, [0, 1, 3, 4, 5, 6]] == 0).all())
+    for dtype in DTYPES:
+        keep = nucleus_select(scores.to(dtype).to(DEVICE), 0.9, temperature=1.0,
+                              counts=torch.tensor([4], device=DEVICE), backend=backend)  # fmt: skip
+        assert keep.cpu().nonzero()[:, 1].tolist() == [2, 3, 4, 6], dtype
+    # float64 scores closer than float32 can tell apart keep their float64 order.
+    close = torch.tensor([[1.0, 1.0 + 2.0**-40, 1.0 + 2.0**-41, 0.5]], dtype=torch.float64, device=DEVICE)
+    keep = nucleus_select(close, 0.9, temperature=1.0, counts=torch.tensor([1], device=DEVICE), backend=backend)
+    assert keep.cpu().tolist() == [[False, True, False, False]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_long_and_strided(backend):
+    base = _scores((3, 2 * 1500), torch.float32, 1.0)
+    view = base[:, ::2]
+    counts = torch.tensor([1, 700, 1500], device=DEVICE)
+    keep = nucleus_select(view, 0.9, temperature=1.0, counts=counts, backend=backend)
+    assert torch.equal(keep.cpu(), reference_counts_keep(view, counts, temperature=1.0))
+    assert keep.sum(dim=1).cpu().tolist() == [1, 700, 1500]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    slices=st.integers(1, 10),
+    tokens=st.integers(1, 70),
+    temperature=st.one_of(st.none(), st.floats(0.25, 4.0)),
+    distinct=st.integers(1, 50),
+    ragged=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_counts_property_random(slices, tokens, temperature, distinct, ragged, seed):
+    generator = torch.Generator().manual_seed(seed)
+    if ragged:
+        lengths = torch.randint(0, tokens + 1, (slices,), generator=generator).tolist()
+        cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(DEVICE)
+        shape = (sum(lengths),)
+    else:
+        lengths, cu, shape = [tokens] * slices, None, (slices, tokens)
+    # `distinct` values only: small numbers force many ties.
+    raw = torch.randint(0, distinct, shape, generator=generator).to(torch.float64) / distinct
+    scores = (raw * 6 - 3 if temperature is not None else raw).to(torch.float32).to(DEVICE)
+    counts = torch.tensor(_random_counts(lengths, generator), dtype=torch.int64, device=DEVICE)
+    expected = reference_counts_keep(scores, counts, temperature=temperature, cu_seqlens=cu)
+    for backend in BACKENDS:
+        keep = nucleus_select(scores, 0.5, temperature=temperature, cu_seqlens=cu, counts=counts, backend=backend)
+        assert torch.equal(keep.cpu(), expected), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_invalid_values(backend):
+    scores = torch.rand(4, 9, device=DEVICE)
+    for counts in ([0, 3, 10, 1], [0, -1, 2, 2]):
+        _check_value_error(
+            lambda c=counts: nucleus_select(scores, 0.9, counts=torch.tensor(c, device=DEVICE), backend=backend),
+            "counts",
+        )
+    flat = scores.reshape(-1)
+    cu = torch.tensor([0, 10, 10, 36], dtype=torch.int32, device=DEVICE)
+    _check_value_error(
+        lambda: nucleus_select(flat, 0.9, cu_seqlens=cu, counts=torch.tensor([10, 1, 5], device=DEVICE),
+                               backend=backend),
+        "counts",
+    )  # fmt: skip
+    ok = torch.tensor([2, 0, 26], device=DEVICE)
+    assert nucleus_select(flat, 0.9, cu_seqlens=cu, counts=ok, backend=backend).sum().item() == 28
+    # The score checks still apply under a fixed count.
+    bad = scores.clone()
+    bad[1, 1] = float("nan")
+    counts = torch.ones(4, dtype=torch.int64, device=DEVICE)
+    _check_value_error(lambda: nucleus_select(bad, 0.9, temperature=1.0, counts=counts, backend=backend), "scores")
+    bad[1, 1] = -0.5
+    _check_value_error(lambda: nucleus_select(bad, 0.9, counts=counts, backend=backend), "non-negative")
+
+
 # ------------------------------------------------------------------------------ nucleus_indices
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ragged", [False, True])
@@ -450,10 +616,12 @@ def _op_args(op_name):
         (scores, None, 0.9, None, 1.0, 1, None),
         (flat, tau, 0.9, cu, None, 2, 50),
         (flat.abs(), None, 0.6, cu, None, 0, None),
+        (scores, None, 0.9, None, 2.0, 1, None, torch.tensor([0, 3, 20, 1, 5, 7], device=DEVICE)),
+        (flat.abs(), None, 0.9, cu, None, 1, None, torch.tensor([4, 0, 90], dtype=torch.int32, device=DEVICE)),
     ]
     if op_name == "triton":
         # The triton op also takes the block bound (max tokens per slice) after cu_seqlens.
-        bounds = [20, 90, 90]
+        bounds = [20, 90, 90, 20, 90]
         return [(*args[:4], bound, *args[4:]) for args, bound in zip(samples, bounds, strict=True)]
     return samples
 
@@ -567,6 +735,13 @@ def test_invalid_arguments():
         (ValueError, "max_seqlen", lambda: nucleus_select(scores, 0.9, max_seqlen=9)),
         (ValueError, "max_seqlen", lambda: nucleus_select(flat, 0.9, cu_seqlens=cu, max_seqlen=-1)),
         (ValueError, "backend", lambda: nucleus_select(scores, 0.9, backend="cuda")),
+        (TypeError, "counts", lambda: nucleus_select(scores, 0.9, counts=[1, 2, 3, 4])),
+        (TypeError, "counts", lambda: nucleus_select(scores, 0.9, counts=torch.ones(4, device=DEVICE))),
+        (TypeError, "counts", lambda: nucleus_select(scores, 0.9, counts=torch.ones(4, dtype=torch.int16))),
+        (ValueError, "counts", lambda: nucleus_select(scores, 0.9, counts=torch.ones(5, dtype=torch.int64))),
+        (ValueError, "counts", lambda: nucleus_select(scores, 0.9, counts=torch.ones(4, 1, dtype=torch.int64))),
+        (ValueError, "counts", lambda: nucleus_select(flat, 0.9, cu_seqlens=cu, counts=torch.ones(4).long())),
+        (TypeError, "counts", lambda: nucleus_indices(scores, 0.9, counts=torch.ones(4))),
         (ValueError, "tau", lambda: nucleus_indices(scores, 0.0)),
         (ValueError, "nucleus_indices", lambda: nucleus_indices(flat, 0.9)),
     ]
