@@ -17,6 +17,7 @@ import torch
 from _dicom_files import pydicom_file, write_jpeg_lossless_volume
 from conftest import available_backends
 from medpruner import cli
+from medpruner.cli import models as cli_models
 from medpruner.cli import prune as prune_module
 from medpruner.volume import VolumeError, load_volume, normalize, to_model_range
 from PIL import Image
@@ -552,3 +553,37 @@ def test_a_deferred_nan_in_a_batch_is_an_error_line_and_the_batch_goes_on(tmp_pa
         keep, _ = _reference(path, 0.05)
         assert entries[str(path.resolve())]["status"] == "ok"
         assert entries[str(path.resolve())]["kept_indices"] == np.flatnonzero(keep).tolist()
+
+
+def test_a_gemma3_checkpoint_runs_under_the_shared_family_name(tmp_path):
+    from _tiny_models import gemma_processor, tiny_gemma3
+
+    bundle = cli_models._bundle(tiny_gemma3().eval(), gemma_processor(), "tiny Gemma3")
+    assert bundle.family == "medgemma" and bundle.pixel_key == "pixel_values"
+    tokens = cli.TokenOptions(
+        bundle=bundle, tau=0.5, mode="fast", merge=True, prompt="Describe.", resolution=64, max_new_tokens=2
+    )
+    record = cli.prune_one(
+        ANATOMICAL,
+        gamma=0.2,
+        window="percentile",
+        slice_axis=None,
+        frame=None,
+        backend="torch",
+        device="cpu",
+        out_dir=None,
+        tokens=tokens,
+    )
+    per_slice = np.asarray(record["tokens"]["tokens_per_slice"])
+    assert record["tokens"]["family"] == "medgemma" and per_slice.size == 25
+    assert ((per_slice > 0) == np.asarray(record["result"]["keep"])).all()
+    assert 0 < record["tokens"]["tokens_after"] < record["tokens"]["tokens_before"]
+
+
+def test_backend_names_come_from_the_kernels_list(capsys):
+    from medpruner_kernels._dispatch import BACKENDS
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prune", str(ANATOMICAL), "--backend", "cuda"])
+    assert exit_info.value.code == 2
+    assert f"backend must be one of {', '.join(BACKENDS)}, got 'cuda'" in capsys.readouterr().err

@@ -87,6 +87,16 @@ def _window(text: str) -> str:
     return text
 
 
+def _backend(text: str) -> str:
+    # The kernels' own list; imported here, when the option is given, so that `medpruner --help` and
+    # `medpruner bench` start without importing torch.
+    from medpruner_kernels._dispatch import BACKENDS
+
+    if text not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"backend must be one of {', '.join(BACKENDS)}, got {text!r}")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -104,7 +114,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_GAMMA,
         help="IAF threshold: mean |slice difference| on the models' [-1, 1] scale (default 0.05, as in the paper)",
     )
-    parser.add_argument("--backend", choices=("auto", "triton", "cpp", "torch"), default="auto")
+    parser.add_argument(
+        "--backend",
+        type=_backend,
+        default="auto",
+        help="kernel backend: auto (default: the fastest that runs on the device), triton, cpp or torch",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument(
         "--json", action="store_true", help="print machine-readable JSON instead of a summary"

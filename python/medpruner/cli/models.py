@@ -13,8 +13,6 @@ from medpruner._tiny import image_only_processor
 from medpruner.cli.common import CommandError, synchronize
 
 DEFAULT_TAU = 0.9
-# volume_to_inputs names Gemma3 checkpoints by the medical model built on them.
-_INPUT_FAMILY = {"qwen3_vl": "qwen3_vl", "qwen2_5_vl": "qwen2_5_vl", "gemma3": "medgemma"}
 DEMO_RESOLUTION = 96
 MODEL_RESOLUTION = 224
 DEFAULT_PROMPT = "Describe the findings in this volume."
@@ -59,9 +57,10 @@ def _bundle(model, processor, name: str) -> ModelBundle:
 
     try:
         adapter = adapter_for(model)
-        family = _INPUT_FAMILY[adapter.family]
-    except (TypeError, KeyError) as err:
+    except TypeError as err:
         raise CommandError(f"--model {name}: {err}") from err
+    # Adapters and volume_to_inputs share one family vocabulary (medpruner.config.FAMILIES).
+    family = adapter.family
     multiple, merge = _size_multiple(processor)
     return ModelBundle(model, processor, family, adapter.pixel_key, multiple, merge, name)
 
