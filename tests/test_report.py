@@ -115,3 +115,11 @@ def test_to_json_handles_numpy_and_rejects_nan():
     }
     with pytest.raises(ValueError):
         report.to_json({"x": float("nan")})
+
+
+def test_environment_names_the_installed_dicom_decoders():
+    from importlib import metadata
+
+    packages = report.environment(device="cpu", backend="torch")["packages"]
+    for name in ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"):
+        assert packages[name] == metadata.version(name)

@@ -101,6 +101,10 @@ def environment(device: str | None = None, backend: str | None = None) -> dict:
                 "numpy",
                 "nibabel",
                 "pydicom",
+                # The decoders of compressed DICOM: which one read a file's pixels depends on these.
+                "pylibjpeg",
+                "pylibjpeg-libjpeg",
+                "pylibjpeg-openjpeg",
                 "pynrrd",
                 "matplotlib",
                 "transformers",
