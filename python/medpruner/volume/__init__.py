@@ -12,7 +12,7 @@ threshold that means the same on [0, 1] slices.
 
 Formats: NIfTI-1/2 and MGH (nibabel, :mod:`.nifti`), DICOM series folders and single (multi-frame)
 DICOM files (pydicom, :mod:`.dicom`), NRRD (pynrrd, :mod:`.nrrd`), ``.npy``/``.npz``, numpy arrays
-and torch tensors (:mod:`.arrays`); :mod:`.load` picks among them and :mod:`.windowing` scales
+and torch tensors (:mod:`.numpy`); :mod:`.load` picks among them and :mod:`.windowing` scales
 intensities. The format libraries are imported only when a file of their kind is loaded.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 # The names without a place in __all__ are imported as NAME as NAME: they stay importable from here, as
 # they were before the split.
-from medpruner.volume.arrays import NUMPY_SUFFIXES as NUMPY_SUFFIXES
 from medpruner.volume.base import Volume, VolumeError
 from medpruner.volume.base import axis_codes as axis_codes
 from medpruner.volume.base import guess_modality as guess_modality
@@ -28,6 +27,7 @@ from medpruner.volume.dicom import DICOM_SUFFIXES as DICOM_SUFFIXES
 from medpruner.volume.load import SUPPORTED_SUFFIXES, load_volume
 from medpruner.volume.nifti import NIBABEL_SUFFIXES as NIBABEL_SUFFIXES
 from medpruner.volume.nrrd import NRRD_SUFFIXES as NRRD_SUFFIXES
+from medpruner.volume.numpy import NUMPY_SUFFIXES as NUMPY_SUFFIXES
 from medpruner.volume.windowing import (
     CT_WINDOWS,
     Window,

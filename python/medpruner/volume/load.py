@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medpruner.volume.arrays import NUMPY_SUFFIXES, from_array, load_numpy
 from medpruner.volume.base import Volume, VolumeError, file_suffix
 from medpruner.volume.dicom import DICOM_SUFFIXES, load_dicom_file, load_dicom_series, looks_like_dicom
 from medpruner.volume.nifti import NIBABEL_SUFFIXES, load_nifti
 from medpruner.volume.nrrd import NRRD_SUFFIXES, load_nrrd
+from medpruner.volume.numpy import NUMPY_SUFFIXES, from_array, load_numpy
 
 SUPPORTED_SUFFIXES = NIBABEL_SUFFIXES + NRRD_SUFFIXES + NUMPY_SUFFIXES + DICOM_SUFFIXES
 
