@@ -17,8 +17,8 @@ forward, and their share of that forward), ``decode_tokens_per_s`` and ``decode_
 the median decode step, and that step) or ``decode_error``.
 
 Random weights attend almost uniformly, so DINS keeps far more tokens at tau = 0.9 than with trained
-weights (the paper reports a few percent): the rows record the retention reached, and ``--tau`` lowers it
-to emulate a trained model's.
+weights (the paper reports a few percent): the rows record the retention reached, and a lower ``--tau`` (several may be
+given) emulates a trained model's.
 
     python bench/e2e.py                       # both models, 64/256/600 slices, writes bench/results/e2e-*.json
     python bench/e2e.py --models qwen3_vl --slices 64 --decode-tokens 16
@@ -508,19 +508,20 @@ def iter_rows(
     decode_tokens: int,
     repeats: int,
     gamma: float,
-    tau: float,
+    taus,
     qwen_size: int,
-    variants=VARIANTS,
 ):
-    """Yield one row per (model, slice count, variant) as soon as it is measured. A pruned row whose
-    unpatched row (same model and slices) came first carries ``prefill_speedup``."""
+    """Yield one row per (model, slice count, variant) as soon as it is measured: unpatched once, then
+    paper and fast at each tau of ``taus`` (the row carries its ``tau``). A pruned row whose unpatched
+    row (same model and slices) succeeded carries ``prefill_speedup``."""
     for family in models:
         model = build_model(family, device, dtype, tiny=tiny)
         size = qwen_size if family == "qwen3_vl" else 256
         for depth in slices:
             inputs = build_inputs(family, model, depth, size, device)
             unpatched_ms = None
-            for variant in variants:
+            pruned = [(variant, tau) for tau in taus for variant in VARIANTS if variant != "unpatched"]
+            for variant, tau in [("unpatched", None), *pruned]:
                 row = measure(
                     model,
                     inputs,
@@ -532,6 +533,8 @@ def iter_rows(
                     tau=tau,
                 )
                 row.update(model=family, slices=depth)
+                if tau is not None:
+                    row["tau"] = tau
                 if row["status"] == "ok":
                     if variant == "unpatched":
                         unpatched_ms = row["prefill_ms"]
@@ -565,7 +568,7 @@ def main(argv=None) -> Path:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gamma", type=float, default=0.05)
-    parser.add_argument("--tau", type=float, default=0.9)
+    parser.add_argument("--tau", nargs="+", type=float, default=[0.9], help="DINS tau of the pruned rows (each)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, float32 (checks the script)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -590,7 +593,7 @@ def main(argv=None) -> Path:
         decode_tokens=args.decode_tokens,
         repeats=args.repeats,
         gamma=args.gamma,
-        tau=args.tau,
+        taus=args.tau,
         qwen_size=args.qwen_size,
     )
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")

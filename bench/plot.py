@@ -43,7 +43,8 @@ def plot_microbenchmarks(run: dict, out: Path) -> None:
 
 
 def plot_e2e(record: dict, out: Path) -> None:
-    """Prefill time against slice count, one line per variant (unpatched, paper, fast), one panel per model."""
+    """Prefill time against slice count, one line per variant (unpatched, then paper and fast at each
+    tau), one panel per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,11 +56,11 @@ def plot_e2e(record: dict, out: Path) -> None:
         raise ValueError("the e2e record has no successful rows to plot")
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for variant in ("unpatched", "paper", "fast"):
-            mine = [r for r in rows if r["model"] == model and r["variant"] == variant]
+        lines = sorted({(r["variant"] != "unpatched", r["variant"], r.get("tau")) for r in rows if r["model"] == model})
+        for _, variant, tau in lines:
+            mine = [r for r in rows if r["model"] == model and r["variant"] == variant and r.get("tau") == tau]
             points = sorted((r["slices"], r["prefill_ms"]) for r in mine)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=variant)
+            ax.plot(*zip(*points), marker="o", label=variant if tau is None else f"{variant} tau={tau:g}")
         ax.set_xlabel("slices")
         ax.set_ylabel("prefill ms")
         ax.set_title(model, fontsize=9)

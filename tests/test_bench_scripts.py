@@ -280,9 +280,11 @@ def test_plot_draws_a_gpu_result(tmp_path):
             "status": "ok",
             "prefill_ms": 10.0 * s / (1 + (v != "unpatched")),
         }
+        | ({} if v == "unpatched" else {"tau": 0.9})
         for s in (64, 256)
         for v in e2e.VARIANTS
     ]
+    rows.append({"model": "qwen3_vl", "slices": 64, "variant": "fast", "status": "oom"})
     results = [_result("iaf", "ok", ops[:3]), _result("merge", "ok", ops[3:]), _result("e2e", "ok", rows)]
     path = gpu.write_results(tmp_path, env, {"total_s": 9}, results, 3.0)
     assert path.name == "gpu-NVIDIA-H200-20261129T010203.json"
@@ -444,20 +446,25 @@ def test_smoke_rejects_a_single_decode_token(capsys):
 
 
 def test_gpu_e2e_section_rows_on_a_tiny_model():
-    """The rows gpu.py's e2e section streams, computed on CPU with the tiny Qwen3-VL: prefill only."""
+    """The rows gpu.py's e2e section streams (its default taus), computed on CPU with the tiny
+    Qwen3-VL: prefill only, unpatched once, each mode at each tau."""
     args = gpu.parse_args(["--e2e-scale", "tiny", "--e2e-slices", "2", "--e2e-repeats", "1"])
     rows = list(gpu.e2e_records(args, "cpu"))
-    assert [(row["slices"], row["variant"]) for row in rows] == [(2, variant) for variant in e2e.VARIANTS]
+    expected = [(2, "unpatched", None)] + [(2, mode, tau) for tau in (0.9, 0.05) for mode in ("paper", "fast")]
+    assert [(row["slices"], row["variant"], row.get("tau")) for row in rows] == expected
     for row in rows:
         _check_row(row)
         assert not any(key.startswith("decode") for key in row)
     unpatched = rows[0]["prefill_ms"]
     for row in rows[1:]:
         assert row["prefill_speedup"] == pytest.approx(unpatched / row["prefill_ms"])
+    # A smaller nucleus keeps fewer tokens, in each mode.
+    for high, low in zip(rows[1:3], rows[3:5]):
+        assert low["visual_tokens"] < high["visual_tokens"]
 
 
 def test_section_command_round_trips_the_e2e_options(tmp_path):
-    args = gpu.parse_args(["--e2e-models", "medgemma", "--e2e-slices", "8", "16", "--e2e-tau", "0.5"])
+    args = gpu.parse_args(["--e2e-models", "medgemma", "--e2e-slices", "8", "16", "--e2e-tau", "0.5", "0.1"])
     command = gpu.section_command("e2e", tmp_path / "r.jsonl", args)
     assert command[:2] == [sys.executable, str(BENCH / "gpu.py")]
     child = gpu.parse_args(command[2:])
