@@ -200,7 +200,10 @@ def run_section(name: str, command: list[str], limit_s: float, records_path: Pat
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             code = None
-    records, errors = read_records(records_path)
+    try:
+        records, errors = read_records(records_path)
+    except json.JSONDecodeError as error:
+        records, errors = [], [{ERROR_KEY: f"its records file is not JSON lines ({error})"}]
     result = {"section": name, "status": "ok", "seconds": time.monotonic() - started, "limit_s": limit_s}
     if code is None:
         result.update(status="timeout", error=f"ran past its {limit_s:.0f} s limit and was killed")

@@ -159,6 +159,14 @@ def test_run_section_ok(tmp_path):
     assert "error" not in result and "log_tail" not in result
 
 
+def test_run_section_unreadable_records_are_an_error(tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"op": \n{}\n')  # a cut line that is not the last one
+    result = gpu.run_section("nucleus", _python("pass"), 60, records, tmp_path / "log")
+    assert result["status"] == "error" and result["error"].startswith("its records file is not JSON lines")
+    assert result["records"] == []
+
+
 def test_run_section_crash_is_an_error_with_the_log(tmp_path):
     records = tmp_path / "r.jsonl"
     command = _writer(records, [{"op": "x"}], "sys.stdout.flush(); os.kill(os.getpid(), signal.SIGSEGV)")
