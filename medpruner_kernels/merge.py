@@ -84,19 +84,20 @@ if TRITON_AVAILABLE:
             target_tok = tl.load(rest_ptr + seg_start + slot * stride, mask=slot < num_targets, other=0)
             tl.store(target_flag_ptr + target_tok, tl.full([BLOCK_C], 1, tl.uint8), mask=slot < num_targets)
 
-        channels = tl.arange(0, BLOCK_K)
+        # Element offsets (token x row stride) pass 2**31 for strided views of fused qkv: int64 addressing.
+        channels = tl.arange(0, BLOCK_K).to(tl.int64)
         for r0 in range(0, num_rest, BLOCK_R):
             rank = r0 + lanes
             rank_ok = rank < num_rest
             member = rank_ok & (num_targets > 0) & ((rank % stride != 0) | (rank >= num_targets * stride))
-            member_tok = tl.load(rest_ptr + seg_start + rank, mask=rank_ok, other=0)
+            member_tok = tl.load(rest_ptr + seg_start + rank, mask=rank_ok, other=0).to(tl.int64)
             member_norm = tl.load(norm_ptr + member_tok, mask=rank_ok, other=1.0)
             best = tl.full([BLOCK_R], float("-inf"), tl.float32)
             best_slot = tl.zeros([BLOCK_R], tl.int32)
             for j0 in range(0, num_targets, BLOCK_C):
                 slot = j0 + target_lanes
                 slot_ok = slot < num_targets
-                target_tok = tl.load(rest_ptr + seg_start + slot * stride, mask=slot_ok, other=0)
+                target_tok = tl.load(rest_ptr + seg_start + slot * stride, mask=slot_ok, other=0).to(tl.int64)
                 target_norm = tl.load(norm_ptr + target_tok, mask=slot_ok, other=1.0)
                 dots = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
                 for c0 in range(0, key_dim, BLOCK_K):
@@ -147,7 +148,8 @@ if TRITON_AVAILABLE:
         UPCAST: tl.constexpr,
     ):
         seg = tl.program_id(0)
-        feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        # int64 addressing, as in _assign_kernel: token x row stride may pass 2**31.
+        feats = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
         feat_ok = feats < feat_dim
         seg_start = tl.load(cu_ptr + seg)
         num_rest = tl.load(seg_info_ptr + seg * 3)
@@ -163,7 +165,7 @@ if TRITON_AVAILABLE:
                 rank = r0 + lanes
                 rank_ok = rank < num_rest
                 owner = tl.load(owner_ptr + seg_start + rank, mask=rank_ok, other=-1)
-                tok = tl.load(rest_ptr + seg_start + rank, mask=rank_ok, other=0)
+                tok = tl.load(rest_ptr + seg_start + rank, mask=rank_ok, other=0).to(tl.int64)
                 rows = tl.load(
                     x_ptr + tok[:, None] * stride_xn + feats[None, :] * stride_xd,
                     mask=rank_ok[:, None] & feat_ok[None, :],
@@ -175,7 +177,7 @@ if TRITON_AVAILABLE:
                 weights = tl.where(onehot, 1.0, 0.0)
                 total += _tile_dot(weights.to(rows.dtype), rows, IEEE_DOT, UPCAST)
                 count += tl.sum(weights, axis=1)
-            target_tok = tl.load(rest_ptr + seg_start + slot * stride, mask=slot_ok, other=0)
+            target_tok = tl.load(rest_ptr + seg_start + slot * stride, mask=slot_ok, other=0).to(tl.int64)
             io_mask = slot_ok[:, None] & feat_ok[None, :]
             base = tl.load(
                 x_ptr + target_tok[:, None] * stride_xn + feats[None, :] * stride_xd, mask=io_mask, other=0.0

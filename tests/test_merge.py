@@ -329,6 +329,32 @@ def test_num_targets_bad_input():
                 merge_tokens(x, keys, keep, backend=backend, **kwargs)
 
 
+# -------------------------------------------------------------------------------- int64 addressing
+HUGE_ROW_STRIDE = 2**22  # elements between rows: 600 rows reach 2.5e9 > 2**31
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_offsets_past_int32(backend, dtype):
+    """x and keys as row views of one huge storage (the k block of a fused qkv): element offsets pass
+    2**31, which int32 offset arithmetic wraps (a segfault on the Triton path before int64 addressing).
+    torch.empty commits only the pages the views touch."""
+    lengths = [150, 1, 149, 300]
+    n, feat_dim, key_dim = sum(lengths), 24, 16
+    storage = torch.empty(n * HUGE_ROW_STRIDE, dtype=dtype, device=DEVICE)
+    x = storage.as_strided((n, feat_dim), (HUGE_ROW_STRIDE, 1))
+    keys = storage.as_strided((n, key_dim), (HUGE_ROW_STRIDE, 1), feat_dim)
+    dense_x, dense_keys, keep = random_inputs(n, feat_dim, key_dim, dtype)
+    x.copy_(dense_x)
+    keys.copy_(dense_keys)
+    assert (n - 1) * x.stride(0) > 2**31
+    cu = cu_of(lengths)
+    for num_targets in (None, torch.tensor([3, 0, 149, 5], device=DEVICE)):
+        x_out, keep_out = run_and_check(x, keys, keep, cu, 0.05, backend, num_targets)
+        dense = merge_tokens(dense_x, dense_keys, keep, cu_seqlens=cu, num_targets=num_targets, backend=backend)
+        assert torch.equal(x_out, dense[0]) and torch.equal(keep_out, dense[1])
+
+
 # ------------------------------------------------------------------------------------- properties
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(

@@ -531,6 +531,43 @@ def test_counts_invalid_values(backend):
     _check_value_error(lambda: nucleus_select(bad, 0.9, counts=counts, backend=backend), "non-negative")
 
 
+# -------------------------------------------------------------------------------- int64 addressing
+HUGE_ROW_STRIDE = 2**22  # elements between rows (or tokens): 600 of them reach 2.5e9 > 2**31
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fixed", [False, True], ids=["tau", "counts"])
+def test_offsets_past_int32(backend, fixed):
+    """Scores as views of one huge storage whose element offsets pass 2**31 (int32 offsets would
+    wrap): rows 2**22 elements apart, and a ragged batch whose tokens are. torch.empty commits only
+    the pages the views touch."""
+    slices, tokens = 600, 16
+    storage = torch.empty(slices * HUGE_ROW_STRIDE, dtype=torch.float32, device=DEVICE)
+    dense = _scores((slices, tokens), torch.float32, 1.0)
+    rows = storage.as_strided((slices, tokens), (HUGE_ROW_STRIDE, 1))
+    rows.copy_(dense)
+    assert (slices - 1) * rows.stride(0) > 2**31
+    counts = torch.randint(0, tokens + 1, (slices,), device=DEVICE) if fixed else None
+    keep = nucleus_select(rows, 0.7, temperature=1.0, counts=counts, backend=backend)
+    assert torch.equal(keep, nucleus_select(dense, 0.7, temperature=1.0, counts=counts, backend=backend))
+    if fixed:
+        assert torch.equal(keep.cpu(), reference_counts_keep(dense, counts, temperature=1.0))
+    else:
+        assert_matches_reference(keep, dense, 0.7, temperature=1.0)
+    flat = storage.as_strided((slices,), (HUGE_ROW_STRIDE,))
+    cu = torch.tensor([0, 100, 100, 350, slices], dtype=torch.int32, device=DEVICE)
+    counts = torch.tensor([40, 0, 250, 3], device=DEVICE) if fixed else None
+    keep = nucleus_select(flat, 0.7, temperature=1.0, cu_seqlens=cu, counts=counts, backend=backend)
+    contiguous = flat.contiguous()
+    assert torch.equal(
+        keep, nucleus_select(contiguous, 0.7, temperature=1.0, cu_seqlens=cu, counts=counts, backend=backend)
+    )
+    if fixed:
+        assert torch.equal(keep.cpu(), reference_counts_keep(contiguous, counts, temperature=1.0, cu_seqlens=cu))
+    else:
+        assert_matches_reference(keep, contiguous, 0.7, temperature=1.0, cu_seqlens=cu)
+
+
 # ------------------------------------------------------------------------------ nucleus_indices
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ragged", [False, True])
