@@ -449,7 +449,7 @@ def measure(model, inputs: dict, variant: str, *, device, decode_tokens: int, re
         with torch.inference_mode():
             prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
             prefill_s, _ = _timed(prefill, device, repeats)
-            stats = getattr(model, "medpruner_stats", None)
+            stats = None if variant == "unpatched" else model.medpruner_stats
             if variant != "unpatched":
                 # A separate forward, so the wrappers cannot touch the timed prefills; the share is
                 # taken within this forward, whose ops are part of it by construction.
