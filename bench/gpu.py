@@ -283,7 +283,7 @@ def write_results(out_dir: Path, environment: dict, budget: dict, results: list[
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     parser.add_argument(
