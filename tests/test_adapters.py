@@ -368,3 +368,175 @@ def test_generate_matches_unpatched_generate_on_pruned_inputs(family):
         got = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     new_tokens = expected[:, call["input_ids"].shape[1] :]
     assert torch.equal(got[:, inputs["input_ids"].shape[1] :], new_tokens)
+
+
+# ------------------------------------------------------------------------------ every kernel backend
+try:
+    from conftest import available_backends  # noqa: E402
+
+    KERNEL_BACKENDS = available_backends(
+        cpp_ops=("iaf_select", "nucleus_select_cpu", "attention_importance", "merge_tokens")
+    )
+except ImportError:  # pragma: no cover - conftest is always importable under pytest
+    KERNEL_BACKENDS = ["torch"]
+
+
+# The Triton interpreter is slow: it runs one mode on one volume (paper mode adds no kernel of its own).
+BACKEND_CASES = [(backend, mode) for backend in KERNEL_BACKENDS if backend != BACKEND for mode in ("fast", "paper")]
+BACKEND_CASES = [(backend, mode) for backend, mode in BACKEND_CASES if backend != "triton" or mode == "fast"]
+
+
+@pytest.mark.parametrize("backend, mode", BACKEND_CASES)
+def test_every_backend_matches_explicitly_pruned_inputs(family, backend, mode):
+    """The kernels a GPU user gets (triton, here under the interpreter) and the C++ ones, inside each model."""
+    model = family.model
+    inputs = family.single_volume_inputs() if backend == "triton" else family.two_volume_inputs()
+    call, valid = family.expected_pruned(inputs, gamma=0.05, tau=0.6, merge=True, mode=mode)
+    with torch.no_grad():
+        expected = model(**call).logits
+    apply_medpruner(model, gamma=0.05, tau=0.6, merge=True, mode=mode, backend=backend)
+    got = _logits(model, inputs)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got[valid], expected[valid], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ correctness gaps
+@for_families(*QWEN_FAMILIES)
+@pytest.mark.parametrize("mode", ["fast", "paper"])
+def test_qwen_generate_matches_greedy_explicit_forwards(family, mode):
+    """8 new tokens of the patched generate equal greedy decoding by explicit full forwards (no cache) on
+    the independently pruned inputs, each new token at the M-RoPE position the unpruned sequence would
+    give it: so rope_deltas carry the unpruned numbering through decoding."""
+    model = family.model
+    inputs = family.two_volume_inputs()
+    steps = 8
+    call, _ = family.expected_pruned(inputs, gamma=0.05, tau=0.6, merge=True, mode=mode)
+    with torch.no_grad():
+        unpruned_positions, _ = model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+    valid = inputs["attention_mask"].bool()
+    next_position = torch.stack([unpruned_positions[:, b][:, valid[b]].max() + 1 for b in range(valid.shape[0])])
+    next_text = call["attention_mask"].sum(1)
+    ids, mask, types, positions = (
+        call["input_ids"],
+        call["attention_mask"],
+        call["mm_token_type_ids"],
+        call["position_ids"],
+    )
+    expected = []
+    for step in range(steps):
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                mm_token_type_ids=types,
+                position_ids=positions,
+                mm_encoder_outputs=call["mm_encoder_outputs"],
+                use_cache=False,
+            ).logits
+        # a random model may emit an image placeholder, which would ask for features: forbidden in both
+        token = logits[:, -1].index_fill(-1, torch.tensor([model.config.image_token_id]), float("-inf")).argmax(-1)
+        expected.append(token)
+        column = torch.stack([next_text + step] + [next_position + step] * 3).unsqueeze(-1)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        types = torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)
+        positions = torch.cat([positions, column], dim=2)
+    expected = torch.stack(expected, dim=1)
+    apply_medpruner(model, gamma=0.05, tau=0.6, merge=True, mode=mode, backend=BACKEND)
+    with torch.no_grad():
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            bad_words_ids=[[model.config.image_token_id]],
+        )
+    got = generated[:, inputs["input_ids"].shape[1] :]
+    assert got.shape == (2, steps)
+    assert torch.equal(got, expected)
+
+
+def _text_labels(input_ids, attention_mask, image_token):
+    """Labels on the text tokens; the first token of a row is predicted from padding, so it is ignored."""
+    first = (attention_mask.cumsum(1) == 1) & attention_mask.bool()
+    ignored = (input_ids == image_token) | (attention_mask == 0) | first
+    return input_ids.masked_fill(ignored, -100)
+
+
+def test_labels_are_pruned_with_the_sequence(family):
+    model = family.model
+    inputs = family.two_volume_inputs()
+    image_token = model.config.image_token_id
+    labels = _text_labels(inputs["input_ids"], inputs["attention_mask"], image_token)
+    call, _ = family.expected_pruned(inputs, gamma=0.05, tau=0.6, merge=True, mode="fast")
+    pruned_labels = _text_labels(call["input_ids"], call["attention_mask"], image_token)
+    with torch.no_grad():
+        expected = model(**call, labels=pruned_labels).loss
+    apply_medpruner(model, gamma=0.05, tau=0.6, merge=True, mode="fast", backend=BACKEND)
+    with torch.no_grad():
+        got = model(**inputs, labels=labels).loss
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="labels"):
+        model(**inputs, labels=labels[:, 1:])
+
+
+def test_remove_restores_an_instance_forward_hook(family):
+    """A model loaded with device_map carries accelerate's hook as an instance ``forward`` (a wrapper with
+    the original's signature); patching wraps it and removing puts that exact object back."""
+    model = family.model
+    inputs = family.single_volume_inputs()
+    calls = []
+    class_forward = type(model).forward
+
+    @functools.wraps(class_forward)
+    def hooked_forward(*args, **kwargs):
+        calls.append(1)
+        return class_forward(model, *args, **kwargs)
+
+    model.forward = hooked_forward
+    try:
+        apply_medpruner(model, tau=0.5, backend=BACKEND)
+        apply_medpruner(model, tau=0.6, backend=BACKEND)
+        _logits(model, inputs)
+        assert calls == [1]
+        remove_medpruner(model)
+        assert model.__dict__["forward"] is hooked_forward
+        assert "generate" not in model.__dict__ and not hasattr(model, "medpruner_config")
+        _logits(model, inputs)
+        assert calls == [1, 1]
+    finally:
+        model.__dict__.pop("forward", None)
+
+
+def test_one_gamma_means_the_same_for_qwen_families():
+    """The same volume through Qwen3-VL (mean = std = 0.5) and Qwen2.5-VL (CLIP mean/std) keeps the same
+    slices at every gamma, including gammas where the raw CLIP-scale distances would decide otherwise."""
+    from medpruner_kernels import reference
+
+    volume = synthetic_volume(8, seed=11, repeat_every=3)
+    q3, q25 = tiny_qwen3_vl(), tiny_qwen2_5_vl()
+    inputs3 = qwen_volume_inputs(qwen_processor("qwen3_vl"), [volume])
+    inputs25 = qwen_volume_inputs(qwen_processor("qwen2_5_vl", clip_norm=True), [volume])
+    cu = torch.tensor([0, volume.shape[0]])
+    paper_rows = inputs3["pixel_values"].double().reshape(volume.shape[0], -1)
+    clip_rows = inputs25["pixel_values"].double().reshape(volume.shape[0], -1)
+    consecutive = (paper_rows[1:] - paper_rows[:-1]).abs().mean(1).sort().values.tolist()
+    gammas = [(a + b) / 2 for a, b in zip(consecutive[:-1], consecutive[1:], strict=True)]
+    differs = 0
+    for gamma in gammas:
+        apply_medpruner(q3, gamma=gamma, tau=1.0, merge=False, backend=BACKEND)
+        apply_medpruner(q25, gamma=gamma, tau=1.0, merge=False, backend=BACKEND)
+        with torch.no_grad():
+            q3(**inputs3)
+            q25(**inputs25)
+        kept3 = [n > 0 for n in q3.medpruner_stats.tokens_per_slice[0]]
+        kept25 = [n > 0 for n in q25.medpruner_stats.tokens_per_slice[0]]
+        assert kept25 == kept3 == reference.iaf_select(paper_rows, gamma, cu)[0].tolist()
+        differs += reference.iaf_select(clip_rows, gamma, cu)[0].tolist() != kept3
+    assert differs > 0
