@@ -11,7 +11,8 @@ band pass and one persistent scan launch, a fixed number of launches whatever th
    sums of |x[t + g] - x[t]| for g = 1..BAND, ``part[tile, t, g - 1]``.
 2. reduce (only with more than one tile): sums the tiles into ``band[t, g - 1]``.
 3. scan, one persistent launch: the first programs (one per volume) are scanners. A scanner holds
-   the band rows of SCAN_BLOCK consecutive anchors on chip and walks the keeps from there. A stretch
+   the band rows of SCAN_BLOCK consecutive anchors on chip (one vector load per SCAN_BLOCK anchors) and
+   walks the keeps from there, one warp-wide select per keep (the serial part left). A stretch
    longer than BAND with no keep needs distances to an older anchor: the scanner publishes a row
    request (anchor, the next ROW_LEN slices), and the other programs of the launch (workers), with
    the scanner itself, compute its column pieces; pieces are claimed with an atomic ticket, so a
@@ -19,9 +20,12 @@ band pass and one persistent scan launch, a fixed number of launches whatever th
    of resident programs; under the interpreter, which runs programs one after another, the scanner
    computes every piece itself).
 
-Bytes: the volume once (plus the warm-up slices, <= 1/16), and in the few-keeps regime at most once
-more: a request starts at least BAND + 1 slices after the previous one and covers ROW_LEN = BAND + 1
-slices, so rows never overlap. Launches: band, reduce and scan (and the zero fills of the outputs).
+Bytes: the volume once, plus the warm-up slices (<= 1/32 of it), plus the band sums (BAND floats per
+slice and tile, written and read once); in the few-keeps regime at most 10/9 of the volume more: a
+request starts at least BAND + 1 slices after the previous one and covers ROW_LEN = BAND + 1 slices,
+so rows never overlap, and each request reads its anchor once. Counted under the interpreter:
+1.01-1.05x the volume with many keeps, 1.9-2.15x with few (tests/test_iaf.py). Launches: band, reduce
+(only with more than one tile) and scan, whatever the slice count.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from medpruner_kernels._validation import (
 BAND = 8  # lags kept on chip; the register ring and _stack8 are written for 8
 ROW_LEN = BAND + 1  # slices per row request: requests never overlap (see the module docstring)
 BLOCK = 1024  # band tile: 8 columns per thread of 4 warps (16-byte loads for 16-bit dtypes, 2 for fp32)
-MIN_CHUNK = 16 * BAND  # slices per band program at least: warm-up re-reads <= 1/16 of the volume
+MIN_CHUNK = 32 * BAND  # slices per band program at least: warm-up re-reads <= 1/32 of the volume
 TARGET_PROGRAMS = 1024  # band programs wanted (tiles x chunks) to cover every SM several times
 SCAN_BLOCK = 32  # anchors whose band rows a scanner loads at once
 ROW_BLOCK = 256  # row piece: 8 columns per lane of the scan kernel's single warp

@@ -515,3 +515,135 @@ def test_interpreter_is_active_without_gpu():
     if DEVICE.type == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1"
         assert "triton" in BACKENDS, "Triton kernels must be tested on CPU through the interpreter"
+
+
+# ------------------------------------------------------------- Triton path: bytes, launches, int64
+def _slow_drift_volume(depth, side, dtype, seed=0):
+    """A slow ramp (few keeps for a large gamma: runs much longer than the band) with a little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(side, side, generator=gen, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, depth, dtype=torch.float64)[:, None, None]
+    walk = base + ramp * 6.0 + 0.01 * torch.randn(depth, side, side, generator=gen, dtype=torch.float64)
+    if dtype == torch.uint8:
+        return (walk * 20 + 100).clamp(0, 255).to(dtype)
+    if dtype == torch.int16:
+        return (walk * 300).to(dtype)
+    return walk.to(dtype)
+
+
+def _regime_volume(regime, depth, side, dtype):
+    """(volume, gamma): many keeps (noisy random walk, gamma at the 20% quantile of adjacent distances:
+    the anchor stays within the band) or few keeps (slow drift, runs of ~40-60 slices)."""
+    if regime == "many-keeps":
+        volume = _random_volume((depth, side, side), dtype)
+        return volume, _gamma_between(volume, 0.2)
+    volume = _slow_drift_volume(depth, side, dtype)
+    return volume, 0.9 * (1.0 if dtype.is_floating_point else (20.0 if dtype == torch.uint8 else 300.0))
+
+
+class _InterpreterCounter:
+    """Counts, under the Triton interpreter, the bytes that loads touch (only the lanes a mask lets
+    through) and the kernel launches, by wrapping the interpreter's masked load and grid executor."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import interpreter
+
+        self.loaded_bytes = 0
+        self.launches = []
+        load = interpreter.InterpreterBuilder.create_masked_load
+        run = interpreter.GridExecutor.__call__
+
+        def counting_load(builder, ptrs, mask, other, cache_policy, is_volatile):
+            width = ptrs.get_element_ty().primitive_bitwidth // 8
+            self.loaded_bytes += int(mask.data.sum()) * width
+            return load(builder, ptrs, mask, other, cache_policy, is_volatile)
+
+        def counting_run(executor, *args, **kwargs):
+            self.launches.append(executor.fn.__name__)
+            return run(executor, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", counting_load)
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", counting_run)
+
+
+needs_interpreter = pytest.mark.skipif(
+    "triton" not in BACKENDS or DEVICE.type != "cpu", reason="counts loads in the Triton interpreter"
+)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("side", [32, 40])  # one band tile; two tiles (the reduce pass runs)
+@pytest.mark.parametrize("regime, bound", [("many-keeps", 1.2), ("few-keeps", 2.2)])
+def test_triton_loads_each_element_about_once(monkeypatch, regime, bound, side, dtype):
+    volume, gamma = _regime_volume(regime, 300, side, dtype)
+    counter = _InterpreterCounter(monkeypatch)
+    keep, dist = iaf_select(volume, gamma, backend="triton", return_distances=True)
+    assert_matches_reference(volume, gamma, keep, dist)
+    gaps = torch.diff(keep.nonzero().flatten(), append=torch.tensor([volume.shape[0]]))
+    if regime == "many-keeps":
+        assert int(gaps.max()) <= iaf_module.BAND, "the anchor must stay within the band"
+    else:
+        assert int(gaps.max()) > 3 * iaf_module.BAND, "long runs must need distances to an older anchor"
+    ratio = counter.loaded_bytes / (volume.numel() * volume.element_size())
+    lower = 1.0 if regime == "many-keeps" else 1.5  # every element once; long runs read most slices twice
+    assert lower <= ratio <= bound, f"loaded {ratio:.3f}x the volume's bytes"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("regime", ["many-keeps", "few-keeps"])
+def test_triton_launch_count_does_not_grow_with_depth(monkeypatch, regime):
+    counter = _InterpreterCounter(monkeypatch)
+    launches = {}
+    for depth in (64, 300):
+        volume, gamma = _regime_volume(regime, depth, 8, torch.float32)
+        counter.launches = []
+        keep = iaf_select(volume, gamma, backend="triton")
+        assert_matches_reference(volume, gamma, keep)
+        launches[depth] = counter.launches
+    assert launches[64] == launches[300]
+    assert len(launches[300]) <= 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.int16], ids=str)
+def test_few_keeps_in_every_dtype(backend, dtype):
+    # Runs of ~40-60 slices: every decision after the band takes the row requests on Triton.
+    volume, gamma = _regime_volume("few-keeps", 260, 6, dtype)
+    keep, dist = iaf_select(volume.to(DEVICE), gamma, backend=backend, return_distances=True)
+    assert 3 <= int(keep.sum()) <= 260 // (iaf_module.BAND + 1)
+    assert_matches_reference(volume, gamma, keep, dist)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_volumes_with_long_runs(backend):
+    # Several scanners publish row requests in the same launch; volumes of 0, 1 and few slices between.
+    parts = [_slow_drift_volume(n, 7, torch.float32, seed=n) for n in (150, 1, 0, 90, 3, 120)]
+    volume = torch.cat(parts).to(DEVICE)
+    lengths = torch.tensor([p.shape[0] for p in parts])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32).to(DEVICE)
+    keep, dist = iaf_select(volume, 0.9, cu_seqlens=cu, backend=backend, return_distances=True)
+    assert_matches_reference(volume, 0.9, keep, dist, cu_seqlens=cu)
+    again = iaf_select(volume, 0.9, cu_seqlens=cu, max_seqlen=150, backend=backend)
+    assert torch.equal(again, keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+def test_element_offsets_past_2_31(backend, dtype):
+    # Slices 2**27 elements apart in one huge storage: the last rows start past element 2**31. Only the
+    # pages the view touches are ever written or read, so this costs a few MB of real memory.
+    depth, stride = 20, 1 << 27
+    storage = torch.empty(stride * (depth - 1) + 16 * 16, dtype=dtype, device=DEVICE)
+    view = storage.as_strided((depth, 16, 16), (stride, 16, 1))
+    assert view.storage_offset() + (depth - 1) * stride > 2**31
+    values = _random_volume((depth, 16, 16), dtype)
+    view.copy_(values.to(DEVICE))
+    # gamma < 0 keeps every slice: every adjacent distance is returned, those of the rows past 2**31
+    # included; the median gamma checks decisions there too.
+    for gamma in (-1.0, _gamma_between(values, 0.5)):
+        keep, dist = iaf_select(view, gamma, backend=backend, return_distances=True)
+        assert_matches_reference(values, gamma, keep, dist)
+    again = anchor_distances(view, keep, backend=backend)
+    expected = _reference_anchor_distances(values, keep, torch.tensor([0, depth]))
+    torch.testing.assert_close(again.cpu().double(), expected)
