@@ -73,47 +73,86 @@ def test_iaf_cpu_narrow_backend(benchmark, narrow_volume):
     assert torch.equal(keep, eager_iaf_loop(narrow_volume, gamma))
 
 
-GPU_DEPTHS = (128, 256, 512, 1024)
-GPU_DTYPES = NARROW_DTYPES
+GPU_DEPTHS = (64, 256, 1024)
+GPU_SIDES = (384, 512)
+GPU_DTYPES = (torch.float32, torch.bfloat16)
+# gamma in units of the [-1, 1] scale: 0.005 keeps most slices of drifting_volume (its noise alone
+# moves a slice by ~0.016), 0.25 keeps a slice every few dozen (runs far longer than the band).
+GPU_REGIMES = (("many-keeps", 0.005), ("few-keeps", 0.25))
 
 
-def gpu_benchmarks(device="cuda") -> list[dict]:
+def _iaf_record(volume, gamma, regime, bandwidth, ms, keep, **extra) -> dict:
+    depth = volume.shape[0]
+    nbytes = volume.numel() * volume.element_size()
+    floor_ms = nbytes / (bandwidth * 1e9) * 1e3
+    kept = keep.nonzero().flatten()
+    gaps = torch.diff(kept, append=kept.new_tensor([depth]))
+    return {
+        "op": "iaf_select",
+        "shape": list(volume.shape),
+        "dtype": str(volume.dtype).replace("torch.", ""),
+        "regime": regime,
+        "gamma": gamma,
+        "kept": int(kept.numel()),
+        "longest_run": int(gaps.max()),
+        "ms": ms,
+        "gbps": nbytes / (ms * 1e-3) / 1e9,
+        "floor_ms": floor_ms,
+        "ratio_to_floor": ms / floor_ms,
+        "copy_bandwidth_gbps": bandwidth,
+        **extra,
+    }
+
+
+def gpu_benchmarks(device="cuda"):
     """Check the Triton IAF against the float64 reference, then time it against the eager loop and
-    the HBM floor (volume bytes once / copy bandwidth measured in this run), in both regimes: many
-    keeps (gamma from the paper, noisy slices) and few keeps (large gamma: long runs need the row
-    rounds)."""
+    the HBM floor (the volume's bytes read once at the copy bandwidth measured in this run), in both
+    regimes: many keeps (the anchor stays within the band) and few keeps (long runs: row requests
+    read those slices once more); first, per dtype, a CUDA graph captured once (no max_seqlen) and
+    replayed. Yields the records one by one, so a section stopped by its time budget keeps them."""
     bandwidth = copy_bandwidth_gbps(device)
-    records = []
     for dtype in GPU_DTYPES:
-        for depth in GPU_DEPTHS:
-            volume = drifting_volume(depth, 512, 512, dtype, device=device, seed=depth)
-            scale = _gamma_units(dtype)
-            for regime, gamma in (("many-keeps", 0.005 * scale), ("few-keeps", 0.25 * scale)):
-                keep = iaf_select(volume, gamma, backend="triton")
-                ref_keep, _ = reference.iaf_select(
-                    volume.reshape(depth, -1).cpu(), gamma, torch.tensor([0, depth], dtype=torch.int32)
-                )
-                exact = bool(torch.equal(keep.cpu(), ref_keep))
-                ms = cuda_median_ms(lambda v=volume, g=gamma: iaf_select(v, g, backend="triton"))
-                eager_ms = cuda_median_ms(lambda v=volume, g=gamma: eager_iaf_loop(v, g), warmup=2, rep=5)
-                nbytes = volume.numel() * volume.element_size()
-                floor_ms = nbytes / (bandwidth * 1e9) * 1e3
-                records.append(
-                    {
-                        "op": "iaf_select",
-                        "shape": [depth, 512, 512],
-                        "dtype": str(dtype).replace("torch.", ""),
-                        "regime": regime,
-                        "gamma": gamma,
-                        "kept": int(keep.sum()),
-                        "matches_reference": exact,
-                        "ms": ms,
-                        "gbps": nbytes / (ms * 1e-3) / 1e9,
-                        "floor_ms": floor_ms,
-                        "ratio_to_floor": ms / floor_ms,
-                        "eager_loop_ms": eager_ms,
-                        "speedup_vs_eager": eager_ms / ms,
-                        "copy_bandwidth_gbps": bandwidth,
-                    }
-                )
-    return records
+        scale = _gamma_units(dtype)
+        yield from _graph_records(device, dtype, scale, bandwidth)
+        for side in GPU_SIDES:
+            for depth in GPU_DEPTHS:
+                volume = drifting_volume(depth, side, side, dtype, device=device, seed=depth)
+                for regime, unit_gamma in GPU_REGIMES:
+                    gamma = unit_gamma * scale
+                    keep = iaf_select(volume, gamma, backend="triton")
+                    ref_keep, _ = reference.iaf_select(
+                        volume.reshape(depth, -1).cpu(), gamma, torch.tensor([0, depth], dtype=torch.int32)
+                    )
+                    ms = cuda_median_ms(lambda v=volume, g=gamma: iaf_select(v, g, backend="triton"))
+                    eager_ms = cuda_median_ms(lambda v=volume, g=gamma: eager_iaf_loop(v, g), warmup=1, rep=3)
+                    yield _iaf_record(
+                        volume, gamma, regime, bandwidth, ms, keep,
+                        matches_reference=bool(torch.equal(keep.cpu(), ref_keep)),
+                        eager_loop_ms=eager_ms,
+                        speedup_vs_eager=eager_ms / ms,
+                    )  # fmt: skip
+
+
+def _graph_records(device, dtype, scale, bandwidth):
+    """The op captured once in a CUDA graph (its launch count does not depend on the data, so no
+    max_seqlen is needed) and replayed: the time without per-launch CPU overhead."""
+    depth = 1024
+    volume = drifting_volume(depth, 512, 512, dtype, device=device, seed=depth)
+    for regime, unit_gamma in GPU_REGIMES:
+        gamma = unit_gamma * scale
+        expected = iaf_select(volume, gamma, backend="triton")  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = iaf_select(volume, gamma, backend="triton")
+        graph.replay()
+        torch.cuda.synchronize()
+        ms = cuda_median_ms(graph.replay)
+        ref_keep, _ = reference.iaf_select(
+            volume.reshape(depth, -1).cpu(), gamma, torch.tensor([0, depth], dtype=torch.int32)
+        )
+        yield _iaf_record(
+            volume, gamma, regime, bandwidth, ms, captured,
+            cuda_graph=True,
+            matches_reference=bool(torch.equal(captured.cpu(), ref_keep)),
+            matches_eager=bool(torch.equal(captured, expected)),
+        )  # fmt: skip
