@@ -42,9 +42,14 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd):
-        """``[BLOCK_M, BLOCK_D]`` queries of one head; rows past the segment and padded dims read 0."""
+        """``[BLOCK_M, BLOCK_D]`` queries of one head; rows past the segment and padded dims read 0.
+        Offsets are int64: row x stride passes 2**31 in views of a fused qkv projection (and
+        head x stride in head-major layouts) at a few hundred slices."""
         return tl.load(
-            q_ptr + rows[:, None] * stride_qn + head * stride_qh + dims[None, :] * stride_qd,
+            q_ptr
+            + rows.to(tl.int64)[:, None] * stride_qn
+            + head.to(tl.int64) * stride_qh
+            + dims.to(tl.int64)[None, :] * stride_qd,
             mask=row_ok[:, None] & dim_ok[None, :],
             other=0.0,
         )
@@ -53,7 +58,10 @@ if TRITON_AVAILABLE:
     def _load_k_tile_t(k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd):
         """``[BLOCK_D, BLOCK_N]`` keys of one head, transposed for ``q @ k^T``."""
         return tl.load(
-            k_ptr + cols[None, :] * stride_kn + head * stride_kh + dims[:, None] * stride_kd,
+            k_ptr
+            + cols.to(tl.int64)[None, :] * stride_kn
+            + head.to(tl.int64) * stride_kh
+            + dims.to(tl.int64)[:, None] * stride_kd,
             mask=dim_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
@@ -73,8 +81,8 @@ if TRITON_AVAILABLE:
         stride_kh,
         stride_kd,
         num_heads,
-        head_dim,
         qk_scale_log2,
+        HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -91,7 +99,7 @@ if TRITON_AVAILABLE:
             rows = row0 + tl.arange(0, BLOCK_M)
             row_ok = rows < seg_end
             dims = tl.arange(0, BLOCK_D)
-            dim_ok = dims < head_dim
+            dim_ok = dims < HEAD_DIM
             q = _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd)
             # Scores are kept in base 2 (scale folded with log2 e) so the inner loop uses exp2.
             running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -108,7 +116,7 @@ if TRITON_AVAILABLE:
                 )
                 running_max = new_max
             lse = running_max + tl.log2(running_sum)
-            tl.store(lse_ptr + rows * num_heads + head, lse, mask=row_ok)
+            tl.store(lse_ptr + rows.to(tl.int64) * num_heads + head, lse, mask=row_ok)
 
     @triton.jit
     def _column_sum_kernel(
@@ -127,8 +135,8 @@ if TRITON_AVAILABLE:
         stride_kd,
         num_tokens,
         num_heads,
-        head_dim,
         qk_scale_log2,
+        HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -145,7 +153,7 @@ if TRITON_AVAILABLE:
             cols = col0 + tl.arange(0, BLOCK_N)
             col_ok = cols < seg_end
             dims = tl.arange(0, BLOCK_D)
-            dim_ok = dims < head_dim
+            dim_ok = dims < HEAD_DIM
             k_t = _load_k_tile_t(k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd)
             received = tl.zeros([BLOCK_N], tl.float32)
             for r0 in range(seg_start, seg_end, BLOCK_M):
@@ -153,11 +161,11 @@ if TRITON_AVAILABLE:
                 row_ok = rows < seg_end
                 q = _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd)
                 # +inf for rows past the segment makes their probabilities exactly 0.
-                lse = tl.load(lse_ptr + rows * num_heads + head, mask=row_ok, other=float("inf"))
+                lse = tl.load(lse_ptr + rows.to(tl.int64) * num_heads + head, mask=row_ok, other=float("inf"))
                 s = _tile_dot(q, k_t, IEEE_DOT, UPCAST)
                 p = tl.exp2(s * qk_scale_log2 - lse[:, None])
                 received += tl.sum(p, axis=0)
-            tl.store(partial_ptr + head * num_tokens + cols, received, mask=col_ok)
+            tl.store(partial_ptr + head.to(tl.int64) * num_tokens + cols, received, mask=col_ok)
 
 
 def _block_table(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
@@ -208,7 +216,7 @@ if TRITON_AVAILABLE:
         torch.library.wrap_triton(_row_lse_kernel)[(programs, num_heads)](
             q, k, lse, cu_seqlens, row0, seg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            num_heads, head_dim, qk_scale_log2,
+            num_heads, qk_scale_log2, HEAD_DIM=head_dim,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
         )  # fmt: skip
         partial = torch.empty((num_heads, num_tokens), device=q.device, dtype=torch.float32)
@@ -216,7 +224,7 @@ if TRITON_AVAILABLE:
         torch.library.wrap_triton(_column_sum_kernel)[(programs, num_heads)](
             q, k, lse, partial, cu_seqlens, col0, seg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            num_tokens, num_heads, head_dim, qk_scale_log2,
+            num_tokens, num_heads, qk_scale_log2, HEAD_DIM=head_dim,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
         )  # fmt: skip
         return _group_mean(partial.sum(dim=0) / num_heads, group)

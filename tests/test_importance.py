@@ -222,6 +222,49 @@ def test_fused_qkv_views_are_read_in_place(backend):
         assert_matches_reference(got, q, k, cu)
 
 
+# Element offsets past 2**31 (int32 overflow in the kernels' address arithmetic): views over one
+# torch.empty storage of ~2.7e9 elements. Only the pages the views write and read are ever touched, so
+# the test costs a few MiB whatever the storage's size.
+HUGE_LAYOUTS = {
+    # q/k as the column blocks of a fused qkv row 2**27 elements long: row 16 starts past 2**31.
+    "rows-2**27-apart": dict(rows=20, row_stride=2**27, head_stride=None),
+    # head-major: head h starts at h * 2**30, so head 2 lies past 2**31.
+    "heads-2**30-apart": dict(rows=24, row_stride=None, head_stride=2**30),
+}
+
+
+def huge_views(rows, row_stride, head_stride, heads, head_dim, dtype):
+    if row_stride is not None:
+        size, strides, k_offset = rows * row_stride, (row_stride, head_dim, 1), heads * head_dim
+    else:
+        size, strides, k_offset = heads * head_stride, (head_dim, head_stride, 1), rows * head_dim
+    storage = torch.empty(size, dtype=dtype, device=DEVICE)
+    q = storage.as_strided((rows, heads, head_dim), strides, 0)
+    k = storage.as_strided((rows, heads, head_dim), strides, k_offset)
+    fresh_q, fresh_k = random_qk(rows, heads, head_dim, dtype)
+    q.copy_(fresh_q)
+    k.copy_(fresh_k)
+    last = k_offset + (rows - 1) * strides[0] + (heads - 1) * strides[1] + head_dim - 1
+    assert last >= 2**31, "the views must reach past 2**31 elements"
+    return q, k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", list(HUGE_LAYOUTS))
+def test_element_offsets_past_2_31(backend, dtype, layout):
+    heads, head_dim = 3, 8
+    q, k = huge_views(**HUGE_LAYOUTS[layout], heads=heads, head_dim=head_dim, dtype=dtype)
+    rows = q.shape[0]
+    # Two segments, each with rows on both sides of 2**31 (and of the head boundary).
+    cu = cu_of([rows // 2 + 3, rows - rows // 2 - 3])
+    got = attention_importance(q, k, cu_seqlens=cu, group=1, backend=backend)
+    assert_matches_reference(got, q, k, cu)
+    torch.testing.assert_close(
+        got, attention_importance(q.contiguous(), k.contiguous(), cu_seqlens=cu, backend=backend)
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_runs_are_bitwise_equal(backend):
     lengths = [45, 2, 39]
