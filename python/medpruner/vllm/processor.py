@@ -6,6 +6,12 @@ image item gets ``medpruner_counts = [kept tokens, DINS picks, merge targets, dr
 a kept slice's ``<|vision_start|><|image_pad|><|vision_end|>`` becomes its budgeted number of
 placeholders, a dropped slice loses the whole wrapper and its item leaves the request.
 
+Pixel scale. vLLM may leave normalisation to the tower (``mm_device_do_normalize``, on by default for
+Qwen-VL): the processor then returns raw ``uint8`` patches and the tower's first module rescales and
+normalises them. IAF's gamma is defined on the normalised pixels the HF processor returns, so the raw
+patches get the same affine map the tower applies (fp32, the processor config's mean/std/rescale)
+before IAF; on raw bytes a near-duplicate slice is ~255/2 times farther from its anchor.
+
 Caching. The counts depend on the whole volume, so each image's hash (the processor and encoder cache
 key) covers the hashes of all the request's images and the image's index, on top of the request's
 ``mm_processor_kwargs`` (gamma, budget) that vLLM already folds in. When any image of a request misses
@@ -18,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params
 from vllm.multimodal.hasher import MultiModalHasher
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.processing.processor import (
@@ -84,6 +91,17 @@ class MedPrunerProcessorMixin:
         merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
         return request_config(self._medpruner_engine_config(), {k: merged[k] for k in REQUEST_KNOBS if k in merged})
 
+    def _medpruner_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values`` on the scale the HF processor returns (what the tower normalises to)."""
+        if not self.info.ctx.get_mm_config().mm_device_do_normalize:
+            return pixel_values.float()
+        params = _load_norm_params(self.info.ctx.model_config)
+        std = torch.tensor(params.image_std, dtype=torch.float32)
+        scale = params.rescale_factor / std
+        shift = -torch.tensor(params.image_mean, dtype=torch.float32) / std
+        rows = pixel_values.reshape(pixel_values.shape[0], std.numel(), -1)
+        return (rows * scale.view(1, -1, 1) + shift.view(1, -1, 1)).reshape(pixel_values.shape)
+
     # ------------------------------------------------------------------------------ HF processing
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         config = self._medpruner_request_config(hf_kwargs)
@@ -92,7 +110,8 @@ class MedPrunerProcessorMixin:
         grid = data.get("image_grid_thw")
         if grid is not None and len(grid) > 0:
             merge = self.info.get_hf_config().vision_config.spatial_merge_size
-            data[COUNTS_KEY] = slice_counts(self.adapter_class(), data["pixel_values"], grid, merge, config)
+            pixels = self._medpruner_pixels(data["pixel_values"])
+            data[COUNTS_KEY] = slice_counts(self.adapter_class(), pixels, grid, merge, config)
         return data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
