@@ -12,6 +12,7 @@ from medpruner.cli.batch import expand_inputs, prune_batch
 from medpruner.cli.bench import cmd_bench
 from medpruner.cli.common import CommandError, pick_device
 from medpruner.cli.demo import cmd_demo
+from medpruner.cli.eval import add_parser as add_eval_parser
 from medpruner.cli.models import DEFAULT_PROMPT, DEMO_RESOLUTION, MODEL_RESOLUTION, load_model, token_options
 from medpruner.cli.prune import prune_one, report_files, summary_text
 from medpruner.report import to_json
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest")
     bench.set_defaults(handler=cmd_bench)
+    add_eval_parser(commands, _add_run_options, _positive_int)
     return parser
 
 

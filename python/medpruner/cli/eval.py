@@ -1,0 +1,163 @@
+"""``medpruner eval``: a local 3D VQA dataset through a VLM, unpruned and under each selection method at
+matched budgets (see :mod:`medpruner.eval.runner`), with the pruning-impact audit in the report.
+
+    medpruner eval --data DIR --format m3d|3drad|deeptumor|hulumed|jsonl --out DIR
+                   [--methods medpruner,topk,...] [--model CKPT] [--limit N] [--tau 0.9] ...
+
+Without ``--model`` the run uses :func:`default_model` (the offline default model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medpruner.cli.common import CommandError, pick_device
+
+DEFAULT_METHODS = (
+    "medpruner", "medpruner_budget", "iaf", "dins", "uniform_slices", "random", "topk", "visionzip", "divprune",
+    "evs", "hiprune",
+)
+
+
+def default_model(device):
+    """The model ``medpruner eval`` uses without ``--model``: today the tiny random-weight Qwen3-VL built
+    from a config (answers are noise; the run checks the plumbing). The one place to switch to a
+    trained offline checkpoint."""
+    from medpruner.cli.models import tiny_qwen3_vl
+
+    return tiny_qwen3_vl(device)
+
+
+def eval_model(path: str | None, device, resolution: int):
+    """An :class:`~medpruner.eval.runner.EvalModel` from a local checkpoint, or :func:`default_model`;
+    slices are resized so the longer side is about ``resolution`` on the processor's patch grid."""
+    import numpy as np
+
+    from medpruner.cli.models import load_model, model_inputs, model_slices
+    from medpruner.eval.runner import EvalModel
+
+    bundle = default_model(device) if path is None else load_model(path, device)
+
+    def make_inputs(volume: np.ndarray, prompt: str):
+        return model_inputs(bundle, model_slices(volume, resolution, bundle.size_multiple), prompt)
+
+    return EvalModel(bundle.model, bundle.processor, bundle.name, make_inputs)
+
+
+def _methods(text: str) -> list[str]:
+    from medpruner.selectors import SELECTORS
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(DEFAULT_METHODS)
+    unknown = [name for name in names if name not in SELECTORS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown or [text]}; choose from {', '.join(sorted(SELECTORS))} (or 'all')"
+        )
+    return names
+
+
+def _unit_float(name: str, low_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from err
+        if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+            raise argparse.ArgumentTypeError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_parser(commands, add_run_options, positive_int) -> None:
+    """Register ``eval`` on the subcommand set (the shared option parsers come from :mod:`.args`)."""
+    from medpruner.eval.readers import FORMATS
+
+    parser = commands.add_parser(
+        "eval",
+        help="accuracy and fidelity against retention on a local 3D VQA dataset, every method at matched budgets",
+        description="Runs every sample unpruned (the audit's reference), with the adaptive MedPruner (its "
+        "kept visual-token count is each budgeted method's budget for that sample) and with each method; "
+        "writes OUT/samples.jsonl (one line per sample and method), OUT/summary.json, OUT/report.html and "
+        "the plots. Rerunning with the same settings resumes: finished samples are skipped.",
+    )
+    parser.add_argument("--data", required=True, help="the dataset file, or a folder holding exactly one")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="dataset format")
+    parser.add_argument("--out", required=True, help="output folder (created; resumed when it holds a run)")
+    parser.add_argument(
+        "--methods", type=_methods, default=list(DEFAULT_METHODS),
+        help="comma-separated selectors, or 'all' (default: all); none and medpruner are added when needed",
+    )
+    parser.add_argument("--model", default=None, help="local VLM checkpoint folder (default: the offline model)")
+    parser.add_argument("--volumes", default=None, help="folder the volume paths are relative to")
+    parser.add_argument("--question-mode", choices=("closed", "open"), default="closed", help="M3D-VQA questions")
+    parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                        help="malformed rows: skip and count them (default) or stop at the first")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N samples")
+    parser.add_argument("--tau", type=_unit_float("tau", True), default=0.9, help="DINS nucleus mass (default 0.9)")
+    parser.add_argument("--context-frac", type=_unit_float("context-frac", False), default=0.05,
+                        help="contextual tokens per slice, as a fraction (default 0.05)")
+    parser.add_argument("--no-merge", action="store_true", help="drop pruned tokens instead of merging them")
+    parser.add_argument("--resolution", type=positive_int, default=None,
+                        help="longer slice side fed to the model (default 224; 96 for the offline model)")
+    parser.add_argument("--window", default="auto", help="CT window for volumes in HU (see medpruner prune)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer length (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random method (default 0)")
+    parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--no-html", action="store_true", help="write the JSON files only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(parser)
+    parser.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from medpruner.cli.models import DEMO_RESOLUTION, MODEL_RESOLUTION
+    from medpruner.eval.readers import DatasetError, read_dataset
+    from medpruner.eval.runner import EvalSettings, run_eval
+    from medpruner.report import to_json
+
+    try:
+        dataset = read_dataset(args.data, args.format, volumes=args.volumes, on_error=args.on_error,
+                               mode=args.question_mode)
+    except DatasetError as err:
+        raise CommandError(str(err)) from err
+    if not dataset.samples:
+        raise CommandError(f"{dataset.file}: no usable samples ({len(dataset.skipped)} rows skipped: "
+                           f"{json.dumps(dataset.summary()['skipped_rows'][:3])})")
+    resolution = args.resolution or (MODEL_RESOLUTION if args.model else DEMO_RESOLUTION)
+    model = eval_model(args.model, pick_device(args.device), resolution)
+    settings = EvalSettings(
+        methods=tuple(args.methods), gamma=args.gamma, tau=args.tau, merge=not args.no_merge,
+        context_frac=args.context_frac, backend=args.backend, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        window=args.window, resolution=resolution, limit=args.limit, bootstrap=args.bootstrap,
+    )
+    try:
+        summary = run_eval(dataset, model, settings, Path(args.out), progress=not args.no_progress,
+                           html=not args.no_html)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    if args.json:
+        print(to_json(summary))
+    else:
+        print(summary_text(summary, Path(args.out)))
+    return 0
+
+
+def summary_text(summary: dict, out_dir: Path) -> str:
+    lines = [f"{'method':<18}{'n':>5}  {'score':>7}  {'retention':>9}  {'agreement':>9}  {'KL':>8}"]
+    for name, entry in summary["methods"].items():
+        stats = entry["metrics"]["overall"].get(entry["primary_metric"], {})
+        fidelity = entry.get("audit", {}).get("fidelity", {})
+
+        def cell(value, width):
+            return f"{value:>{width}.3f}" if isinstance(value, float) else f"{'-':>{width}}"
+
+        lines.append(f"{name:<18}{entry['n']:>5}  {cell(stats.get('mean'), 7)}  "
+                     f"{cell(entry['retention']['overall'], 9)}  {cell(fidelity.get('answer_agreement'), 9)}  "
+                     f"{cell(fidelity.get('first_token_kl'), 8)}")
+    primary = next(iter(summary["methods"].values()))["primary_metric"]
+    lines.append(f"score: {primary}; report {out_dir / 'report.html'}, records {out_dir / 'samples.jsonl'}")
+    return "\n".join(lines)

@@ -1,0 +1,411 @@
+"""The eval run: every sample of a dataset through a VLM, unpruned and under each selection method at
+matched budgets, scored, audited and written out (JSONL per sample and method, a summary JSON, an HTML
+report).
+
+Per sample, in this order:
+
+1. ``none``: the unpruned model (no patch at all); its answer and first-token logits are the reference
+   of the audit and of the fidelity measures;
+2. ``medpruner``: adaptive MedPruner (its kept visual-token count is the sample's budget);
+3. every other method, the budgeted ones at that budget, each through :mod:`.model_hook` (the selector
+   runs inside the model's own pipeline).
+
+``none`` and ``medpruner`` are run whenever they are needed (the reference always; MedPruner when a
+budgeted method is asked for) and the summary says which were added. Greedy decoding throughout.
+
+Resume: a record's ``key`` is ``sample_id | method | settings_id`` (``settings_id`` hashes the model, the
+prompt rule and every knob that changes an answer). A rerun with the same settings skips the samples
+whose records are all there, redoes the reference of a half-done sample (deterministic, and its logits
+are not stored) and appends the rest; records of other settings stay in the file and are left out of the
+summary. A line cut short by an interruption is removed before appending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medpruner.eval import audit
+from medpruner.eval.metrics import normalize_answer, optional_metrics, score_answer, summarize
+from medpruner.eval.readers import Dataset, DatasetError, Sample
+
+__all__ = [
+    "RECORDS_NAME",
+    "SUMMARY_NAME",
+    "EvalModel",
+    "EvalSettings",
+    "build_prompt",
+    "read_records",
+    "resolve_methods",
+    "run_eval",
+    "summarize_records",
+]
+
+RECORDS_NAME = "samples.jsonl"
+SUMMARY_NAME = "summary.json"
+REFERENCE = "none"
+BUDGET_SOURCE = "medpruner"
+# Bumped when the prompt or the record fields change meaning: old records are then not reused.
+PROMPT_VERSION = 1
+
+
+@dataclass
+class EvalModel:
+    """A loaded VLM for the eval. ``make_inputs(volume [D, H, W] in [0, 1], prompt)`` returns the
+    processor inputs on the model's device (one image per slice, the resolution chosen by the caller)."""
+
+    model: Any
+    processor: Any
+    name: str
+    make_inputs: Callable[[np.ndarray, str], Any]
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+
+@dataclass
+class EvalSettings:
+    """The knobs of a run. ``methods``: selector names (see :func:`resolve_methods`); gamma, tau, merge,
+    context_frac: MedPruner's (DESIGN.md defaults), passed to every selector that takes them; backend:
+    kernel backend; max_new_tokens: greedy answer length; seed: the random selector's seed (per sample
+    ``seed + index``); window: CT window for volumes in Hounsfield units; resolution: the slice size the
+    caller resized to (recorded only); limit: the first N samples; bootstrap: resamples of the
+    confidence intervals."""
+
+    methods: tuple[str, ...]
+    gamma: float = 0.05
+    tau: float = 0.9
+    merge: bool = True
+    context_frac: float = 0.05
+    backend: str = "auto"
+    max_new_tokens: int = 8
+    seed: int = 0
+    window: str = "auto"
+    resolution: int | None = None
+    limit: int | None = None
+    bootstrap: int = 1000
+
+    def selector_settings(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "tau": self.tau, "merge": self.merge, "context_frac": self.context_frac}
+
+    def settings_id(self, model_name: str) -> str:
+        """A short hash of everything that changes a record's content (not ``methods``, ``limit`` or
+        ``bootstrap``, which only choose what is run or summarised)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("methods", "limit", "bootstrap")}
+        text = json.dumps({"model": model_name, "prompt": PROMPT_VERSION, **fields}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def resolve_methods(methods: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(methods in run order, methods added): the reference ``none`` first, ``medpruner`` next when any
+    budgeted method is asked for, then the rest in the order given (duplicates dropped). ValueError
+    naming an unknown method."""
+    from medpruner.selectors import get_selector
+
+    asked = list(dict.fromkeys(methods))
+    if not asked:
+        raise ValueError("methods: give at least one method")
+    specs = {name: get_selector(name) for name in asked}
+    needed = [REFERENCE]
+    if BUDGET_SOURCE in asked or any(spec.budgeted for spec in specs.values()):
+        needed.append(BUDGET_SOURCE)
+    added = [name for name in needed if name not in asked]
+    return needed + [name for name in asked if name not in needed], added
+
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-H])[.):]\s+\S")
+
+
+def build_prompt(sample: Sample) -> str:
+    """The question, then (closed) the options as "A. text" lines unless the question already lists
+    them, and an instruction to answer with the letter."""
+    if not sample.closed:
+        return sample.question
+    lines = [sample.question]
+    listed = {m.group(1) for m in map(_OPTION_LINE.match, sample.question.splitlines()) if m}
+    if sample.options and not set(sample.options) <= listed:
+        lines += [f"{letter}. {text}" for letter, text in sample.options.items()]
+    lines.append("Answer with the option's letter.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ records
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSONL file; a last line cut short by an interruption is cut off the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as handle:
+            handle.truncate(len(data))
+    records = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}: line {number} is not valid JSON ({err}); move the file away to start over"
+            ) from err
+    return records
+
+
+def _append(handle, record: dict) -> None:
+    handle.write(json.dumps(record, allow_nan=False) + "\n")
+    handle.flush()
+
+
+@dataclass
+class _Generation:
+    prediction: str
+    first_logits: Any
+    seconds: float
+    stats: Any = None
+    selections: list = field(default_factory=list)
+
+
+def _generate(eval_model: EvalModel, inputs, max_new_tokens: int) -> _Generation:
+    import torch
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = eval_model.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )
+    seconds = time.perf_counter() - start
+    new_tokens = output.sequences[0, inputs["input_ids"].shape[1]:]
+    text = eval_model.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    return _Generation(text, output.logits[0][0].detach().float().cpu(), seconds)
+
+
+def _run_method(eval_model: EvalModel, inputs, method: str, settings: EvalSettings, budget, seed: int) -> _Generation:
+    from medpruner import MedPrunerConfig, remove_medpruner
+    from medpruner.eval.model_hook import patch_with_selector
+
+    model = eval_model.model
+    if method == REFERENCE:
+        return _generate(eval_model, inputs, settings.max_new_tokens)
+    config = MedPrunerConfig(gamma=settings.gamma, tau=settings.tau, merge=settings.merge,
+                             context_frac=settings.context_frac, backend=settings.backend)
+    adapter = patch_with_selector(model, method, budgets=None if budget is None else [budget],
+                                  settings=settings.selector_settings(), config=config, seed=seed)
+    try:
+        result = _generate(eval_model, inputs, settings.max_new_tokens)
+        result.stats, result.selections = model.medpruner_stats, list(adapter.selections)
+    finally:
+        remove_medpruner(model)
+    return result
+
+
+def _record(sample: Sample, method: str, settings_id: str, generation: _Generation, reference: _Generation,
+            budget, unavailable: dict) -> dict:
+    metrics = score_answer(generation.prediction, answer=sample.answer, options=sample.options,
+                           answer_letter=sample.answer_letter, meteor_available=unavailable.get("meteor") is None)
+    if generation.selections:
+        stages = generation.selections[0].stages
+        kept_slices = generation.selections[0].kept_slices
+    else:
+        # the unpruned reference: _reference_record fills in the counts
+        stages = {"slice_stage_retention": 1.0, "token_stage_retention": 1.0, "retention": 1.0}
+        kept_slices = None
+    kl = audit.first_token_kl(reference.first_logits, generation.first_logits)
+    return {
+        "key": f"{sample.sample_id}|{method}|{settings_id}",
+        "settings_id": settings_id,
+        "sample_id": sample.sample_id,
+        "method": method,
+        "category": sample.category,
+        "closed": sample.closed,
+        "question": sample.question,
+        "answer": sample.answer,
+        "answer_letter": sample.answer_letter,
+        "prediction": generation.prediction,
+        "metrics": metrics,
+        "correct": metrics.get("accuracy") if sample.closed else None,
+        "budget": budget,
+        "kept_slices": kept_slices,
+        **stages,
+        "tokens_per_slice": None if generation.stats is None else list(generation.stats.tokens_per_slice[0]),
+        "answer_agreement": normalize_answer(generation.prediction) == normalize_answer(reference.prediction),
+        "first_token_kl": kl,
+        "top1": int(generation.first_logits.argmax()),
+        "reference_top1": int(reference.first_logits.argmax()),
+        "seconds": generation.seconds,
+    }
+
+
+def _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable) -> dict:
+    from medpruner.adapters import adapter_for
+
+    record = _record(sample, REFERENCE, settings_id, reference, reference, None, unavailable)
+    layout = adapter_for(eval_model.model).layout(eval_model.model, dict(inputs))
+    tokens = int(layout.token_offsets[-1])
+    record.update(slices_total=layout.num_images, slices_kept=layout.num_images,
+                  kept_slices=list(range(layout.num_images)), tokens_total=tokens, tokens_after_slice_stage=tokens,
+                  tokens_kept=tokens, tokens_per_slice=list(layout.tokens))
+    return record
+
+
+# ------------------------------------------------------------------------------------------- the run
+def run_eval(dataset: Dataset, eval_model: EvalModel, settings: EvalSettings, out_dir, *, progress: bool = True,
+             html: bool = True) -> dict:
+    """Run (or resume) the eval into ``out_dir`` and return the summary (also written to
+    ``summary.json``; ``report.html`` and the plots with ``html``)."""
+    from tqdm.auto import tqdm
+
+    from medpruner.eval.report import write_report
+
+    methods, added = resolve_methods(settings.methods)
+    ids = [s.sample_id for s in dataset.samples]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{dataset.file}: sample ids must be unique, repeated: {duplicates[:5]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_path = out_dir / RECORDS_NAME
+    settings_id = settings.settings_id(eval_model.name)
+    done = {r["key"]: r for r in read_records(records_path) if r.get("settings_id") == settings_id}
+    samples = dataset.samples if settings.limit is None else dataset.samples[: settings.limit]
+    unavailable = optional_metrics()
+    failed = []
+    with open(records_path, "a", encoding="utf-8") as handle, tqdm(
+        total=len(samples), disable=not progress, unit="sample", desc="medpruner eval"
+    ) as bar:
+        for index, sample in enumerate(samples):
+            keys = {m: f"{sample.sample_id}|{m}|{settings_id}" for m in methods}
+            missing = [m for m in methods if keys[m] not in done]
+            if missing:
+                try:
+                    volume = sample.load(settings.window)
+                except DatasetError as err:
+                    failed.append({"sample_id": sample.sample_id, "source": sample.source, "reason": str(err)})
+                    bar.update()
+                    continue
+                inputs = eval_model.make_inputs(volume, build_prompt(sample))
+                reference = _run_method(eval_model, inputs, REFERENCE, settings, None, settings.seed + index)
+                for method in methods:
+                    if method == REFERENCE:
+                        if method not in missing:
+                            continue
+                        record = _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable)
+                    else:
+                        if method not in missing:
+                            continue
+                        # medpruner runs before every budgeted method, so its record is there by now
+                        budget = done[keys[BUDGET_SOURCE]]["tokens_kept"] if _budgeted(method) else None
+                        generation = _run_method(eval_model, inputs, method, settings, budget, settings.seed + index)
+                        record = _record(sample, method, settings_id, generation, reference, budget, unavailable)
+                    done[record["key"]] = record
+                    _append(handle, record)
+            bar.update()
+    records = [done[f"{s.sample_id}|{m}|{settings_id}"] for s in samples for m in methods
+               if f"{s.sample_id}|{m}|{settings_id}" in done]
+    summary = summarize_records(records, methods, bootstrap=settings.bootstrap, unavailable=unavailable)
+    summary.update(
+        dataset=dataset.summary(),
+        model=eval_model.name,
+        settings={**asdict(settings), "methods": list(settings.methods)},
+        settings_id=settings_id,
+        methods_run=methods,
+        methods_added=added,
+        failed_samples=failed,
+        files={"records": RECORDS_NAME, "summary": SUMMARY_NAME, "report": "report.html" if html else None},
+    )
+    write_report(out_dir, summary, html=html)
+    return summary
+
+
+def _budgeted(method: str) -> bool:
+    from medpruner.selectors import get_selector
+
+    return get_selector(method).budgeted
+
+
+# ------------------------------------------------------------------------------------------- summary
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fidelity(pairs: list[tuple[dict, dict]]) -> dict:
+    """audit.fidelity's answer agreement, with the first-token KL and top-1 agreement from the records
+    (their logits are not stored: the KL and top-1 were computed against the reference during the run)."""
+    mine = [m for m, _ in pairs]
+    theirs = [r for _, r in pairs]
+    result = audit.fidelity(mine, theirs)
+
+    def fill(target: dict, group: list[dict]) -> None:
+        target["n_logits"] = len(group)
+        target["first_token_kl"] = _mean(r["first_token_kl"] for r in group)
+        target["top1_agreement"] = _mean(float(r["top1"] == r["reference_top1"]) for r in group)
+
+    fill(result, mine)
+    for category, values in result["by_category"].items():
+        fill(values, [m for m in mine if str(m["category"]) == category])
+    return result
+
+
+def summarize_records(records: Sequence[dict], methods: Sequence[str], *, bootstrap: int = 1000,
+                      unavailable: dict | None = None) -> dict:
+    """Per method: metrics (mean and bootstrap interval, overall and per category), retention (both
+    stages), the matched-budget check, and the audit against ``none`` (category deltas, answer flips,
+    fidelity) over the samples both runs have."""
+    from medpruner.selectors import get_selector
+
+    by_method: dict[str, list[dict]] = {m: [] for m in methods}
+    for record in records:
+        by_method.setdefault(record["method"], []).append(record)
+    reference = {r["sample_id"]: r for r in by_method.get(REFERENCE, [])}
+    primary = "accuracy" if any(r["closed"] for r in records) else "token_f1"
+    out = {}
+    for method in methods:
+        rows = by_method.get(method, [])
+        spec = get_selector(method)
+        metric_summary = summarize(
+            [{"category": r["category"], "metrics": r["metrics"]} for r in rows], resamples=bootstrap,
+            unavailable=unavailable,
+        )
+        budgeted = [r for r in rows if r.get("budget") is not None]
+        entry = {
+            "description": spec.description,
+            "budgeted": spec.budgeted,
+            "slice_stage": spec.slice_stage,
+            "token_stage": spec.token_stage,
+            "n": len(rows),
+            "metrics": metric_summary,
+            "primary_metric": primary,
+            "retention": {
+                "overall": _mean(r["retention"] for r in rows),
+                "slice_stage": _mean(r["slice_stage_retention"] for r in rows),
+                "token_stage": _mean(r["token_stage_retention"] for r in rows),
+                "tokens_kept": _mean(r["tokens_kept"] for r in rows),
+                "slices_kept": _mean(r["slices_kept"] for r in rows),
+            },
+            "budget_match": {
+                "n": len(budgeted),
+                "max_abs_gap": max((abs(r["tokens_kept"] - r["budget"]) for r in budgeted), default=None),
+                "mean_relative_gap": _mean(abs(r["tokens_kept"] - r["budget"]) / r["budget"] for r in budgeted),
+            },
+        }
+        paired = [(r, reference[r["sample_id"]]) for r in rows if r["sample_id"] in reference]
+        if method != REFERENCE and paired:
+            mine, theirs = [p[0] for p in paired], [p[1] for p in paired]
+            entry["audit"] = {
+                "category_deltas": audit.category_deltas(mine, theirs),
+                "answer_flips": audit.answer_flips(mine, theirs),
+                "fidelity": _fidelity(paired),
+            }
+        out[method] = entry
+    return {"version": PROMPT_VERSION, "methods": out}
