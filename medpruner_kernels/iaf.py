@@ -50,7 +50,7 @@ MIN_CHUNK = 32 * BAND  # slices per band program at least: warm-up re-reads <= 1
 TARGET_PROGRAMS = 1024  # band programs wanted (tiles x chunks) to cover every SM several times
 SCAN_BLOCK = 32  # anchors whose band rows a scanner loads at once
 ROW_BLOCK = 256  # row piece: 8 columns per lane of the scan kernel's single warp
-PIECE_CHUNK = 64  # row pieces a scanner sums per step
+PIECE_CHUNK = 256  # row pieces a scanner sums per step (4 steps at 512^2: each is one L2 latency)
 WORKERS_PER_SM = 4
 BLOCK_P = 256  # anchor_distances (one pair per slice)
 MAX_TILES = 64
@@ -143,15 +143,19 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _row_piece(x_ptr, piece_part_ptr, anchor, row_start, count, piece, row_stride, num_cols,
-                   num_pieces, ROW_BLOCK: tl.constexpr):  # fmt: skip
-        """Partial sums of |x[row_start + j] - x[anchor]| over one column piece, j < count."""
+                   num_pieces, ROW_LEN: tl.constexpr, ROW_PAD: tl.constexpr, ROW_BLOCK: tl.constexpr):  # fmt: skip
+        """Partial sums of |x[row_start + j] - x[anchor]| over one column piece, j < count. Unrolled
+        with no store inside, so the ROW_LEN row loads go out together (one latency per request)."""
         cols = piece * ROW_BLOCK + tl.arange(0, ROW_BLOCK)
-        col_ok = cols < num_cols
-        ref = tl.load(x_ptr + anchor.to(tl.int64) * row_stride + cols, mask=col_ok, other=0).to(tl.float32)
-        for j in range(count):
+        ref = tl.load(x_ptr + anchor.to(tl.int64) * row_stride + cols, mask=cols < num_cols, other=0).to(tl.float32)
+        offsets = tl.arange(0, ROW_PAD)
+        sums = tl.zeros([ROW_PAD], dtype=tl.float32)
+        for j in tl.static_range(ROW_LEN):
             row = (row_start + j).to(tl.int64)
-            cur = tl.load(x_ptr + row * row_stride + cols, mask=col_ok, other=0).to(tl.float32)
-            tl.store(piece_part_ptr + j * num_pieces + piece, tl.sum(tl.abs(cur - ref), axis=0))
+            bound = tl.where(j < count, num_cols, 0)  # the interpreter rejects vector & scalar masks
+            cur = tl.load(x_ptr + row * row_stride + cols, mask=cols < bound, other=0).to(tl.float32)
+            sums = tl.where(offsets == j, tl.sum(tl.abs(cur - ref), axis=0), sums)
+        tl.store(piece_part_ptr + offsets * num_pieces + piece, sums, mask=offsets < count)
 
     @triton.jit
     def _iaf_scan_kernel(
@@ -233,7 +237,7 @@ if TRITON_AVAILABLE:
                     while held < published:
                         piece = held - (published - num_pieces)
                         _row_piece(x_ptr, piece_part, anchor, pos, count, piece, row_stride, num_cols, num_pieces,
-                                   ROW_BLOCK)  # fmt: skip
+                                   ROW_LEN, ROW_PAD, ROW_BLOCK)  # fmt: skip
                         tl.atomic_add(ctl + _DONE, 1)
                         held = tl.atomic_add(ctl + _CLAIM, 1)
                     done = tl.atomic_add(ctl + _DONE, 0)
@@ -273,7 +277,7 @@ if TRITON_AVAILABLE:
                     count = tl.load(ctl + _COUNT, cache_modifier=".cg")
                     piece = held - (published - num_pieces)
                     _row_piece(x_ptr, piece_part, anchor, row_start, count, piece, row_stride, num_cols, num_pieces,
-                               ROW_BLOCK)  # fmt: skip
+                               ROW_LEN, ROW_PAD, ROW_BLOCK)  # fmt: skip
                     tl.atomic_add(ctl + _DONE, 1)
                     held = tl.atomic_add(ctl + _CLAIM, 1)
                 else:
