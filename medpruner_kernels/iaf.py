@@ -240,9 +240,12 @@ if TRITON_AVAILABLE:
                                    ROW_LEN, ROW_PAD, ROW_BLOCK)  # fmt: skip
                         tl.atomic_add(ctl + _DONE, 1)
                         held = tl.atomic_add(ctl + _CLAIM, 1)
-                    done = tl.atomic_add(ctl + _DONE, 0)
+                    # Poll with plain volatile loads (hundreds of pollers of one word would serialise as
+                    # atomics), then one acquire so the pieces' partial sums are visible.
+                    done = tl.load(ctl + _DONE, volatile=True)
                     while done < published:
-                        done = tl.atomic_add(ctl + _DONE, 0)
+                        done = tl.load(ctl + _DONE, volatile=True)
+                    tl.atomic_add(ctl + _DONE, 0)
                     sums = tl.zeros([ROW_PAD], dtype=tl.float32)
                     for p0 in range(0, num_pieces, PIECE_CHUNK):
                         piece_ids = p0 + pieces
@@ -270,8 +273,9 @@ if TRITON_AVAILABLE:
             held = tl.atomic_add(ctl + _CLAIM, 1)
             finished = 0
             while finished == 0:
-                published = tl.atomic_add(ctl + _PUBLISHED, 0)
+                published = tl.load(ctl + _PUBLISHED, volatile=True)
                 if held < published:
+                    published = tl.atomic_add(ctl + _PUBLISHED, 0)  # acquire: the request's words
                     anchor = tl.load(ctl + _ANCHOR, cache_modifier=".cg")
                     row_start = tl.load(ctl + _START, cache_modifier=".cg")
                     count = tl.load(ctl + _COUNT, cache_modifier=".cg")
@@ -281,7 +285,7 @@ if TRITON_AVAILABLE:
                     tl.atomic_add(ctl + _DONE, 1)
                     held = tl.atomic_add(ctl + _CLAIM, 1)
                 else:
-                    finished = tl.atomic_add(ctl + _FINISHED, 0)
+                    finished = tl.load(ctl + _FINISHED, volatile=True)
 
     @triton.jit
     def _pair_distance_kernel(
