@@ -1,15 +1,23 @@
-"""MedPruner inside vLLM (``medpruner.vllm``) on the CPU build of vLLM, in-process, on a tiny
-random-weight Qwen3-VL saved to a temporary folder (text head dim 32: the CPU attention backend
+"""MedPruner inside vLLM (``medpruner.vllm``) on the CPU build of vLLM, in-process, on tiny random-weight
+Qwen3-VL and Qwen2.5-VL models saved to temporary folders (text head dim 32: the CPU attention backend
 rejects 16).
 
-* equivalence: vLLM + plugin greedy tokens == HF ``apply_medpruner(budget=...)`` on the same volume;
-* identity: gamma below every distance and budget 1.0 == unpatched vLLM;
-* bad knobs (NaN gamma, budget 0, slices of differing size) fail alone, naming the problem, and the
-  engine then serves the same good request with the same tokens.
+* equivalence with HF ``apply_medpruner(budget=...)`` on the same volume, step by step: the IAF mask, the
+  per-slice budget counts and the selected tokens are equal, the scores and merged features equal to
+  float rounding (two towers), the M-RoPE positions equal at prefill and at every decode step, the raw
+  logits within ``LOGIT_TOL`` at every step, and the greedy tokens equal wherever HF's top-2 gap exceeds
+  twice that tolerance;
+* identity: gamma below every distance and budget 1.0 == unpatched vLLM (tokens and logits);
+* bad knobs (NaN gamma, budget 0, slices of differing size) fail alone, naming the problem: good
+  requests already running in the engine finish with their own tokens, and the engine keeps serving.
+
+One engine per family is alive at a time (a second engine in the process takes over vLLM's
+process-wide state): the module-scoped ``served`` fixture runs every test of one family before the next.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -20,7 +28,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import torch  # noqa: E402
-from _tiny_models import synthetic_volume  # noqa: E402
+from _tiny_models import synthetic_volume, tiny_qwen2_5_vl  # noqa: E402
 
 SLICES = 6
 PROMPT = (
@@ -30,6 +38,10 @@ PROMPT = (
 )
 NEW_TOKENS = 8
 BUDGET, GAMMA = 0.5, 0.05
+# float32 logits of the two stacks (HF eager/sdpa vs vLLM's CPU kernels) differ by ~3e-7 here
+LOGIT_TOL = 1e-4
+# features and scores of the two vision towers (same weights, different kernels)
+TOWER_TOL = dict(rtol=1e-4, atol=1e-5)
 ENGINE = dict(
     max_model_len=1024,
     limit_mm_per_prompt={"image": SLICES},
@@ -37,7 +49,11 @@ ENGINE = dict(
     enforce_eager=True,
     max_num_seqs=4,
     max_num_batched_tokens=1024,
+    logprobs_mode="raw_logits",
+    max_logprobs=-1,
 )
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _images(volume):
@@ -47,37 +63,53 @@ def _images(volume):
     return [Image.fromarray(np.repeat(g[:, :, None], 3, axis=2)) for g in grey]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def _hf_class(family):
+    import transformers
+
+    return {
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    }[family]
+
+
+def _save_tiny(family, path):
+    """A tiny random model of ``family`` with text head dim 32 and its processor, saved to ``path``."""
     from medpruner import _tiny
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     tokenizer = _tiny.qwen_tokenizer()
-    config = _tiny.tiny_qwen3_vl_config(tokenizer, max_position_embeddings=4096)
-    config.text_config.head_dim = 32
-    config.text_config.rope_parameters["mrope_section"] = [8, 4, 4]
-    config.architectures = ["Qwen3VLForConditionalGeneration"]
     generator_state = torch.random.get_rng_state()
+    if family == "qwen3_vl":
+        config = _tiny.tiny_qwen3_vl_config(tokenizer, max_position_embeddings=4096)
+        config.text_config.head_dim = 32
+        config.text_config.rope_parameters["mrope_section"] = [8, 4, 4]
+        mean, std = [0.5] * 3, [0.5] * 3
+        processor_class, video_class = Qwen3VLProcessor, Qwen3VLVideoProcessor
+    else:
+        config = tiny_qwen2_5_vl().config
+        config.text_config.num_attention_heads = 2  # hidden 64 / 2 heads: head dim 32
+        config.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
+        mean, std = CLIP_MEAN, CLIP_STD
+        processor_class, video_class = Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
     torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = _hf_class(family)(config).eval()
     torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.do_sample = False
     size = {"shortest_edge": 256, "longest_edge": 256 * 64}
-    processor = Qwen3VLProcessor(
+    processor = processor_class(
         image_processor=Qwen2VLImageProcessor(
-            patch_size=8, merge_size=2, temporal_patch_size=2, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            patch_size=8, merge_size=2, temporal_patch_size=2, size=size, image_mean=mean, image_std=std
         ),
         tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2),
+        video_processor=video_class(patch_size=8, merge_size=2, temporal_patch_size=2),
     )
-    path = tmp_path_factory.mktemp("tiny_qwen3_vl")
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -86,43 +118,184 @@ def volume():
     return _images(synthetic_volume(SLICES, 64, seed=1))
 
 
-@pytest.fixture(scope="module")
-def plugin_llm(model_dir):
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def served(request, tmp_path_factory):
+    """(family, model folder, engine with the plugin); the engine is shut down after the family."""
     import medpruner.vllm as mv
     from vllm import LLM
 
+    family = request.param
+    path = tmp_path_factory.mktemp(f"tiny_{family}")
+    _save_tiny(family, path)
     mv.register()
-    return LLM(**mv.llm_kwargs(model_dir, budget=BUDGET, gamma=GAMMA), **ENGINE)
+    llm = LLM(**mv.llm_kwargs(path, budget=BUDGET, gamma=GAMMA), **ENGINE)
+    yield family, path, llm
+    _shutdown(llm)
 
 
-def _generate(llm, images, **knobs):
+def _shutdown(llm):
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def _request(images, **knobs):
     from medpruner.vllm import request_kwargs
-    from vllm import SamplingParams
 
     request = {"prompt": PROMPT, "multi_modal_data": {"image": images}}
     if knobs:
         request.update(request_kwargs(**knobs))
-    out = llm.generate(request, SamplingParams(max_tokens=NEW_TOKENS, temperature=0), use_tqdm=False)
+    return request
+
+
+def _params(logits: bool = False):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=-1 if logits else None)
+
+
+def _generate(llm, images, **knobs):
+    out = llm.generate(_request(images, **knobs), _params(), use_tqdm=False)
     return list(out[0].outputs[0].token_ids), len(out[0].prompt_token_ids)
 
 
-def test_plugin_matches_hf_budget_mode(plugin_llm, model_dir, volume):
-    from medpruner import apply_medpruner
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+def _raw_logits(output, vocab: int) -> torch.Tensor:
+    """``[steps, vocab]`` raw logits of a request generated with ``logprobs=-1`` (raw_logits mode)."""
+    rows = torch.full((len(output.logprobs), vocab), float("nan"))
+    for step, entries in enumerate(output.logprobs):
+        for token, entry in entries.items():
+            if token < vocab:
+                rows[step, token] = entry.logprob
+    return rows
 
-    processor = AutoProcessor.from_pretrained(model_dir)
-    inputs = processor(text=[PROMPT], images=[volume], return_tensors="pt")
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+class _Recorder:
+    """Records, per phase ("hf" or "vllm"), the outputs of the shared adapter code (IAF mask, budget
+    counts, selection) and the positions the language model receives at every forward."""
+
+    def __init__(self, monkeypatch):
+        from medpruner.adapters.base import Adapter
+        from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+        from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+        self.phase = None
+        self.calls: dict[tuple[str, str], list] = {}
+        iaf, counts, select = Adapter._iaf, Adapter._budget_counts, Adapter.select_tokens
+
+        def record_iaf(adapter, *args, **kwargs):
+            return self._add("iaf", iaf(adapter, *args, **kwargs))
+
+        def record_counts(*args, **kwargs):
+            return self._add("counts", counts(*args, **kwargs))
+
+        def record_select(adapter, scores, keys, pooled, *args, **kwargs):
+            keep, features = select(adapter, scores, keys, pooled, *args, **kwargs)
+            self._add("select", (scores.clone(), keep.clone(), features.clone()))
+            return keep, features
+
+        monkeypatch.setattr(Adapter, "_iaf", record_iaf)
+        monkeypatch.setattr(Adapter, "_budget_counts", staticmethod(record_counts))
+        monkeypatch.setattr(Adapter, "select_tokens", record_select)
+        for upstream in (Qwen3VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration):
+            monkeypatch.setattr(upstream, "forward", self._positions_of(upstream.forward))
+
+    def _add(self, name, value):
+        if self.phase is not None:
+            self.calls.setdefault((self.phase, name), []).append(value)
+        return value
+
+    def _positions_of(self, forward):
+        def wrapped(model, input_ids, positions, *args, **kwargs):
+            self._add("positions", positions.clone())
+            return forward(model, input_ids, positions, *args, **kwargs)
+
+        return wrapped
+
+    def hf_hook(self, model):
+        """Record the M-RoPE rows of the position ids HF's language model receives."""
+
+        def hook(module, args, kwargs):
+            self._add("positions", kwargs["position_ids"][-3:, 0].clone())
+
+        return model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def one(self, phase, name):
+        values = self.calls.get((phase, name), [])
+        assert len(values) == 1, f"{phase} ran {name} {len(values)} times, expected once"
+        return values[0]
+
+
+def _hf_reference(family, path, images, recorder):
+    from medpruner import apply_medpruner
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    inputs = processor(text=[PROMPT], images=[images], return_tensors="pt")
+    model = _hf_class(family).from_pretrained(path, dtype=torch.float32).eval()
     apply_medpruner(model, gamma=GAMMA, budget=BUDGET)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    stats = model.medpruner_stats
+    handle = recorder.hf_hook(model)
+    recorder.phase = "hf"
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                return_dict_in_generate=True,
+            )
+    finally:
+        recorder.phase = None
+        handle.remove()
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return inputs, model.medpruner_stats, tokens, torch.stack([step[0] for step in out.logits])
+
+
+def test_plugin_matches_hf_budget_mode(served, volume, monkeypatch):
+    family, path, llm = served
+    recorder = _Recorder(monkeypatch)
+    inputs, stats, expected, hf_logits = _hf_reference(family, path, volume, recorder)
     assert 0 < stats.slices_kept[0] < SLICES, "the volume must exercise IAF (some slices dropped)"
-    expected = out[0, inputs["input_ids"].shape[1] :].tolist()
-    tokens, prompt_length = _generate(plugin_llm, volume)
-    assert tokens == expected[: len(tokens)] and len(tokens) == len(expected)
+
+    llm.reset_mm_cache()  # the processor and encoder must run for this request
+    llm.reset_prefix_cache()
+    recorder.phase = "vllm"
+    try:
+        out = llm.generate(_request(volume), _params(logits=True), use_tqdm=False)[0]
+    finally:
+        recorder.phase = None
+    tokens = list(out.outputs[0].token_ids)
+    logits = _raw_logits(out.outputs[0], hf_logits.shape[1])
+
+    # the processor's IAF mask and budget split are the HF path's, exactly
+    assert torch.equal(recorder.one("vllm", "iaf"), recorder.one("hf", "iaf"))
+    for hf_count, vllm_count in zip(recorder.one("hf", "counts"), recorder.one("vllm", "counts"), strict=True):
+        assert torch.equal(vllm_count, hf_count)
+    # the tower's scores and the selection over the kept slices
+    hf_scores, hf_keep, hf_features = recorder.one("hf", "select")
+    scores, keep, features = recorder.one("vllm", "select")
+    torch.testing.assert_close(scores, hf_scores, **TOWER_TOL)
+    assert torch.equal(keep, hf_keep)
+    torch.testing.assert_close(features, hf_features, **TOWER_TOL)
+
+    # positions: the pruned prompt at prefill, then one position per decode step
+    hf_positions = recorder.calls[("hf", "positions")]
+    positions = recorder.calls[("vllm", "positions")]
+    assert len(positions) == len(hf_positions) == len(tokens)
+    prompt_length = hf_positions[0].shape[1]
+    assert len(out.prompt_token_ids) == prompt_length
+    assert torch.equal(positions[0][:, :prompt_length], hf_positions[0])
+    for step in range(1, len(tokens)):
+        assert torch.equal(positions[step][:, :1], hf_positions[step]), f"decode step {step}"
     dropped = SLICES - stats.slices_kept[0]
     assert prompt_length == inputs["input_ids"].shape[1] - (stats.tokens_before - stats.tokens_after) - 2 * dropped
+
+    # logits at every step until the first token that float noise may flip; the tokens up to it
+    assert len(tokens) == len(expected) == NEW_TOKENS
+    for step, (token, hf_token) in enumerate(zip(tokens, expected, strict=True)):
+        difference = (logits[step] - hf_logits[step]).abs().max().item()
+        assert difference <= LOGIT_TOL, f"step {step}: logits differ by {difference:.3g}"
+        top = hf_logits[step].topk(2).values
+        if token != hf_token:
+            assert top[0] - top[1] <= 2 * LOGIT_TOL, f"step {step}: token {token} != HF {hf_token}"
+            break
 
 
 @pytest.mark.parametrize(
@@ -130,8 +303,9 @@ def test_plugin_matches_hf_budget_mode(plugin_llm, model_dir, volume):
     [("nan_gamma", "gamma must be finite"), ("zero_budget", "budget as an int must be >= 1"),
      ("sizes", "share one resolution")],
 )
-def test_bad_request_fails_alone(plugin_llm, volume, case, message):
-    good = _generate(plugin_llm, volume)
+def test_bad_request_fails_alone(served, volume, case, message):
+    _, _, llm = served
+    good = _generate(llm, volume)
     images, knobs = volume, {}
     if case == "nan_gamma":
         knobs = {"gamma": float("nan")}
@@ -140,14 +314,52 @@ def test_bad_request_fails_alone(plugin_llm, volume, case, message):
     else:
         images = volume[:-1] + [volume[-1].resize((96, 96))]
     with pytest.raises(ValueError, match=message):
-        _generate(plugin_llm, images, **knobs)
-    assert _generate(plugin_llm, volume) == good
+        _generate(llm, images, **knobs)
+    assert _generate(llm, volume) == good
 
 
-# last: a second engine in the same process takes over vLLM's process-wide state
-def test_identity_settings_match_unpatched_vllm(plugin_llm, model_dir, volume):
+def test_bad_request_beside_running_requests(served, volume):
+    """Good requests in flight (one already prefilled, one added after) are batched with the bad one's
+    arrival and finish with their solo tokens. ``LLM.generate([good, bad])`` itself aborts the whole
+    call (vLLM's offline API adds the prompts one by one and aborts those added when one fails), so the
+    engine-level ``add_request`` is what a server does per request."""
+    _, _, llm = served
+    other = {"gamma": 0.5 * GAMMA, "budget": 0.25}
+    solo = {"first": _generate(llm, volume)[0], "second": _generate(llm, volume, **other)[0]}
+    llm.reset_prefix_cache()
+
+    with pytest.raises(ValueError, match="gamma must be finite"):
+        llm.generate([_request(volume), _request(volume, gamma=float("nan"))], _params(), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+    engine = llm.llm_engine
+    engine.add_request("first", _request(volume), _params())
+    engine.step()  # the first request is prefilled and decoding when the bad one arrives
+    with pytest.raises(ValueError, match="budget as an int must be >= 1"):
+        engine.add_request("bad", _request(volume, budget=0), _params())
+    engine.add_request("second", _request(volume, **other), _params())
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = list(output.outputs[0].token_ids)
+    assert finished == solo
+
+
+# last in each family: a second engine in the same process takes over vLLM's process-wide state
+def test_identity_settings_match_unpatched_vllm(served, volume):
     from vllm import LLM
 
-    pruned_nothing = _generate(plugin_llm, volume, gamma=-1.0, budget=1.0)
-    unpatched = LLM(model=str(model_dir), **ENGINE)
-    assert _generate(unpatched, volume) == pruned_nothing
+    _, path, llm = served
+    pruned_nothing = llm.generate(_request(volume, gamma=-1.0, budget=1.0), _params(logits=True), use_tqdm=False)
+    unpatched = LLM(model=str(path), **ENGINE)
+    try:
+        reference = unpatched.generate(_request(volume), _params(logits=True), use_tqdm=False)
+    finally:
+        _shutdown(unpatched)
+    ours, theirs = pruned_nothing[0], reference[0]
+    assert ours.prompt_token_ids == theirs.prompt_token_ids
+    assert list(ours.outputs[0].token_ids) == list(theirs.outputs[0].token_ids)
+    vocab = max(max(step) for step in theirs.outputs[0].logprobs) + 1
+    difference = (_raw_logits(ours.outputs[0], vocab) - _raw_logits(theirs.outputs[0], vocab)).abs().max().item()
+    assert difference <= LOGIT_TOL
