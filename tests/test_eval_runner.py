@@ -9,7 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from _tiny_models import qwen_processor, qwen_volume_inputs, synthetic_volume, tiny_qwen3_vl
+from _tiny_models import (
+    gemma_processor,
+    gemma_volume_inputs,
+    qwen_processor,
+    qwen_volume_inputs,
+    synthetic_volume,
+    tiny_gemma3,
+    tiny_qwen2_5_vl,
+    tiny_qwen3_vl,
+)
 from medpruner import MedPrunerConfig, apply_medpruner, remove_medpruner
 from medpruner.adapters.qwen3_vl import Qwen3VLAdapter
 from medpruner.eval import audit
@@ -153,6 +162,47 @@ def test_medpruner_selector_in_the_model_is_apply_medpruner(tiny, volume_inputs)
     assert stats.tokens_per_slice == expected_stats.tokens_per_slice and stats.slices_kept == [3]
     assert 0 < stats.tokens_after < stats.tokens_before
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+OTHER_FAMILIES = {
+    "qwen2_5_vl": (tiny_qwen2_5_vl, lambda: qwen_processor("qwen2_5_vl", clip_norm=True), qwen_volume_inputs),
+    "gemma3": (tiny_gemma3, gemma_processor, gemma_volume_inputs),
+}
+
+
+def _logits_and_stats(model, inputs, patch):
+    patch()
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits[:, -1], model.medpruner_stats
+    finally:
+        remove_medpruner(model)
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_other_families(family):
+    """Qwen2.5-VL (CLIP-normalised pixels, windowed tower) and Gemma3 (a fixed square token grid per image):
+    the medpruner selector is apply_medpruner, none is the unpatched model, a budgeted method keeps its
+    budget."""
+    build_model, build_processor, volume_inputs = OTHER_FAMILIES[family]
+    torch.manual_seed(0)
+    model = build_model(seed=0)
+    inputs = dict(volume_inputs(build_processor(), [synthetic_volume(4, seed=2)]))
+    with torch.no_grad():
+        unpatched = model(**inputs).logits[:, -1]
+    expected, expected_stats = _logits_and_stats(model, inputs, lambda: apply_medpruner(model, config=_config()))
+    got, stats = _logits_and_stats(
+        model, inputs, lambda: patch_with_selector(model, "medpruner", settings=SETTINGS, config=_config()))
+    assert stats.tokens_per_slice == expected_stats.tokens_per_slice and stats.slices_kept == [3]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    none, none_stats = _logits_and_stats(
+        model, inputs, lambda: patch_with_selector(model, "none", settings=SETTINGS, config=_config()))
+    assert none_stats.tokens_after == none_stats.tokens_before
+    torch.testing.assert_close(none, unpatched, rtol=1e-4, atol=1e-5)
+    budget = expected_stats.tokens_after
+    _, hiprune_stats = _logits_and_stats(model, inputs, lambda: patch_with_selector(
+        model, "hiprune", budgets=[budget], settings=SETTINGS, config=_config()))
+    assert hiprune_stats.tokens_after == budget
 
 
 def test_selector_adapter_rejects_what_it_cannot_run(tiny):
