@@ -51,6 +51,35 @@ def test_nucleus_cpu_backend(benchmark, cpu_scores, backend):
     assert torch.equal(keep, sort_cumsum_scatter(cpu_scores.double(), TAU, TEMPERATURE))
 
 
+def top_counts_sort(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The fixed-budget baseline: a stable descending sort per slice, the first counts[i] scattered back."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    kept_rank = torch.arange(scores.shape[-1], device=scores.device) < counts[:, None]
+    return torch.zeros_like(kept_rank).scatter(-1, order, kept_rank)
+
+
+@pytest.fixture(scope="module")
+def budget_counts():
+    """The token budget: 5% of the tokens of every slice (DESIGN.md "Fixed token budget")."""
+    return torch.full((SLICES,), TOKENS // 20, dtype=torch.int64)
+
+
+def test_nucleus_cpu_counts_eager_sort(benchmark, cpu_scores, budget_counts):
+    benchmark.group = "nucleus counts 1000x1000 cpu"
+    benchmark(top_counts_sort, cpu_scores, budget_counts)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_nucleus_cpu_counts_backend(benchmark, cpu_scores, budget_counts, backend):
+    if backend == "cpp" and not CPP_AVAILABLE:
+        pytest.skip("medpruner_kernels._C is not built")
+    benchmark.group = "nucleus counts 1000x1000 cpu"
+    keep = benchmark(
+        nucleus_select, cpu_scores, TAU, temperature=TEMPERATURE, counts=budget_counts, backend=backend
+    )
+    assert torch.equal(keep, top_counts_sort(cpu_scores.double(), budget_counts))
+
+
 def gpu_benchmarks(device="cuda") -> list[dict]:
     """Check the Triton kernel against the float64 baseline, then time it against sort + cumsum +
     scatter for 10^2..10^4 slices of 1000 tokens (bytes read once: the scores; written: the mask)."""

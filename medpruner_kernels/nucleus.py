@@ -2,7 +2,8 @@
 
 Backends:
 
-* ``triton``: one program per ``ROWS`` slices (``ROWS * BLOCK`` <= 4096 tokens; ragged batches through
+* ``triton``: one program per ``ROWS`` slices (``ROWS * BLOCK`` <= 512 tokens, or one slice of up to
+  8192; ragged batches through
   ``cu_seqlens``). A program loads its slices and computes the masses in fp32 (max-subtracted softmax,
   or a plain normalisation). It never sorts: masses are >= +0.0, so their int32 bit patterns order like
   the floats, and a bisection over bit patterns (31 masked sums) finds the cut mass, the mass of the
@@ -28,8 +29,9 @@ from medpruner_kernels._dispatch import TRITON_AVAILABLE
 
 OP = "nucleus_select"
 CPP_OPS = ("nucleus_select_cpu",)
-# One program holds a whole slice in registers; beyond this it spills too much.
-MAX_TRITON_TOKENS = 16384
+# One program holds a whole slice in registers: 16384 tokens spill on sm_80/sm_90 at any warp count
+# (compiled with the Triton wheel's ptxas), 8192 at 16 warps do not.
+MAX_TRITON_TOKENS = 8192
 
 # Columns of the Triton kernel's per-slice flag output.
 _FLAG_SCORES, _FLAG_TAU, _FLAG_SEGMENT = 0, 1, 2
@@ -57,13 +59,22 @@ if TRITON_AVAILABLE:
             return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
+    def _count(mask):
+        """Per row, the number of True lanes, as an int32 computed through a float sum."""
+        return tl.sum(tl.where(mask, 1.0, 0.0), axis=1).to(tl.int32)
+
+    @triton.jit
     def _keep_top(key, valid, count, KEY64: tl.constexpr):
         """Per row, the ``count`` valid lanes with the largest keys, ties to the lower lane.
 
         A radix select finds the cut, the largest key v with #(key >= v) >= count (the count-th largest
         key; the largest integer when count is 0), one masked count per bit from the sign down: no sort,
-        no data movement between lanes. A cumulative count then ranks the tokens tied at the cut."""
-        nonneg = tl.sum((valid & (key >= 0)).to(tl.int32), axis=1)
+        no data movement between lanes. A cumulative count then ranks the tokens tied at the cut.
+
+        Counts outside the loop are float sums (exact below 2**24): LLVM rewrites an integer sum of
+        bools into popcounts of the mask bitcast to an integer, which NVPTX builds through local memory
+        (a stack frame) once the rows of a thread are vectorised together."""
+        nonneg = _count(valid & (key >= 0))
         if KEY64:
             cut = tl.where(nonneg >= count, 0, -9223372036854775808).to(tl.int64)
             one = tl.full(cut.shape, 1, tl.int64)
@@ -81,7 +92,7 @@ if TRITON_AVAILABLE:
         above = valid & (key > cut[:, None])
         tied = valid & (key == cut[:, None])
         tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
-        tied_needed = count - tl.sum(above.to(tl.int32), axis=1)
+        tied_needed = count - _count(above)
         return above | (tied & (tie_rank <= tied_needed[:, None]))
 
     @triton.jit
@@ -138,10 +149,13 @@ if TRITON_AVAILABLE:
             scores_ptr + row_offset[:, None] + offs[None, :].to(tl.int64) * stride_tok, mask=valid, other=0.0
         )
         x = raw.to(tl.float32)
-        finite = (x == x) & (tl.abs(x) < float("inf"))
-        scores_bad = tl.sum((valid & ~finite).to(tl.int32), axis=1) > 0
+        # Float reductions, not counts of a bool mask: LLVM turns a sum of bools into a popcount of the
+        # mask bitcast to an integer, which NVPTX builds through local memory (a stack frame).
+        # x * 0 is 0 for finite x and NaN for NaN/Inf, so the sum is NaN exactly when one is present.
+        poison = tl.sum(tl.where(valid, x * 0.0, 0.0), axis=1)
+        scores_bad = poison != poison
         if not SOFTMAX:
-            scores_bad = scores_bad | (tl.sum((valid & (x < 0)).to(tl.int32), axis=1) > 0)
+            scores_bad = scores_bad | (tl.min(tl.where(valid, x, 0.0), axis=1) < 0)
 
         # tau is checked in both modes, so that an argument is valid or not whatever else is passed.
         tau_bad = tl.zeros([ROWS], dtype=tl.int1)
@@ -199,8 +213,8 @@ if TRITON_AVAILABLE:
             tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
             cut_mass = tl.max(tl.where(tied, p, 0.0), axis=1)
             before = mass_above[:, None] + (tie_rank - 1).to(tl.float32) * cut_mass[:, None]
-            tied_kept = tl.sum((tied & (before < tau[:, None])).to(tl.int32), axis=1)
-            count = tl.sum(above.to(tl.int32), axis=1) + tied_kept
+            tied_kept = _count(tied & (before < tau[:, None]))
+            count = _count(above) + tied_kept
             count = tl.where(total < tau, n, count).to(tl.int64)
             if not SOFTMAX:
                 count = tl.where(zero_total, min_keep, count)
@@ -222,8 +236,18 @@ def _triton_block(max_tokens: int) -> int:
 
 def _triton_rows(block: int) -> int:
     """Slices per program: short slices share a program (2D tiles, reductions along the token axis), so
-    a batch of 10^4 short slices is a few hundred programs, not 10^4 tiny ones."""
-    return max(1, min(64, 4096 // block))
+    a batch of 10^4 short slices is a few hundred programs, not 10^4 tiny ones. At most 512 tokens
+    (and 32 rows) a program: larger multi-row tiles spilled registers on sm_80/sm_90 (4096 tokens:
+    255 registers and 72-88 bytes of stack), as ptxas compiles them."""
+    return max(1, min(32, 512 // block))
+
+
+def _triton_warps(rows: int, block: int) -> int:
+    """4 tokens a thread for multi-row tiles, at most 16 for one long slice: every (rows, block) the
+    launcher makes compiles without a stack frame for sm_80 and sm_90 (4096 tokens at 16 warps did
+    not: ptxas then holds 64 registers and spills 16-24 bytes)."""
+    tokens = rows * block
+    return 4 if tokens <= 512 else (8 if tokens <= 4096 else 16)
 
 
 def _launch_triton(
@@ -278,7 +302,7 @@ def _launch_triton(
         KEY64=counts is not None and scores.dtype == torch.float64,
         ROWS=rows,
         BLOCK=block,
-        num_warps=4 if rows * block <= 1024 else (8 if rows * block <= 4096 else 16),
+        num_warps=_triton_warps(rows, block),
     )
     return keep, flags
 
@@ -666,7 +690,7 @@ def nucleus_select(
         max_seqlen: an upper bound on the tokens per slice of a ragged batch, used only to size the
             Triton block (the flash-attn habit). Without it the bound is read from ``cu_seqlens`` on
             CPU, and on CUDA (where that read would sync) it is ``total_tokens``: correct, but slow
-            for many short slices, and above 16384 ``backend="auto"`` then takes the torch path.
+            for many short slices, and above 8192 ``backend="auto"`` then takes the torch path.
         min_keep, max_keep: the count is clamped to ``[min_keep, max_keep]`` and to the slice length.
         counts: int32 or int64 ``[S]`` (``[B]`` with cu_seqlens) on ``scores``' device, or None: a
             fixed token budget. Slice ``i`` then keeps exactly its ``counts[i]`` highest-mass tokens
