@@ -113,6 +113,8 @@ class _SelectorStages:
         )
         of_encoded = self._slice_keep.repeat_interleave(lengths, output_size=self._token_keep.numel())
         keep, features = self._token_keep[of_encoded], self._features[of_encoded]
+        # the request is done with the first encoding: do not hold the tower's outputs until the next one
+        self._encoded = self._token_keep = self._features = None
         if keep.numel() != pooled.shape[0]:
             raise ValueError(
                 f"{self.spec.name}: the selection covers {keep.numel()} tokens of the encoded slices, the "

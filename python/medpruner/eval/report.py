@@ -46,6 +46,14 @@ def _points(summary: dict, value) -> list[tuple[str, float, float]]:
     return points
 
 
+def _colours(summary: dict) -> dict[str, tuple]:
+    """One colour per method, the same in every plot (tab20: distinct for up to 20 methods)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"]
+    return {name: palette(i % 20) for i, name in enumerate(summary["methods"])}
+
+
 def _metric(name, entry):
     stats = entry["metrics"]["overall"].get(entry["primary_metric"])
     return None if stats is None or stats["n"] == 0 else stats["mean"]
@@ -70,6 +78,7 @@ def plot_pareto(summary: dict) -> bytes:
         (_fidelity_value("first_token_kl"), "first-token KL to the unpruned model (nats)", False),
     ]
     primary = next(iter(summary["methods"].values()))["primary_metric"] if summary["methods"] else "accuracy"
+    colours = _colours(summary)
     for column, (value, label, higher_better) in enumerate(panels):
         axis = figure.add_subplot(1, 3, column + 1)
         points = _points(summary, value)
@@ -79,7 +88,7 @@ def plot_pareto(summary: dict) -> bytes:
                 stats = summary["methods"][name]["metrics"]["overall"][primary]
                 if stats["ci_low"] is not None:
                     error = [[y - stats["ci_low"]], [stats["ci_high"] - y]]
-            axis.errorbar([x], [y], yerr=error, fmt="o", capsize=3, label=name)
+            axis.errorbar([x], [y], yerr=error, fmt="o", capsize=3, label=name, color=colours[name])
             axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if points:
             signed = [(n, x, y if higher_better else -y) for n, x, y in points]
@@ -110,10 +119,11 @@ def plot_category_deltas(summary: dict) -> bytes | None:
     figure = _figure(max(6.0, 1.2 * len(order) + 2), 4.2)
     axis = figure.add_subplot(1, 1, 1)
     width = 0.8 / len(methods)
+    colours = _colours(summary)
     for i, (name, rows) in enumerate(methods):
         delta = {row["category"]: row["delta"] for row in rows}
         xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(order))]
-        axis.bar(xs, [delta.get(c, 0.0) for c in order], width=width, label=name)
+        axis.bar(xs, [delta.get(c, 0.0) for c in order], width=width, label=name, color=colours[name])
     axis.axhline(0.0, color="k", lw=0.8)
     axis.set_xticks(range(len(order)))
     axis.set_xticklabels([f"{c}\n{100 * categories[c][1]:.0f}% (n={categories[c][0]})" for c in order], fontsize=8)

@@ -55,6 +55,7 @@ REFERENCE = "none"
 BUDGET_SOURCE = "medpruner"
 # Bumped when the prompt or the record fields change meaning: old records are then not reused.
 PROMPT_VERSION = 1
+SUMMARY_VERSION = 1
 
 
 @dataclass
@@ -408,4 +409,4 @@ def summarize_records(records: Sequence[dict], methods: Sequence[str], *, bootst
                 "fidelity": _fidelity(paired),
             }
         out[method] = entry
-    return {"version": PROMPT_VERSION, "methods": out}
+    return {"version": SUMMARY_VERSION, "methods": out}
