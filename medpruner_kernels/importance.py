@@ -41,26 +41,32 @@ if TRITON_AVAILABLE:
     from medpruner_kernels._triton_common import _tile_dot
 
     @triton.jit
-    def _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd):
+    def _load_q_tile(
+        q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd, STRIDE_UNIT: tl.constexpr
+    ):
         """``[BLOCK_M, BLOCK_D]`` queries of one head; rows past the segment and padded dims read 0.
         Offsets are int64: row x stride passes 2**31 in views of a fused qkv projection (and
-        head x stride in head-major layouts) at a few hundred slices."""
+        head x stride in head-major layouts) at a few hundred slices. Row and head strides come in
+        units of ``STRIDE_UNIT`` elements (see ``_stride_unit``), so the compiler can prove the
+        16-byte alignment that vector loads need."""
         return tl.load(
             q_ptr
-            + rows.to(tl.int64)[:, None] * stride_qn
-            + head.to(tl.int64) * stride_qh
+            + rows.to(tl.int64)[:, None] * stride_qn * STRIDE_UNIT
+            + head.to(tl.int64) * stride_qh * STRIDE_UNIT
             + dims.to(tl.int64)[None, :] * stride_qd,
             mask=row_ok[:, None] & dim_ok[None, :],
             other=0.0,
         )
 
     @triton.jit
-    def _load_k_tile_t(k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd):
+    def _load_k_tile_t(
+        k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd, STRIDE_UNIT: tl.constexpr
+    ):
         """``[BLOCK_D, BLOCK_N]`` keys of one head, transposed for ``q @ k^T``."""
         return tl.load(
             k_ptr
-            + cols.to(tl.int64)[None, :] * stride_kn
-            + head.to(tl.int64) * stride_kh
+            + cols.to(tl.int64)[None, :] * stride_kn * STRIDE_UNIT
+            + head.to(tl.int64) * stride_kh * STRIDE_UNIT
             + dims.to(tl.int64)[:, None] * stride_kd,
             mask=dim_ok[:, None] & col_ok[None, :],
             other=0.0,
@@ -83,6 +89,7 @@ if TRITON_AVAILABLE:
         num_heads,
         qk_scale_log2,
         HEAD_DIM: tl.constexpr,
+        STRIDE_UNIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -100,14 +107,18 @@ if TRITON_AVAILABLE:
             row_ok = rows < seg_end
             dims = tl.arange(0, BLOCK_D)
             dim_ok = dims < HEAD_DIM
-            q = _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd)
+            q = _load_q_tile(
+                q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd, STRIDE_UNIT
+            )
             # Scores are kept in base 2 (scale folded with log2 e) so the inner loop uses exp2.
             running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
             running_sum = tl.zeros([BLOCK_M], tl.float32)
             for col0 in range(seg_start, seg_end, BLOCK_N):
                 cols = col0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < seg_end
-                k_t = _load_k_tile_t(k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd)
+                k_t = _load_k_tile_t(
+                k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd, STRIDE_UNIT
+            )
                 s = _tile_dot(q, k_t, IEEE_DOT, UPCAST)
                 s = tl.where(col_ok[None, :], s * qk_scale_log2, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(s, axis=1))
@@ -137,6 +148,7 @@ if TRITON_AVAILABLE:
         num_heads,
         qk_scale_log2,
         HEAD_DIM: tl.constexpr,
+        STRIDE_UNIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -154,12 +166,16 @@ if TRITON_AVAILABLE:
             col_ok = cols < seg_end
             dims = tl.arange(0, BLOCK_D)
             dim_ok = dims < HEAD_DIM
-            k_t = _load_k_tile_t(k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd)
+            k_t = _load_k_tile_t(
+                k_ptr, cols, col_ok, head, dims, dim_ok, stride_kn, stride_kh, stride_kd, STRIDE_UNIT
+            )
             received = tl.zeros([BLOCK_N], tl.float32)
             for r0 in range(seg_start, seg_end, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < seg_end
-                q = _load_q_tile(q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd)
+                q = _load_q_tile(
+                q_ptr, rows, row_ok, head, dims, dim_ok, stride_qn, stride_qh, stride_qd, STRIDE_UNIT
+            )
                 # +inf for rows past the segment makes their probabilities exactly 0.
                 lse = tl.load(lse_ptr + rows.to(tl.int64) * num_heads + head, mask=row_ok, other=float("inf"))
                 s = _tile_dot(q, k_t, IEEE_DOT, UPCAST)
@@ -186,6 +202,19 @@ def _block_table(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
     row0 = cu[seg_clamped] + (program - first_block) * block
     row0 = torch.where(seg < num_segments, row0, -1)
     return row0.to(torch.int32), seg_clamped.to(torch.int32), num_programs
+
+
+def _stride_unit(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Elements per 16 bytes when every row and head stride of ``q`` and ``k`` is a multiple of it and
+    channels are contiguous, else 1 (any strides, scalar loads). The kernels take those strides divided
+    by the unit and multiply by it as a constexpr: a head stride of 72 (Qwen3-VL, SigLIP) is no multiple
+    of 16, so the JIT gives it no divisibility hint and 16-bit q/k were loaded 2 bytes at a time;
+    ``9 * 8`` proves 16-byte alignment and the loads become 16 bytes wide."""
+    unit = 16 // q.element_size()
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+    if q.stride(2) == 1 and k.stride(2) == 1 and all(s % unit == 0 for s in strides):
+        return unit
+    return 1
 
 
 def _triton_config(head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -215,20 +244,21 @@ if TRITON_AVAILABLE:
         ieee = q.dtype == torch.float32
         upcast = _bf16_interpreted(q)
         qk_scale_log2 = scale * _LOG2E
+        unit = _stride_unit(q, k)
+        strides = (q.stride(0) // unit, q.stride(1) // unit, q.stride(2),
+                   k.stride(0) // unit, k.stride(1) // unit, k.stride(2))  # fmt: skip
         lse = torch.empty((num_tokens, num_heads), device=q.device, dtype=torch.float32)
         row0, seg, programs = _block_table(cu_seqlens, num_tokens, block_m)
         torch.library.wrap_triton(_row_lse_kernel)[(programs, num_heads)](
             q, k, lse, cu_seqlens, row0, seg,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            num_heads, qk_scale_log2, HEAD_DIM=head_dim,
+            *strides, num_heads, qk_scale_log2, HEAD_DIM=head_dim, STRIDE_UNIT=unit,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
         )  # fmt: skip
         partial = torch.empty((num_heads, num_tokens), device=q.device, dtype=torch.float32)
         col0, seg, programs = _block_table(cu_seqlens, num_tokens, block_n)
         torch.library.wrap_triton(_column_sum_kernel)[(programs, num_heads)](
             q, k, lse, partial, cu_seqlens, col0, seg,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            num_tokens, num_heads, qk_scale_log2, HEAD_DIM=head_dim,
+            *strides, num_tokens, num_heads, qk_scale_log2, HEAD_DIM=head_dim, STRIDE_UNIT=unit,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
         )  # fmt: skip
         return _group_mean(partial.sum(dim=0) / num_heads, group)

@@ -222,6 +222,45 @@ def test_fused_qkv_views_are_read_in_place(backend):
         assert_matches_reference(got, q, k, cu)
 
 
+STRIDE_UNIT_VIEWS = {
+    # name: (row stride, head stride, channel stride of q and k, the unit the Triton path uses per dtype)
+    "contiguous Dh=72": ((2 * 72, 72, 1), {torch.float32: 4, torch.bfloat16: 8}),
+    "fused qkv rows": ((3 * 2 * 72, 72, 1), {torch.float32: 4, torch.bfloat16: 8}),
+    "rows 4 elements apart from a unit": ((2 * 72 + 4, 72, 1), {torch.float32: 4, torch.bfloat16: 1}),
+    "odd row stride": ((2 * 72 + 3, 72, 1), {torch.float32: 1, torch.bfloat16: 1}),
+    "odd head stride": ((2 * 75, 75, 1), {torch.float32: 1, torch.bfloat16: 1}),
+    "channels 2 apart": ((2 * 144, 144, 2), {torch.float32: 1, torch.bfloat16: 1}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("view", list(STRIDE_UNIT_VIEWS))
+def test_strides_with_and_without_a_16_byte_unit(backend, dtype, view):
+    # The Triton kernels take row/head strides in units of 16 bytes when every one is a multiple of it
+    # (provably aligned vector loads) and element strides otherwise: both launches against float64.
+    strides, units = STRIDE_UNIT_VIEWS[view]
+    lengths, heads, head_dim = [23, 1, 16], 2, 72
+    n = sum(lengths)
+    cu = cu_of(lengths)
+    size = (n - 1) * strides[0] + (heads - 1) * strides[1] + (head_dim - 1) * strides[2] + 1
+    storage = torch.randn(2 * size, device=DEVICE).to(dtype)
+    q = storage.as_strided((n, heads, head_dim), strides, 0)
+    k = storage.as_strided((n, heads, head_dim), strides, size)
+    if backend == "triton":
+        assert importance_module._stride_unit(q, k) == units[dtype]
+    got = attention_importance(q, k, cu_seqlens=cu, backend=backend)
+    assert_matches_reference(got, q, k, cu)
+
+
+def test_stride_unit_needs_both_q_and_k():
+    q = torch.randn(8, 2, 72, dtype=torch.bfloat16)
+    k_odd = torch.randn(8, 2 * 72 + 1, dtype=torch.bfloat16)[:, : 2 * 72].view(8, 2, 72)
+    assert importance_module._stride_unit(q, q) == 8
+    assert importance_module._stride_unit(q, k_odd) == 1
+    assert importance_module._stride_unit(k_odd, q) == 1
+
+
 # Element offsets past 2**31 (int32 overflow in the kernels' address arithmetic): views over one
 # torch.empty storage of ~2.7e9 elements. Only the pages the views write and read are ever touched, so
 # the test costs a few MiB whatever the storage's size.
