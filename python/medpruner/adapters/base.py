@@ -359,8 +359,9 @@ class Adapter:
         """DINS + merge over the encoded slices -> (final keep mask, features to gather from).
 
         scores/keys/pooled: per LLM token of the encoded slices (flat, ``token_cu`` offsets); slice_keep:
-        the IAF mask of the encoded slices in paper mode (every slice encoded; a dropped one keeps only
-        its first token), None in fast mode; budget: per encoded slice (kept, DINS picks, targets)."""
+        the IAF mask of the encoded slices in paper mode (every slice encoded; a dropped one goes through
+        DINS and the merge like a kept one, then keeps only its first token, as the published code
+        does), None in fast mode; budget: per encoded slice (kept, DINS picks, targets)."""
         from medpruner_kernels import merge_tokens, nucleus_select
 
         temperature = config.resolved_temperature(self.default_temperature)
@@ -381,9 +382,6 @@ class Adapter:
             slice_of_token = slice_keep.repeat_interleave(to_device(enc_tokens, keep.device), output_size=total)
             first_token = torch.zeros_like(keep)
             first_token[token_cu[:-1].long()] = True
-            # A dropped slice takes no part in the merge: all its tokens count as kept until the
-            # final mask reduces it to its first token.
-            keep = keep | ~slice_of_token
         features = pooled
         if config.merge:
             targets = {} if budget is None else {"num_targets": budget[2]}
@@ -398,6 +396,11 @@ class Adapter:
             )
             features = features.to(pooled.dtype)
         if paper:
+            # The published code keeps (IAF mask) & (DINS + merge mask): of a dropped slice, token 0 when
+            # that slice's own selection has it. With the merge it always does (the targets start at
+            # the first token outside the nucleus), so token 0 reaches the LLM as the official code
+            # sends it: raw when in the nucleus, target + mean of its members otherwise. A budget gives
+            # a dropped slice all its tokens and no target (it stays outside the budget): raw token 0.
             keep = torch.where(slice_of_token, keep, first_token)
         return keep, features
 

@@ -4,9 +4,10 @@ Each slice is one image: ``<start_of_image>`` + ``mm_tokens_per_image`` (256) im
 ``<end_of_image>``. The SigLIP tower encodes a slice into a 64 x 64 grid of patches, and the projector
 average-pools 4 x 4 *spatial* blocks of that grid into the 16 x 16 LLM tokens. The token importance is
 therefore the attention-received score of the patches (last SigLIP layer, from its q/k projections)
-pooled over the same 4 x 4 spatial blocks the projector pools, not over 16 consecutive raster patches as
-the paper's code does (which mixes patches of different rows and does not match the projector). The
-merge keys are the head-averaged keys pooled the same way.
+pooled, in fast mode, over the same 4 x 4 spatial blocks the projector pools. ``mode="paper"`` pools as
+the published code does: 16 consecutive raster patches (a 1 x 16 strip of the 64 x 64 grid, which mixes
+patches of different tokens and does not match the projector), so that it keeps the paper's tokens. The
+merge keys are the head-averaged keys pooled the same way as the scores (docs/PAPER_MODE.md).
 
 IAF runs on the processor's pixel tensor (mean = std = 0.5, the paper's scale). In fast mode a dropped
 slice loses its ``<start_of_image>..<end_of_image>`` span (the "SLICE i:" prefix stays). Positions are
@@ -58,12 +59,21 @@ class Gemma3Adapter(Adapter):
     @contextmanager
     def _capture(self, inner, layer: int, config, captured: dict):
         """Score the patches at SigLIP layer ``layer`` from its q/k projections (no RoPE in SigLIP), while
-        the layer runs its own attention, then pool scores and keys over the projector's spatial blocks."""
+        the layer runs its own attention, then pool scores and keys per LLM token: over the projector's
+        spatial blocks in fast mode, over strips of ``kernel**2`` consecutive raster patches in paper mode
+        (the published code's fixed 16 for MedGemma's 4 x 4 kernel)."""
         from medpruner_kernels import attention_importance
 
         attn = _encoder_layers(inner.vision_tower)[layer].self_attn
         projector = inner.multi_modal_projector
         side, kernel = projector.patches_per_image, projector.kernel_size
+        strip = kernel * kernel if config.mode == "paper" else None
+        if strip is not None and side % kernel:
+            raise ValueError(
+                f'mode="paper" pools each token over {strip} consecutive patches, as the published code '
+                f"does, which needs the projector's {kernel} x {kernel} blocks to tile the {side} x {side} "
+                'patch grid; they do not for this model: use mode="fast"'
+            )
         state: dict = {}
 
         def take_q(module, args, output):
@@ -78,6 +88,12 @@ class Gemma3Adapter(Adapter):
             q = q.reshape(images * patches, attn.num_heads, -1)
             k = k.reshape(images * patches, attn.num_heads, -1)
             cu = torch.arange(images + 1, dtype=torch.int32, device=q.device) * patches
+            if strip is not None:
+                captured["scores"] = attention_importance(
+                    q, k, cu_seqlens=cu, scale=attn.scale, group=strip, backend=config.backend
+                )
+                captured["keys"] = k.float().mean(dim=1).view(images * patches // strip, strip, -1).mean(dim=1)
+                return
             received = attention_importance(q, k, cu_seqlens=cu, scale=attn.scale, backend=config.backend)
             grid = received.view(images, 1, side, side)
             captured["scores"] = F.avg_pool2d(grid, kernel).reshape(-1)
