@@ -16,6 +16,7 @@ from medpruner.synthetic import (
     QUESTION_TYPES,
     SPLITS,
     answer_for,
+    demo_volume,
     generate_split,
     generate_volume,
     questions_for,
@@ -212,3 +213,10 @@ def test_write_jsonl_round_trip(tmp_path, category):
 def test_bad_arguments(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_demo_volume_has_lesions_in_two_thirds():
+    volume = demo_volume()
+    assert volume.split == "test"
+    assert len({lesion.third(volume.depth) for lesion in volume.lesions}) >= 2
+    assert volume.mask.any(axis=(1, 2)).sum() >= 2

@@ -265,6 +265,17 @@ def generate_split(split: str, num_volumes: int, *, start: int = 0) -> list[VQAS
     return samples
 
 
+def demo_volume() -> SyntheticVolume:
+    """The first test volume with at least two lesions in different thirds of the slice axis: a
+    volume to show lesion-focused token heatmaps on (``mask`` marks its lesion voxels)."""
+    index = 0
+    while True:
+        volume = generate_volume("test", index)
+        if len({lesion.third(volume.depth) for lesion in volume.lesions}) >= 2:
+            return volume
+        index += 1
+
+
 def write_jsonl(samples, directory, *, name: str = "questions.jsonl", category: str = "type") -> Path:
     """Write ``samples`` as the generic JSONL of :func:`medpruner.eval.readers.read_dataset` (format
     ``"jsonl"``) into ``directory``: one ``volumes/<volume_id>.npy`` per volume (float32 ``[D, H, W]`` in

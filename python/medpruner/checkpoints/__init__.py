@@ -1,0 +1,114 @@
+"""Shipped checkpoints. ``tiny_vqa``: a small Qwen3-VL trained offline on the synthetic 3D VQA task
+of :mod:`medpruner.synthetic` by ``scripts/train_tiny_vqa.py`` (a synthetic sanity benchmark, not a
+clinical model). The weights are package data (``tiny_vqa/model.safetensors``); the byte-level
+tokenizer and the image processor are rebuilt from code, so nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_VQA_DIR = Path(__file__).resolve().parent / "tiny_vqa"
+TINY_VQA_WEIGHTS = TINY_VQA_DIR / "model.safetensors"
+# Slices are resized to this side before the processor: 16-pixel patches merged 2 x 2 give 2 x 2 = 4
+# visual tokens per slice.
+TINY_VQA_RESOLUTION = 64
+TINY_VQA_PATCH = 16
+
+
+def tiny_vqa_processor(padding_side: str = "left"):
+    """The checkpoint's processor: byte-level tokenizer and 16-pixel-patch image processor."""
+    from transformers import Qwen3VLProcessor
+
+    from medpruner._tiny import image_only_processor, qwen_image_processor, qwen_tokenizer
+
+    image_processor = qwen_image_processor(TINY_VQA_PATCH, max_merged_patches=64)
+    return image_only_processor(Qwen3VLProcessor, image_processor, qwen_tokenizer(padding_side))
+
+
+def tiny_vqa_config(tokenizer):
+    """The checkpoint's architecture: the tiny Qwen3-VL of :mod:`medpruner._tiny` widened to a text
+    width of 128 (4 heads of dim 32: vLLM's CPU attention takes 32, 64 or 80), 2 text layers, a vision
+    tower of width 64 (2 heads of dim 32) and 16-pixel patches."""
+    from transformers import Qwen3VLConfig
+
+    from medpruner._tiny import QWEN_SPECIALS
+
+    token = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIALS}
+    config = Qwen3VLConfig(
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            patch_size=TINY_VQA_PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=128,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=4096,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [8, 4, 4],
+                "mrope_interleaved": True,
+            },
+            pad_token_id=token["<|endoftext|>"],
+        ),
+        image_token_id=token["<|image_pad|>"],
+        video_token_id=token["<|video_pad|>"],
+        vision_start_token_id=token["<|vision_start|>"],
+        vision_end_token_id=token["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_tiny_vqa(tokenizer, *, seed: int = 0):
+    """The untrained model of :func:`tiny_vqa_config`, initialised after ``torch.manual_seed(seed)``
+    (the global RNG state is put back afterwards), with greedy generation that stops at ``<|im_end|>``."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = Qwen3VLForConditionalGeneration(tiny_vqa_config(tokenizer))
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.do_sample = False
+    return model
+
+
+def load_tiny_vqa(device="cpu"):
+    """The shipped synthetic-VQA checkpoint and its processor, offline: ``(model, processor)``, the
+    model in float32 eval mode on ``device``. Feed a volume with
+    ``volume_to_inputs(processor, volume, prompt, family="qwen3_vl", resolution=TINY_VQA_RESOLUTION)``
+    where ``prompt`` is a :class:`medpruner.synthetic.VQASample`'s ``question``."""
+    from safetensors.torch import load_file
+
+    if not TINY_VQA_WEIGHTS.is_file():
+        raise FileNotFoundError(f"tiny VQA weights not found at {TINY_VQA_WEIGHTS} (package data missing)")
+    processor = tiny_vqa_processor()
+    model = build_tiny_vqa(processor.tokenizer)
+    state = {name: tensor.float() for name, tensor in load_file(str(TINY_VQA_WEIGHTS)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied output weights are not stored; anything else missing or extra means a mismatched file.
+    missing = [name for name in missing if name != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"tiny VQA weights do not match the architecture: missing {missing}, "
+                         f"unexpected {unexpected}")
+    model.tie_weights()
+    return model.to(device).eval(), processor

@@ -1,0 +1,446 @@
+"""Train the shipped tiny VQA checkpoint on the synthetic 3D VQA task, deterministically, on CPU.
+
+    nice -n 10 python scripts/train_tiny_vqa.py --out python/medpruner/checkpoints/tiny_vqa \
+        --record bench/results/tiny-vqa-training-<date>.json
+
+Each group of 4 steps holds the next 4 x batch train volumes sorted by depth (every volume is seen once), one
+question each (its type drawn uniformly among the types the volume can answer). The loss is the
+cross-entropy of the answer tokens and the closing ``<|im_end|>`` only. AdamW with a linear warm-up to a
+constant rate. The validation accuracy (greedy first answer token) on fixed validation questions is logged
+along the curve; the test accuracy of the final weights, per question type, against chance, goes to the
+record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from medpruner.checkpoints import TINY_VQA_RESOLUTION, build_tiny_vqa, tiny_vqa_processor
+from medpruner.synthetic import QUESTION_TYPES, generate_split, generate_volume, questions_for
+
+SEED = 0
+END = "<|im_end|>"
+
+
+GROUP = 4
+
+
+def step_samples(step: int, batch_size: int, cache: dict) -> list:
+    """The questions of training step ``step``: the ``GROUP`` steps of a group share its
+    ``GROUP * batch_size`` volumes, sorted by depth so that a batch pads little."""
+    group = step // GROUP
+    if cache.get("group") != group:
+        first = group * GROUP * batch_size
+        samples = [training_sample(i) for i in range(first, first + GROUP * batch_size)]
+        cache.update(group=group, samples=sorted(samples, key=lambda s: (s.volume.depth, s.sample_id)))
+    offset = (step % GROUP) * batch_size
+    return cache["samples"][offset:offset + batch_size]
+
+
+def training_sample(index: int):
+    """Train question ``index``: a question about train volume ``index``, its type drawn uniformly
+    among the applicable ones by a stream keyed on the index."""
+    candidates = questions_for(generate_volume("train", index))
+    choice = np.random.default_rng([7, index]).integers(len(candidates))
+    return candidates[int(choice)]
+
+
+def encode(processor, volume, prompt: str) -> dict:
+    """What ``volume_to_inputs(processor, volume, prompt, family="qwen3_vl",
+    resolution=TINY_VQA_RESOLUTION)`` returns (tests/test_checkpoint.py checks that), built with torch
+    ops: the PIL processor takes seconds per volume, longer than a training step."""
+    image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    patch, merge, temporal = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    slices = torch.nn.functional.interpolate(torch.as_tensor(volume, dtype=torch.float32)[:, None],
+                                             size=(TINY_VQA_RESOLUTION, TINY_VQA_RESOLUTION), mode="bilinear",
+                                             align_corners=False, antialias=True).clamp(0.0, 1.0)
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    # The PIL processor stores the slices as 8-bit images: floor to 1/255 as it does.
+    slices = torch.floor(slices * 255.0) / 255.0
+    images = (slices.expand(-1, 3, -1, -1) - mean) / std
+    depth, grid = images.shape[0], TINY_VQA_RESOLUTION // patch
+    blocks = grid // merge
+    patches = images.reshape(depth, 3, blocks, merge, patch, blocks, merge, patch).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    patches = patches[:, :, :, :, :, :, None].expand(*patches.shape[:6], temporal, patch, patch)
+    pixel_values = patches.reshape(depth * grid * grid, 3 * temporal * patch * patch)
+    tokens_per_slice = grid * grid // (merge * merge)
+    ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+    slice_ids = [ids[0]] + [ids[1]] * tokens_per_slice + [ids[2]]
+    input_ids = torch.tensor([slice_ids * depth + tokenizer(prompt)["input_ids"]])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": (input_ids == ids[1]).long(), "pixel_values": pixel_values,
+            "image_grid_thw": torch.tensor([[1, grid, grid]] * depth)}
+
+
+def collate(processor, samples, *, with_answers: bool):
+    """One batch: per sample the :func:`encode` of its question (with the answer and ``<|im_end|>``
+    appended when ``with_answers``), left-padded so every row ends at the last column; labels on the
+    appended tokens only."""
+    tokenizer = processor.tokenizer
+    encoded, answer_lengths = [], []
+    for sample in samples:
+        prompt = sample.question + (sample.answer + END if with_answers else "")
+        encoded.append(encode(processor, sample.volume.data, prompt))
+        answer_lengths.append(len(tokenizer(sample.answer + END)["input_ids"]) if with_answers else 0)
+    length = max(e["input_ids"].shape[1] for e in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
+    attention = torch.zeros((len(samples), length), dtype=torch.long)
+    token_types = torch.zeros((len(samples), length), dtype=torch.long)
+    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    for row, (e, answer_length) in enumerate(zip(encoded, answer_lengths, strict=True)):
+        n = e["input_ids"].shape[1]
+        input_ids[row, length - n:] = e["input_ids"][0]
+        attention[row, length - n:] = 1
+        token_types[row, length - n:] = e["mm_token_type_ids"][0]
+        if answer_length:
+            labels[row, length - answer_length:] = e["input_ids"][0, n - answer_length:]
+    batch = dict(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=token_types,
+                 pixel_values=torch.cat([e["pixel_values"] for e in encoded]),
+                 image_grid_thw=torch.cat([e["image_grid_thw"] for e in encoded]))
+    return batch, labels
+
+
+def _equal_blocks_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """The vision attention of one tower call whose images all have the same patch count, as one
+    batched sdpa over ``[images, heads, patches, dim]``: the same block-diagonal attention as the
+    per-image loop of transformers' non-flash path, without a kernel launch per image."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    block = int(cu_seqlens[1] - cu_seqlens[0])
+    q, k, v = (t.reshape(seq_length // block, block, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(seq_length, -1))
+
+
+def use_batched_vision_attention(model) -> None:
+    """Route ``model``'s vision attention through :func:`_equal_blocks_attention` (every slice of the
+    task has the same grid, so the blocks are equal)."""
+    import types
+
+    for block in model.model.visual.blocks:
+        block.attn.forward = types.MethodType(_equal_blocks_attention, block.attn)
+
+
+def answer_loss(model, batch, labels):
+    """Cross-entropy of the answer tokens; logits only for the last columns, where the answers are."""
+    keep = int((labels != -100).sum(1).max()) + 1
+    logits = model(**batch, logits_to_keep=keep).logits[:, :-1]
+    targets = labels[:, -keep + 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             ignore_index=-100)
+
+
+def first_token_predictions(model, processor, samples, batch_size: int = 8) -> list[str]:
+    """The greedy first answer token of each sample, decoded (answers differ in their first byte)."""
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            batch, _ = collate(processor, samples[start:start + batch_size], with_answers=False)
+            tokens = model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1)
+            predictions.extend(processor.tokenizer.decode([t]) for t in tokens.tolist())
+    return predictions
+
+
+def first_token_correct(sample, prediction: str) -> bool:
+    return prediction == sample.answer[0]
+
+
+def lr_at(step: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then constant: the first N steps of any run are the same, so the checkpoint
+    after N steps (``--save-every``) is what ``--steps N`` reproduces."""
+    return peak * min(1.0, (step + 1) / warmup)
+
+
+def train(steps: int, *, batch_size: int = 8, lr: float = 2e-3, warmup: int = 30, val=(), val_every: int = 0,
+          save_every: int = 0, out: Path | None = None, log=print):
+    """Train from the seeded initialisation for ``steps`` steps; returns (model, processor, curve) with
+    the per-step loss and, every ``val_every`` steps, the first-token accuracy on ``val``. With
+    ``save_every`` and ``out``, the weights after every ``save_every`` steps go to ``out/step-N`` and
+    the curve so far to ``out/curve.json``."""
+    torch.manual_seed(SEED)
+    processor = tiny_vqa_processor()
+    model = build_tiny_vqa(processor.tokenizer, seed=SEED)
+    use_batched_vision_attention(model)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    plain = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.98))
+    curve = {"loss": [], "val": []}
+    cache: dict = {}
+    started = time.perf_counter()
+    for step in range(steps):
+        batch, labels = collate(processor, step_samples(step, batch_size, cache), with_answers=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr, warmup)
+        loss = answer_loss(model, batch, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        curve["loss"].append(round(loss.item(), 6))
+        if (step + 1) % 10 == 0:
+            log(f"step {step + 1:5d}  loss {np.mean(curve['loss'][-10:]):.4f}  {time.perf_counter() - started:.0f} s")
+        if val_every and val and ((step + 1) % val_every == 0 or step + 1 == steps):
+            model.eval()
+            predictions = first_token_predictions(model, processor, list(val))
+            model.train()
+            accuracy = float(np.mean([first_token_correct(s, p) for s, p in zip(val, predictions, strict=True)]))
+            curve["val"].append({"step": step + 1, "accuracy": accuracy,
+                                 "seconds": round(time.perf_counter() - started, 1)})
+            recent = float(np.mean(curve["loss"][-val_every:]))
+            log(f"val at step {step + 1:5d}  loss {recent:.4f}  val {accuracy:.3f}  "
+                f"{time.perf_counter() - started:.0f} s")
+        if save_every and out is not None and (step + 1) % save_every == 0:
+            save(model, out / f"step-{step + 1}")
+            (out / "curve.json").write_text(json.dumps(curve) + "\n")
+    model.eval()
+    return model, processor, curve
+
+
+def chance(samples) -> dict:
+    """Uniform guessing over the answer set, and always giving the type's most frequent answer."""
+    sizes = {"presence": 2, "class": 5, "third": 3, "count": 4}
+    out = {}
+    for category in QUESTION_TYPES:
+        answers = [s.answer for s in samples if s.category == category]
+        if answers:
+            out[category] = {"uniform": 1.0 / sizes[category],
+                             "majority": Counter(answers).most_common(1)[0][1] / len(answers)}
+    return out
+
+
+def evaluate(model, processor, samples) -> dict:
+    """Test accuracy (greedy first answer token) per question type and per lesion class, with chance."""
+    predictions = first_token_predictions(model, processor, samples)
+    correct = [first_token_correct(s, p) for s, p in zip(samples, predictions, strict=True)]
+    per_type = {}
+    levels = chance(samples)
+    for category in QUESTION_TYPES:
+        hits = [c for c, s in zip(correct, samples, strict=True) if s.category == category]
+        if hits:
+            per_type[category] = {"n": len(hits), "accuracy": float(np.mean(hits)), "chance": levels[category]}
+    per_class = {}
+    for cls in sorted({s.lesion_class for s in samples}):
+        hits = [c for c, s in zip(correct, samples, strict=True) if s.lesion_class == cls]
+        per_class[cls] = {"n": len(hits), "accuracy": float(np.mean(hits))}
+    uniform = float(np.mean([levels[s.category]["uniform"] for s in samples]))
+    majority = float(np.mean([levels[s.category]["majority"] for s in samples]))
+    return {"n": len(samples), "accuracy": float(np.mean(correct)), "chance_uniform": uniform,
+            "chance_majority": majority, "per_type": per_type, "per_lesion_class": per_class}
+
+
+def token_lesion_map(volume, tokens_per_side: int) -> np.ndarray:
+    """bool ``[D, T]``: the visual tokens (row-major ``tokens_per_side`` x ``tokens_per_side`` blocks of
+    the slice, the merged tokens' order) that hold at least one lesion voxel."""
+    mask = torch.from_numpy(volume.mask.astype(np.float32))[:, None]
+    blocks = torch.nn.functional.adaptive_max_pool2d(mask, tokens_per_side)
+    return blocks.reshape(volume.depth, -1).numpy() > 0
+
+
+def lesion_focus(model, processor, volumes, **prune) -> dict:
+    """Prune each volume's presence question with ``apply_medpruner(model, record_tokens=True, **prune)``
+    and compare what is kept on lesion tokens and on background tokens: over the whole volume (slices
+    dropped by IAF count as dropped), inside the slices that hold a lesion (DINS alone), the IAF keep
+    rate of lesion and lesion-free slices, and the DINS importance of lesion tokens relative to the
+    background tokens of the same slices (mean ratio and the probability that a lesion token outranks
+    a background token of its slice)."""
+    from medpruner.pipeline import apply_medpruner, remove_medpruner
+
+    per_side = TINY_VQA_RESOLUTION // (processor.image_processor.patch_size * processor.image_processor.merge_size)
+    kept = {"lesion": [0, 0], "background": [0, 0], "lesion_slice_lesion": [0, 0],
+            "lesion_slice_background": [0, 0], "iaf_lesion_slices": [0, 0], "iaf_other_slices": [0, 0]}
+    ratios, ranks, retention = [], [], []
+    apply_medpruner(model, record_tokens=True, **prune)
+    try:
+        for volume in volumes:
+            question = next(s for s in questions_for(volume) if s.category == "presence")
+            with torch.no_grad():
+                model(**encode(processor, volume.data, question.question))
+            stats = model.medpruner_stats
+            retention.append(stats.retention)
+            per_slice = stats.tokens_per_slice[0]
+            encoded = [i for i, n in enumerate(per_slice) if n > 0]
+            keep = stats.token_keep.numpy().reshape(len(encoded), -1)
+            scores = stats.token_scores.numpy().reshape(len(encoded), -1)
+            lesion = token_lesion_map(volume, per_side)
+            full_keep = np.zeros_like(lesion)
+            full_keep[encoded] = keep
+            for name, where in (("lesion", lesion), ("background", ~lesion)):
+                kept[name][0] += int(full_keep[where].sum())
+                kept[name][1] += int(where.sum())
+            for row, s in enumerate(encoded):
+                if lesion[s].any() and (~lesion[s]).any():
+                    kept["lesion_slice_lesion"][0] += int(keep[row][lesion[s]].sum())
+                    kept["lesion_slice_lesion"][1] += int(lesion[s].sum())
+                    kept["lesion_slice_background"][0] += int(keep[row][~lesion[s]].sum())
+                    kept["lesion_slice_background"][1] += int((~lesion[s]).sum())
+                    inside, outside = scores[row][lesion[s]], scores[row][~lesion[s]]
+                    ratios.append(float(inside.mean() / outside.mean()))
+                    ranks.append(float((inside[:, None] > outside[None, :]).mean()
+                                       + 0.5 * (inside[:, None] == outside[None, :]).mean()))
+            has_lesion = lesion.any(axis=1)
+            for name, where in (("iaf_lesion_slices", has_lesion), ("iaf_other_slices", ~has_lesion)):
+                kept[name][0] += int(np.isin(np.nonzero(where)[0], encoded).sum())
+                kept[name][1] += int(where.sum())
+    finally:
+        remove_medpruner(model)
+    out = {name: {"kept": k, "total": n, "fraction": k / n if n else None} for name, (k, n) in kept.items()}
+    out.update(volumes=len(volumes), prune=prune, mean_retention=float(np.mean(retention)),
+               importance_ratio_lesion_to_background=float(np.mean(ratios)) if ratios else None,
+               lesion_outranks_background=float(np.mean(ranks)) if ranks else None)
+    return out
+
+
+def pruned_accuracy(model, processor, samples, **prune) -> dict:
+    """First-token accuracy per question type with ``apply_medpruner(model, **prune)`` (no pruning when
+    ``prune`` is empty), one question per forward, and the mean retention."""
+    from medpruner.pipeline import apply_medpruner, remove_medpruner
+
+    if prune:
+        apply_medpruner(model, **prune)
+    correct, retention = [], []
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                logits = model(**encode(processor, sample.volume.data, sample.question)).logits[0, -1]
+                correct.append(first_token_correct(sample, processor.tokenizer.decode([int(logits.argmax())])))
+                retention.append(model.medpruner_stats.retention if prune else 1.0)
+    finally:
+        remove_medpruner(model)
+    per_type = {c: float(np.mean([k for k, s in zip(correct, samples, strict=True) if s.category == c]))
+                for c in QUESTION_TYPES if any(s.category == c for s in samples)}
+    return {"prune": prune, "n": len(samples), "accuracy": float(np.mean(correct)),
+            "mean_retention": float(np.mean(retention)), "per_type": per_type}
+
+
+def save(model, directory: Path) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    # fp16 halves the file; the tied lm_head is the embedding and is not stored twice.
+    state = {name: tensor.detach().to(torch.float16).contiguous()
+             for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    path = directory / "model.safetensors"
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def analyse(args) -> dict:
+    """Pruning on the shipped checkpoint: lesion focus at the paper's tau on test volumes with lesions,
+    and first-token accuracy on the first ``--prune-volumes`` test volumes' questions without pruning,
+    at tau 0.9 and at fixed budgets of 50% and 25% of the visual tokens."""
+    from medpruner.checkpoints import load_tiny_vqa
+
+    model, processor = load_tiny_vqa()
+    with_lesions = []
+    index = 0
+    while len(with_lesions) < args.focus_volumes:
+        volume = generate_volume("test", index)
+        if volume.lesions:
+            with_lesions.append(volume)
+        index += 1
+    out = {"lesion_focus": {
+        "tau_0.9": lesion_focus(model, processor, with_lesions, tau=0.9),
+        "budget_0.25": lesion_focus(model, processor, with_lesions, budget=0.25),
+    }}
+    samples = generate_split("test", args.prune_volumes)
+    out["accuracy"] = [pruned_accuracy(model, processor, samples, **prune)
+                       for prune in ({}, {"tau": 0.9}, {"budget": 0.5}, {"budget": 0.25})]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--val-volumes", type=int, default=20)
+    parser.add_argument("--val-every", type=int, default=60)
+    parser.add_argument("--test-volumes", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="folder for model.safetensors (default: not saved)")
+    parser.add_argument("--record", type=Path, help="JSON file for the curve and the test accuracy")
+    parser.add_argument("--analyse", action="store_true",
+                        help="instead of training: prune with the shipped checkpoint and add the lesion focus "
+                             "and the accuracy at several budgets to --record")
+    parser.add_argument("--save-every", type=int, default=0, help="also save out/step-N every N steps")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate the shipped weights (saved by a run after --steps steps, with out/curve.json "
+                             "from that run) instead of training")
+    parser.add_argument("--focus-volumes", type=int, default=30)
+    parser.add_argument("--prune-volumes", type=int, default=60)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.analyse:
+        if args.record is None or not args.record.is_file():
+            parser.error("--analyse needs --record naming an existing training record")
+        record = json.loads(args.record.read_text())
+        started = time.perf_counter()
+        record["pruning"] = analyse(args)
+        record["pruning"]["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(record["pruning"], indent=1))
+        args.record.write_text(json.dumps(record, indent=1) + "\n")
+        return 0
+    if args.evaluate_only:
+        from medpruner.checkpoints import load_tiny_vqa
+
+        # The curve of the run that saved the shipped weights, cut at the steps they were saved after.
+        curve = json.loads((args.out / "curve.json").read_text())
+        curve = {"loss": curve["loss"][:args.steps], "val": [v for v in curve["val"] if v["step"] <= args.steps]}
+        model, processor = load_tiny_vqa()
+        train_seconds = curve["val"][-1]["seconds"] if curve["val"] else None
+        val = generate_split("val", args.val_volumes)
+    else:
+        val = generate_split("val", args.val_volumes)
+        started = time.perf_counter()
+        model, processor, curve = train(args.steps, batch_size=args.batch_size, lr=args.lr, val=val,
+                                        val_every=args.val_every, save_every=args.save_every, out=args.out)
+        train_seconds = round(time.perf_counter() - started, 1)
+        print(f"trained {args.steps} steps in {train_seconds:.0f} s", flush=True)
+        if args.out:
+            print(f"saved {save(model, args.out)}")
+    test = generate_split("test", args.test_volumes)
+    result = evaluate(model, processor, test)
+    print(json.dumps({k: v for k, v in result.items() if k != "per_lesion_class"}, indent=1))
+    if args.record:
+        record = {
+            "what": "tiny Qwen3-VL trained on the synthetic 3D VQA task (scripts/train_tiny_vqa.py)",
+            "date": date.today().isoformat(), "git_commit": _git_commit(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "machine": platform.machine(), "threads": args.threads,
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": train_seconds, "train_volumes_seen": args.steps * args.batch_size,
+            "curve": curve, "val_questions": len(val), "test_volumes": args.test_volumes,
+            "test": result, "scoring": "greedy first answer token (answers differ in their first byte)",
+        }
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        args.record.write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
