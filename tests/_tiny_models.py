@@ -457,3 +457,30 @@ def gemma_expected_pruned(model, inputs, *, gamma, tau, merge, mode, temperature
         mm_encoder_outputs={"image": encoded},
     )
     return call, new_mask.bool()
+
+
+def gemma_processor_with(*, image_seq_length: int):
+    """:func:`gemma_processor` emitting ``image_seq_length`` placeholders per image."""
+    processor = gemma_processor()
+    from transformers import Gemma3Processor
+
+    return Gemma3Processor(
+        image_processor=processor.image_processor, tokenizer=processor.tokenizer, image_seq_length=image_seq_length
+    )
+
+
+def tiny_gemma3_non_square(seed: int = 0):
+    """:func:`tiny_gemma3` with ``mm_tokens_per_image = 10``: the projector pools to int(sqrt(10)) = 3
+    tokens a side, so each image has 9 LLM tokens (the model's rule, not the config's number)."""
+    import copy
+
+    from transformers import Gemma3ForConditionalGeneration
+
+    config = copy.deepcopy(tiny_gemma3(seed).config)
+    config.mm_tokens_per_image = 10
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    model.generation_config = tiny_gemma3(seed).generation_config
+    return model

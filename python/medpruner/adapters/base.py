@@ -24,10 +24,10 @@ memory with ``non_blocking`` (:func:`to_device`).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,8 @@ logger = logging.getLogger("medpruner")
 _PATCH_ATTR = "_medpruner_patch"
 _PATCHED_NAMES = ("forward", "generate")
 IGNORE_INDEX = -100
+# forward arguments that ask the vision tower for more outputs (returned with the image outputs)
+TOWER_OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 
 
 @dataclass
@@ -84,6 +86,20 @@ class PrunedCall:
     original_input_ids: torch.Tensor
     pruned_length: int
     stats: Any
+    record: PromptRecord | None = None
+
+
+@dataclass
+class PromptRecord:
+    """What a cache filled by a pruned request needs to be continued (attached to the cache object):
+    the caller's prompt, the pruned prompt the cache holds, and the family's position state (Qwen:
+    the rope deltas). Rows are the request's rows; an expanded generate repeats each row."""
+
+    original_input_ids: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    type_ids: torch.Tensor | None
+    position_state: Any
 
 
 def host_read(*tensors: torch.Tensor, last: bool = False) -> list[list[int]]:
@@ -157,6 +173,14 @@ class Adapter:
     def package(self, encoded: Encoded, index: torch.Tensor):
         raise NotImplementedError
 
+    def continuation_state(self, model) -> Any:
+        """Position state a continuation from the pruned cache needs (read after finish_positions)."""
+        return None
+
+    def restore_continuation(self, model, state, repeats: int) -> None:
+        """Put back :meth:`continuation_state` before a call continues a pruned cache (rows repeated
+        ``repeats`` times when generate expanded them)."""
+
     def check_config(self, model, config) -> None:
         depth = self.vision_depth(model)
         if not -depth <= config.importance_layer < depth:
@@ -166,9 +190,20 @@ class Adapter:
             )
 
     # ---------------------------------------------------------------------------------- the pipeline
-    def prune(self, model, config, call: dict[str, Any]) -> PrunedCall:
+    def unprunable(self, call: dict[str, Any]) -> str | None:
+        """Why a request the model accepts cannot be pruned (it then runs unpruned, with a warning)."""
         if call.get("inputs_embeds") is not None:
-            raise ValueError("medpruner needs input_ids to locate the slices; inputs_embeds is not supported")
+            return "inputs_embeds instead of input_ids (the slices cannot be located)"
+        return None
+
+    def prune(self, model, config, call: dict[str, Any]) -> PrunedCall:
+        if config.merge and model.training and torch.is_grad_enabled():
+            # The merge kernels have no backward; the selection itself never needs one (it is taken
+            # without gradients), so training prunes with merge=False.
+            raise ValueError(
+                "MedPrunerConfig.merge=True has no gradient: train with apply_medpruner(..., merge=False) "
+                "(selection without gradients, the kept tokens differentiable), or run under torch.no_grad()"
+            )
         self.check_call(call)
         input_ids = call["input_ids"]
         labels = call.get("labels")
@@ -203,10 +238,12 @@ class Adapter:
         image_of_token = torch.arange(n_img, device=device).repeat_interleave(tokens_dev, output_size=total_tokens)
 
         fast = config.mode == "fast"
-        seq_base = valid
+        # A placeholder under attention_mask == 0 still takes its image's feature in the model: it stays
+        # in the sequence, masked as it was, so every image keeps its token order.
+        seq_base = valid | is_image
         if fast:
             dropped_seq = is_image & (~slice_keep)[image_of_token][rank]
-            seq_base = valid & ~dropped_seq & ~self._dropped_wrappers(cfg, input_ids, dropped_seq)
+            seq_base = seq_base & ~dropped_seq & ~self._dropped_wrappers(cfg, input_ids, dropped_seq)
         row_counts = kept_counts = None
         if fast:
             reads = [images_per_row, slice_keep]
@@ -257,17 +294,27 @@ class Adapter:
         length = max(row_counts)
         total_kept = sum(kept_counts)
 
-        to_repack = {"input_ids": (input_ids, pad_token_id(cfg)), **positions}
+        to_repack = {"input_ids": (input_ids, pad_token_id(cfg)), "attention_mask": (valid.long(), 0), **positions}
         if call.get(self.type_ids_key) is not None:
             to_repack[self.type_ids_key] = (call[self.type_ids_key], 0)
         if labels is not None:
             to_repack["labels"] = (labels, IGNORE_INDEX)
-        repacked, new_mask = repack_sequences(seq_keep, counts, length, to_repack)
+        repacked, _ = repack_sequences(seq_keep, counts, length, to_repack)
+        new_mask = repacked.pop("attention_mask")
         pruned = {k: v for k, v in call.items() if k not in self.consumed_keys}
         pruned.update({k: v for k, v in repacked.items() if k not in positions})
         pruned["attention_mask"] = new_mask.to(attention_mask.dtype) if attention_mask is not None else new_mask
-        self.finish_positions(model, pruned, repacked, new_mask, valid.sum(1) - counts, position_state)
-        pruned["mm_encoder_outputs"] = {"image": self.package(enc, compact_indices(keep, total_kept))}
+        removed = valid.sum(1) - (seq_keep & valid).sum(1)
+        self.finish_positions(model, pruned, repacked, new_mask, removed, position_state)
+        packaged = self.package(enc, compact_indices(keep, total_kept))
+        pruned["mm_encoder_outputs"] = {"image": per_image_outputs(packaged, kept_counts)}
+        record = PromptRecord(
+            original_input_ids=input_ids,
+            input_ids=pruned["input_ids"],
+            attention_mask=pruned["attention_mask"],
+            type_ids=pruned.get(self.type_ids_key),
+            position_state=self.continuation_state(model),
+        )
 
         volumes = count_ranges(per_row)
         stats = PruneStats(
@@ -281,7 +328,7 @@ class Adapter:
             budget=config.budget,
             **recorded_tokens(enc.scores, keep, config),
         )
-        return PrunedCall(call=pruned, original_input_ids=input_ids, pruned_length=length, stats=stats)
+        return PrunedCall(call=pruned, original_input_ids=input_ids, pruned_length=length, stats=stats, record=record)
 
     def _dropped_wrappers(self, cfg, input_ids, dropped_seq) -> torch.Tensor:
         """The start/end tokens around a dropped slice's placeholders (fast mode removes the whole span)."""
@@ -408,7 +455,7 @@ class Adapter:
     def wants_pruning(self, call: dict[str, Any]) -> bool:
         if call.get(self.pixel_key) is None or call.get("input_ids") is None:
             return False
-        cache = call.get("past_key_values")
+        cache = _cache_of(call)
         return cache is None or cache.get_seq_length() == 0
 
     def run(self, model, config, call: dict[str, Any]) -> PrunedCall:
@@ -424,35 +471,100 @@ class Adapter:
         # What the instance itself holds (e.g. accelerate's device-map hook on forward) is restored
         # by unpatch; the class methods need nothing.
         saved = {name: model.__dict__[name] for name in _PATCHED_NAMES if name in model.__dict__}
-        original_forward = model.forward
-        original_generate = model.generate
-        adapter = self
-        forward_signature = inspect.signature(original_forward)
-
-        @functools.wraps(original_forward)
-        def forward(*args, **kwargs):
-            call = _bind(forward_signature, args, kwargs)
-            if not adapter.wants_pruning(call):
-                return original_forward(*args, **kwargs)
-            return original_forward(**adapter.run(model, config, call).call)
-
-        @functools.wraps(original_generate)
-        def generate(inputs=None, *args, **kwargs):
-            if isinstance(inputs, torch.Tensor) and kwargs.get("input_ids") is None:
-                kwargs["input_ids"], inputs = inputs, None
-            if inputs is not None or not adapter.wants_pruning(kwargs):
-                return original_generate(inputs, *args, **kwargs)
-            pruned = adapter.run(model, config, kwargs)
-            call = pruned.call
-            _translate_length_budget(model, call, pruned)
-            output = original_generate(*args, **call)
-            return _restore_prompt(output, pruned)
-
-        model.forward = forward
-        model.generate = generate
-        setattr(model, _PATCH_ATTR, (config, adapter, saved))
+        for name in _PATCHED_NAMES:
+            model.__dict__[name] = PatchedMethod(model, name)
+        setattr(model, _PATCH_ATTR, (config, self, saved))
         model.medpruner_config = config
         model.medpruner_stats = None
+
+
+class PatchedMethod:
+    """A patched instance's ``forward`` / ``generate``. It holds the model it belongs to as plain state
+    (no closure), so ``copy.deepcopy`` and pickling rebind it to the copy, which then runs its own
+    weights; the adapter, config and original method are looked up on that model at each call."""
+
+    def __init__(self, model, name: str) -> None:
+        self.model = model
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        call = _patched_forward if self.name == "forward" else _patched_generate
+        return call(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # transformers reads the forward's parameters (e.g. to see mm_encoder_outputs is accepted)
+        return inspect.signature(original_method(self.model, self.name))
+
+    @property
+    def __doc__(self):  # noqa: D105 - the original's documentation
+        return original_method(self.model, self.name).__doc__
+
+
+def original_method(model, name: str):
+    """The method ``name`` of a patched model as it was before the patch, bound to ``model``."""
+    saved = model.__dict__[_PATCH_ATTR][2]
+    if name in saved:
+        return saved[name]
+    return getattr(type(model), name).__get__(model, type(model))
+
+
+def _patched_forward(model, *args, **kwargs):
+    config, adapter, _ = model.__dict__[_PATCH_ATTR]
+    original = original_method(model, "forward")
+    call = _bind(inspect.signature(original), args, kwargs)
+    record = _continued_record(adapter, call)
+    if record is not None:
+        return original(**_continuation(model, adapter, call, record, full_input_ids=False)[0])
+    if not adapter.wants_pruning(call):
+        return original(*args, **kwargs)
+    reason = adapter.unprunable(call)
+    if reason is not None:
+        warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=2)
+        return original(*args, **kwargs)
+    pruned = adapter.run(model, config, call)
+    output = original(**pruned.call)
+    # The request's deferred kernel checks (queued after its last host read) are raised here, after
+    # the model's own work, so an error belongs to the request that caused it.
+    _raise_deferred_checks()
+    _attach_record(_cache_of(output) or _cache_of(pruned.call), pruned.record)
+    return output
+
+
+def _patched_generate(model, inputs=None, *args, **kwargs):
+    config, adapter, _ = model.__dict__[_PATCH_ATTR]
+    original = original_method(model, "generate")
+    if isinstance(inputs, torch.Tensor) and kwargs.get("input_ids") is None:
+        kwargs["input_ids"], inputs = inputs, None
+    if inputs is not None:
+        return original(inputs, *args, **kwargs)
+    record = _continued_record(adapter, kwargs)
+    if record is not None:
+        call, repeats = _continuation(model, adapter, kwargs, record, full_input_ids=True)
+        _translate_length_budget(model, call, kwargs["input_ids"].shape[1])
+        output = original(*args, **call)
+        _attach_record(_cache_of(output) or _cache_of(call), record)
+        prompt = record.original_input_ids.repeat_interleave(repeats, dim=0)
+        return _restore_prompt(output, prompt, record.input_ids.shape[1])
+    if not adapter.wants_pruning(kwargs):
+        return original(*args, **kwargs)
+    reason = adapter.unprunable(kwargs)
+    if reason is not None:
+        warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=2)
+        return original(*args, **kwargs)
+    # generate keeps no autograd graph (transformers runs it under no_grad); the pruning before it
+    # must not either: it would hold the tower's activations, and assisted decoding deep-copies the
+    # features, which only works on leaves.
+    # generate returns no image outputs: the tower is not asked for its hidden states or attentions
+    request = {k: v for k, v in kwargs.items() if k not in TOWER_OUTPUT_FLAGS}
+    with torch.no_grad():
+        pruned = adapter.run(model, config, request)
+    call = {**pruned.call, **{k: kwargs[k] for k in TOWER_OUTPUT_FLAGS if k in kwargs}}
+    _translate_length_budget(model, call, pruned.original_input_ids.shape[1])
+    output = original(*args, **call)
+    _raise_deferred_checks()
+    _attach_record(_cache_of(output) or _cache_of(call), pruned.record)
+    return _restore_prompt(output, pruned.original_input_ids, pruned.pruned_length)
 
 
 def unpatch(model) -> None:
@@ -465,6 +577,12 @@ def unpatch(model) -> None:
     model.__dict__.update(state[2])
 
 
+def _raise_deferred_checks() -> None:
+    from medpruner_kernels import raise_pending_errors
+
+    raise_pending_errors()
+
+
 def _bind(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
     bound = signature.bind_partial(*args, **kwargs)
     call = dict(bound.arguments)
@@ -474,8 +592,79 @@ def _bind(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
     return call
 
 
-def _translate_length_budget(model, call: dict[str, Any], pruned: PrunedCall) -> None:
-    """``max_length`` counts the prompt: keep the unpruned prompt's budget of new tokens, not more."""
+_CACHE_KEYS = ("cache", "past_key_values")
+_RECORD_ATTR = "_medpruner_prompt"
+
+
+def _cache_of(source):
+    """The KV cache in a call's keyword arguments or a model output (transformers 5 names it
+    ``cache``; ``past_key_values`` is the older name)."""
+    for key in _CACHE_KEYS:
+        value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
+        if value is not None and hasattr(value, "get_seq_length"):
+            return value
+    return None
+
+
+def _attach_record(cache, record: PromptRecord | None) -> None:
+    """The cache a pruned request filled remembers that its prompt was pruned (and how), so a call
+    that continues from it gets the same pruned prompt, whatever ran in between."""
+    if cache is not None and record is not None:
+        setattr(cache, _RECORD_ATTR, record)
+
+
+def _continued_record(adapter, call: dict[str, Any]) -> PromptRecord | None:
+    """The record of a non-empty cache a pruned request filled, when ``call`` continues it."""
+    cache = _cache_of(call)
+    record = getattr(cache, _RECORD_ATTR, None)
+    if record is None or call.get("input_ids") is None or call.get(adapter.pixel_key) is not None:
+        return None
+    return record if cache.get_seq_length() > 0 else None
+
+
+def _continuation(model, adapter, call: dict[str, Any], record: PromptRecord, *, full_input_ids: bool):
+    """``call`` rewritten to continue a cache that holds the pruned prompt: the caller's tensors start
+    with the unpruned prompt (input_ids only in generate, which takes the whole sequence), and that
+    prefix becomes the pruned one. Returns (call, rows per prompt row)."""
+    out = dict(call)
+    ids = call["input_ids"]
+    prompt = record.original_input_ids.to(ids.device)
+    repeats = max(ids.shape[0] // prompt.shape[0], 1)
+    prompt_length = prompt.shape[1]
+    if full_input_ids:
+        # one host read: a mismatched prompt would decode from another request's cache
+        same = (
+            ids.shape[0] == prompt.shape[0] * repeats
+            and ids.shape[1] >= prompt_length
+            and torch.equal(ids[:, :prompt_length], prompt.repeat_interleave(repeats, dim=0))
+        )
+        if not same:
+            raise ValueError(
+                "input_ids must start with the prompt of the pruned request that filled the cache "
+                f"({tuple(prompt.shape)} repeated {repeats}x): the cache holds its pruned prompt"
+            )
+    pruned = {"input_ids": record.input_ids, "attention_mask": record.attention_mask}
+    if record.type_ids is not None:
+        pruned[adapter.type_ids_key] = record.type_ids
+    for key, head in pruned.items():
+        given = call.get(key)
+        if key == "input_ids" and not full_input_ids:
+            continue
+        head = head.to(ids.device).repeat_interleave(repeats, dim=0)
+        if given is None:
+            if key == "attention_mask" and full_input_ids:
+                out[key] = torch.cat([head, head.new_ones(head.shape[0], ids.shape[1] - prompt_length)], dim=1)
+            continue
+        if not full_input_ids and given.shape[-1] <= ids.shape[1]:
+            # forward with only the new tokens: a tensor of their length needs no prompt
+            continue
+        out[key] = torch.cat([head.to(given.dtype), given[:, prompt_length:]], dim=1)
+    adapter.restore_continuation(model, record.position_state, repeats)
+    return out, repeats
+
+
+def _translate_length_budget(model, call: dict[str, Any], caller_length: int) -> None:
+    """``max_length`` counts the prompt: keep the caller's budget of new tokens, not more."""
     if call.get("max_new_tokens") is not None:
         return
     generation_config = call.get("generation_config") or model.generation_config
@@ -483,19 +672,19 @@ def _translate_length_budget(model, call: dict[str, Any], pruned: PrunedCall) ->
         return
     max_length = call.pop("max_length", None) or getattr(generation_config, "max_length", None)
     if max_length is not None:
-        budget = max_length - pruned.original_input_ids.shape[1]
+        budget = max_length - caller_length
         if budget > 0:
             call["max_new_tokens"] = budget
 
 
-def _restore_prompt(output, pruned: PrunedCall):
+def _restore_prompt(output, prompt: torch.Tensor, pruned_length: int):
     """generate returns prompt + new tokens: put the caller's unpruned prompt back so that slicing the
     output at ``input_ids.shape[1]`` still yields exactly the new tokens."""
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    prompt = pruned.original_input_ids.to(sequences.device)
+    prompt = prompt.to(sequences.device)
     if sequences.shape[0] != prompt.shape[0]:
         prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
-    restored = torch.cat([prompt, sequences[:, pruned.pruned_length :]], dim=1)
+    restored = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
     if isinstance(output, torch.Tensor):
         return restored
     output.sequences = restored
@@ -511,6 +700,30 @@ def compact_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     out = torch.zeros(count + 1, dtype=torch.long, device=mask.device)
     out.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))
     return out[:count]
+
+
+def per_image_outputs(output, kept_counts: list[int]):
+    """The packaged encoder output with one ``pooler_output`` entry per image of the request, as the
+    unpatched model's own encoder output has: generate's beam search and ``num_return_sequences``
+    repeat those entries per request, by counting each entry's tokens against each row's placeholders.
+
+    A tuple of features (Qwen) becomes one tensor per image (empty for a slice IAF dropped), and the
+    deepstack levels alike; a flat ``[N, D]`` tensor (Gemma3, whose forward wants one tensor) becomes
+    ``[images, n, D]`` when every image kept the same n tokens (the unpatched shape at identity
+    settings), else ``[N, 1, D]``: one entry per token, which splits at every row boundary."""
+    features = output.pooler_output
+    if isinstance(features, torch.Tensor):
+        counts = set(kept_counts)
+        if len(counts) == 1 and 0 not in counts:
+            output.pooler_output = features.reshape(len(kept_counts), kept_counts[0], features.shape[-1])
+        else:
+            output.pooler_output = features.reshape(features.shape[0], 1, features.shape[-1])
+        return output
+    output.pooler_output = torch.cat(tuple(features)).split(kept_counts)
+    side = getattr(output, "deepstack_features", None)
+    if side is not None:
+        output.deepstack_features = [torch.cat(tuple(level)).split(kept_counts) for level in side]
+    return output
 
 
 def repack_sequences(
@@ -580,8 +793,9 @@ def pad_token_id(cfg) -> int:
 
 def image_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int):
     """(valid, is_image, run_start) ``[B, L]`` bool masks: the non-padding positions, the image
-    placeholders among them, and the first placeholder of each image's run."""
+    placeholders (under attention_mask == 0 too), and the first placeholder of each image's run."""
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    is_image = (input_ids == image_token_id) & valid
+    # The model fills every placeholder, masked or not, with the images' features in order.
+    is_image = input_ids == image_token_id
     run_start = is_image & ~F.pad(is_image[:, :-1], (1, 0), value=False)
     return valid, is_image, run_start

@@ -38,9 +38,7 @@ class Gemma3Adapter(Adapter):
 
     def layout(self, model, call) -> SliceLayout:
         num_images = call["pixel_values"].shape[0]
-        return SliceLayout(
-            tokens=[model.config.mm_tokens_per_image] * num_images, rows=[1] * num_images, source="pixel_values"
-        )
+        return SliceLayout(tokens=[_tokens_per_image(model)] * num_images, rows=[1] * num_images, source="pixel_values")
 
     def encode(self, model, call, layout, encoded, layer, config) -> Encoded:
         inner = model.model
@@ -50,7 +48,7 @@ class Gemma3Adapter(Adapter):
         captured: dict = {}
         with self._capture(inner, layer, config, captured):
             out = inner.get_image_features(pixels.to(inner.vision_tower.dtype), return_dict=True)
-        features = out.pooler_output.reshape(pixels.shape[0] * model.config.mm_tokens_per_image, -1)
+        features = out.pooler_output.reshape(pixels.shape[0] * _tokens_per_image(model), -1)
         return Encoded(out, features, captured["scores"], captured["keys"])
 
     def package(self, encoded: Encoded, index: torch.Tensor):
@@ -76,11 +74,13 @@ class Gemma3Adapter(Adapter):
             )
         state: dict = {}
 
+        # detached: the selection takes no gradient, so a checkpointed layer saves the same tensors
+        # when it is recomputed without these hooks
         def take_q(module, args, output):
-            state["q"] = output
+            state["q"] = output.detach()
 
         def take_k(module, args, output):
-            state["k"] = output
+            state["k"] = output.detach()
 
         def score(module, args, output):
             q, k = state.pop("q"), state.pop("k")
@@ -111,6 +111,13 @@ class Gemma3Adapter(Adapter):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _tokens_per_image(model) -> int:
+    """LLM tokens per image: the projector pools the patch grid to ``int(sqrt(mm_tokens_per_image))``
+    tokens a side, so a non-square ``mm_tokens_per_image`` gives fewer tokens than it says."""
+    projector = model.model.multi_modal_projector
+    return (projector.patches_per_image // projector.kernel_size) ** 2
 
 
 def _encoder_layers(tower):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from medpruner.adapters.base import Adapter, Encoded, SliceLayout, range_index, to_device
+from medpruner.adapters.base import TOWER_OUTPUT_FLAGS, Adapter, Encoded, SliceLayout, range_index, to_device
 
 
 class QwenVLAdapter(Adapter):
@@ -24,6 +24,9 @@ class QwenVLAdapter(Adapter):
 
     has_deepstack = False
     consumed_keys = ("pixel_values", "image_grid_thw")
+    # Qwen3-VL's model refuses images without mm_token_type_ids; Qwen2.5-VL then numbers every token
+    # 1-D (no M-RoPE grid), and so does the pruned call.
+    requires_type_ids = True
 
     def vision_depth(self, model) -> int:
         return len(model.model.visual.blocks)
@@ -32,12 +35,15 @@ class QwenVLAdapter(Adapter):
         """Permutation of merged tokens the tower applies before its blocks (None: identity)."""
         return None
 
-    def check_call(self, call) -> None:
+    def unprunable(self, call) -> str | None:
         if call.get("pixel_values_videos") is not None:
-            raise ValueError("medpruner prunes image slices; video inputs (pixel_values_videos) are not supported")
+            return "video inputs (pixel_values_videos): medpruner prunes image slices"
+        return super().unprunable(call)
+
+    def check_call(self, call) -> None:
         if call.get("image_grid_thw") is None:
             raise ValueError("image_grid_thw is required with pixel_values")
-        if call.get("mm_token_type_ids") is None:
+        if self.requires_type_ids and call.get("mm_token_type_ids") is None:
             raise ValueError("mm_token_type_ids is required (the processor returns it with input_ids)")
 
     def layout(self, model, call) -> SliceLayout:
@@ -61,8 +67,11 @@ class QwenVLAdapter(Adapter):
             pixels = pixels.index_select(0, range_index(ranges, pixels.device))
             grid = grid[to_device(encoded, grid.device)]
         captured: dict = {}
+        # the outputs the caller asked of the model (vision hidden states, attentions) come back as
+        # the unpatched model's image outputs would
+        requested = {k: call[k] for k in TOWER_OUTPUT_FLAGS if call.get(k) is not None}
         with self._capture(visual, layer, visual.spatial_merge_size**2, config, captured):
-            out = visual(pixels.type(visual.dtype), grid_thw=grid, return_dict=True)
+            out = visual(pixels.type(visual.dtype), grid_thw=grid, return_dict=True, **requested)
         scores, keys = captured["scores"], captured["keys"]
         order = self.window_order(visual, grid)
         if order is not None:
@@ -72,16 +81,29 @@ class QwenVLAdapter(Adapter):
         return Encoded(out, out.pooler_output, scores, keys, side)
 
     def package(self, encoded: Encoded, index: torch.Tensor):
-        return type(encoded.output)(pooler_output=(encoded.features.index_select(0, index),))
+        """The tower's own output (hidden states, attentions) with the kept features as its pooler
+        output (one tensor; the pipeline splits it per image)."""
+        fields = dict(encoded.output.items())
+        fields["pooler_output"] = (encoded.features.index_select(0, index),)
+        if self.has_deepstack:
+            fields["deepstack_features"] = [(s.index_select(0, index),) for s in encoded.side]
+        return type(encoded.output)(**fields)
 
     def position_inputs(self, model, call, attention_mask):
+        input_ids = call["input_ids"]
+        if call.get("mm_token_type_ids") is None:
+            # the model's own numbering without type ids: 1-D over the valid tokens, no delta
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+            return {"position_ids": (text.unsqueeze(0).expand(3, -1, -1), 0)}, deltas
         position_ids, rope_deltas = model.model.get_rope_index(
-            call["input_ids"],
+            input_ids,
             mm_token_type_ids=call["mm_token_type_ids"],
             image_grid_thw=call["image_grid_thw"],
             attention_mask=attention_mask,
         )
-        return {"position_ids": (position_ids.to(call["input_ids"].device), 0)}, rope_deltas
+        return {"position_ids": (position_ids.to(input_ids.device), 0)}, rope_deltas
 
     def finish_positions(self, model, pruned, repacked, new_mask, removed, rope_deltas) -> None:
         text_positions = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
@@ -89,6 +111,14 @@ class QwenVLAdapter(Adapter):
         batch = new_mask.shape[0]
         # The pruned rows are shorter than the unpruned ones: the delta grows by the tokens removed.
         model.model.rope_deltas = rope_deltas.to(new_mask.device).view(batch, 1) + removed.view(batch, 1)
+
+    def continuation_state(self, model):
+        return model.model.rope_deltas
+
+    def restore_continuation(self, model, state, repeats: int) -> None:
+        # The model keeps one rope_deltas for its last request; a cache continued later needs the
+        # deltas of the pruned prompt it holds (decoding positions = text position + delta).
+        model.model.rope_deltas = state.repeat_interleave(repeats, dim=0)
 
     @contextmanager
     def _capture(self, visual, layer: int, unit: int, config, captured: dict):
@@ -106,6 +136,12 @@ class QwenVLAdapter(Adapter):
             state["cu"] = kwargs["cu_seqlens"]
 
         def take_qkv(module, args, output):
+            # The selection takes no gradient: nothing here joins the autograd graph, so a
+            # checkpointed block saves the same tensors when it is recomputed without this hook.
+            with torch.no_grad():
+                score(output.detach())
+
+        def score(output):
             n = output.shape[0]
             q, k, _ = output.reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = rope(q, k, *state["rope"])

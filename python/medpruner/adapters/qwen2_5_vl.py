@@ -23,6 +23,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Qwen25VLAdapter(QwenVLAdapter):
     family = "qwen2_5_vl"
     default_temperature = 1.0
+    requires_type_ids = False
 
     def iaf_slices(self, pixels: torch.Tensor, num_images: int) -> torch.Tensor:
         # Each patch row is [channel, temporal, patch, patch], channel-major; a difference on the

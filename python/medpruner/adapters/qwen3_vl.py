@@ -4,7 +4,6 @@ final keep mask (never merged). Processor normalisation mean = std = 0.5: the pa
 
 from __future__ import annotations
 
-from medpruner.adapters.base import Encoded
 from medpruner.adapters.qwen import QwenVLAdapter
 
 
@@ -13,8 +12,3 @@ class Qwen3VLAdapter(QwenVLAdapter):
     default_temperature = 2.0
     has_deepstack = True
 
-    def package(self, encoded: Encoded, index):
-        return type(encoded.output)(
-            pooler_output=(encoded.features.index_select(0, index),),
-            deepstack_features=[(s.index_select(0, index),) for s in encoded.side],
-        )
