@@ -27,7 +27,7 @@ import torch
 
 from medpruner_kernels import _validation
 from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, resolve_backend
-from medpruner_kernels._triton_common import _bf16_interpreted
+from medpruner_kernels._triton_common import _bf16_interpreted, interpreter_tiles
 
 _OP = "merge_tokens"
 # The _C functions the cpp backend needs.
@@ -215,7 +215,7 @@ def _triton_blocks(device: torch.device) -> tuple[tuple[int, int, int], tuple[in
     wheel's ptxas): the float32 dots are FMA loops there, and a 32-target chunk cost _mean_kernel 3.6 KB
     of stack on sm_80 (float32 x) and _assign_kernel 8 bytes with 64 members a chunk. 16 targets a
     chunk also covers a whole slice's targets at the paper's 5 % of 256 tokens."""
-    if device.type != "cuda":
+    if interpreter_tiles(device):
         return (16, 16, 16), (16, 16, 32)  # the interpreter runs tiles in numpy: keep them small
     return (32, 16, 32), (64, 16, 64)
 
