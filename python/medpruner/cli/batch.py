@@ -143,6 +143,40 @@ def _progress(total: int):
     return tqdm(total=total, unit="volume", file=sys.stderr)
 
 
+# What a volume's failure may raise: the volume is recorded as an error line and the batch goes on.
+ROW_ERRORS = (VolumeError, ValueError, TypeError, RuntimeError, OSError)
+
+
+def batch_entry(source: str, stamp, settings: dict, gamma: float, record: dict, result) -> dict:
+    """The results line of a volume done: ``record`` and ``result`` from :func:`prune_loaded`."""
+    entry = {
+        "source": source,
+        "source_stamp": stamp,
+        "settings": settings,
+        "status": "ok",
+        **{k: record["result"][k] for k in ("num_slices", "kept", "retention", "kept_indices")},
+        "distance_to_anchor": record["result"]["distance_to_anchor"],
+        "shape": record["volume"]["shape"],
+        "spacing_mm": record["volume"]["spacing_mm"],
+        "modality": record["volume"]["modality"],
+        "slice_axis": record["volume"]["slice_axis"],
+        "gamma": gamma,
+        "window": record["config"]["window"],
+        "backend": result.backend,
+        "device": result.device,
+        "timings_s": record["timings_s"],
+    }
+    if "tokens" in record:
+        entry["tokens"] = record["tokens"]
+    return entry
+
+
+def error_entry(path: Path, source: str, err: Exception) -> dict:
+    """The results line of a volume that failed, naming the file and the reason."""
+    message = str(err) if isinstance(err, VolumeError) else f"{path}: {type(err).__name__}: {err}"
+    return {"source": source, "status": "error", "error": message}
+
+
 def _read_and_window(path: Path, window, slice_axis, frame):
     start = time.perf_counter()
     volume = load_volume(path, slice_axis=slice_axis, frame=frame)
@@ -204,32 +238,13 @@ def prune_batch(
                     device=device,
                     tokens=tokens,
                 )
-                entry = {
-                    "source": source,
-                    "source_stamp": stamps[path],
-                    "settings": settings,
-                    "status": "ok",
-                    **{k: record["result"][k] for k in ("num_slices", "kept", "retention", "kept_indices")},
-                    "distance_to_anchor": record["result"]["distance_to_anchor"],
-                    "shape": record["volume"]["shape"],
-                    "spacing_mm": record["volume"]["spacing_mm"],
-                    "modality": record["volume"]["modality"],
-                    "slice_axis": record["volume"]["slice_axis"],
-                    "gamma": gamma,
-                    "window": record["config"]["window"],
-                    "backend": result.backend,
-                    "device": result.device,
-                    "timings_s": record["timings_s"],
-                }
-                if "tokens" in record:
-                    entry["tokens"] = record["tokens"]
+                entry = batch_entry(source, stamps[path], settings, gamma, record, result)
                 processed += 1
-            except (VolumeError, ValueError, TypeError, RuntimeError, OSError) as err:
+            except ROW_ERRORS as err:
                 futures[position] = None
-                message = str(err) if isinstance(err, VolumeError) else f"{path}: {type(err).__name__}: {err}"
-                failures.append((source, message))
-                entry = {"source": source, "status": "error", "error": message}
-                print(f"medpruner: skipping {message}", file=sys.stderr)
+                entry = error_entry(path, source, err)
+                failures.append((source, entry["error"]))
+                print(f"medpruner: skipping {entry['error']}", file=sys.stderr)
             _append_line(results, entry)
             if bar is not None:
                 bar.update(1)
