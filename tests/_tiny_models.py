@@ -145,8 +145,6 @@ def qwen_expected_pruned(
     tau_t = torch.full((num_images,), float(tau), dtype=torch.float64)
     keep = reference.nucleus_select(scores, tau_t, cu_tok, temperature=temperature, min_keep=1)
     slice_of_token = slice_keep.repeat_interleave(torch.tensor(tokens))
-    if mode == "paper":
-        keep = keep | ~slice_of_token
     x = pooled.double()
     if merge:
         x, keep = reference.merge_tokens(pooled, keys, keep, cu_tok, context_frac=context_frac)
@@ -397,14 +395,17 @@ def gemma_expected_pruned(model, inputs, *, gamma, tau, merge, mode, temperature
         grid = values.reshape(num_images, blocks, kernel, blocks, kernel, -1)
         return grid.mean(dim=(2, 4)).reshape(num_images * blocks * blocks, -1)
 
-    scores = pool_blocks(received).flatten()
-    keys = pool_blocks(k.double().mean(1))
+    if mode == "paper":
+        # the published code's raster strips of kernel**2 consecutive patches (docs/PAPER_MODE.md)
+        scores = received.reshape(-1, kernel * kernel).mean(1)
+        keys = k.double().mean(1).reshape(-1, kernel * kernel, k.shape[-1]).mean(1)
+    else:
+        scores = pool_blocks(received).flatten()
+        keys = pool_blocks(k.double().mean(1))
     cu_tok = torch.arange(num_images + 1) * per_image
     tau_t = torch.full((num_images,), float(tau), dtype=torch.float64)
     keep = reference.nucleus_select(scores, tau_t, cu_tok, temperature=temperature, min_keep=1)
     slice_of_token = slice_keep.repeat_interleave(per_image)
-    if mode == "paper":
-        keep = keep | ~slice_of_token
     merged = pooled.double()
     if merge:
         merged, keep = reference.merge_tokens(pooled, keys, keep, cu_tok, context_frac=context_frac)
