@@ -148,8 +148,10 @@ def measure(llm, args, depth: int, seeds) -> dict:
         "slices": depth,
         "prompt_tokens": statistics.median(prompt_tokens),
         "ttft_s": statistics.median(ttft),
+        "ttft_s_min": min(ttft),
         "ttft_s_all": ttft,
         "batch_s": seconds,
+        "batch_s_min": min(batch_seconds),
         "batch_s_all": batch_seconds,
         "output_tokens_per_s": args.batch * args.tokens / seconds,
         "requests_per_s": args.batch / seconds,
@@ -204,7 +206,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--size", type=int, default=None, help="slice side in pixels (default: 64 tiny, 384)")
     parser.add_argument("--budget", type=float, default=0.25, help="visual tokens kept, a fraction of the kept slices'")
     parser.add_argument("--gamma", type=float, default=0.05)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="requests per throughput batch")
     parser.add_argument("--tokens", type=int, default=16, help="tokens decoded per request in the batch")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.45,
@@ -223,6 +225,7 @@ def main(argv=None) -> Path:
     args.size = args.size or (64 if tiny else 384)
     from _common import environment
 
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         if tiny:
             args.model = tiny_checkpoint(Path(folder) / "tiny_qwen3_vl")
@@ -234,7 +237,9 @@ def main(argv=None) -> Path:
 
     record = {
         "benchmark": "vllm",
-        "environment": environment() | {"vllm": vllm.__version__},
+        # a shared machine's load explains the spread of the repeats
+        "environment": environment()
+        | {"vllm": vllm.__version__, "loadavg_start": load, "loadavg_end": os.getloadavg()},
         "arguments": vars(args) | {"model": "tiny random Qwen3-VL" if tiny else str(args.model), "output": str(path)},
         "rows": rows,
         "ratios": ratios(rows),
