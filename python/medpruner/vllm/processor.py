@@ -21,6 +21,7 @@ the cache, the whole request is processed again: IAF needs every slice's pixels.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -91,15 +92,22 @@ class MedPrunerProcessorMixin:
         merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
         return request_config(self._medpruner_engine_config(), {k: merged[k] for k in REQUEST_KNOBS if k in merged})
 
-    def _medpruner_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``pixel_values`` on the scale the HF processor returns (what the tower normalises to)."""
+    @cached_property
+    def _medpruner_norm(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per channel (scale, shift) of the tower's input normalisation, None when the processor
+        normalises itself; read once (vLLM reads the processor config files on each call)."""
         if not self.info.ctx.get_mm_config().mm_device_do_normalize:
-            return pixel_values.float()
+            return None
         params = _load_norm_params(self.info.ctx.model_config)
         std = torch.tensor(params.image_std, dtype=torch.float32)
-        scale = params.rescale_factor / std
-        shift = -torch.tensor(params.image_mean, dtype=torch.float32) / std
-        rows = pixel_values.reshape(pixel_values.shape[0], std.numel(), -1)
+        return params.rescale_factor / std, -torch.tensor(params.image_mean, dtype=torch.float32) / std
+
+    def _medpruner_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values`` on the scale the HF processor returns (what the tower normalises to)."""
+        if self._medpruner_norm is None:
+            return pixel_values.float()
+        scale, shift = self._medpruner_norm
+        rows = pixel_values.reshape(pixel_values.shape[0], scale.numel(), -1)
         return (rows * scale.view(1, -1, 1) + shift.view(1, -1, 1)).reshape(pixel_values.shape)
 
     # ------------------------------------------------------------------------------ HF processing
