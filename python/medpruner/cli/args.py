@@ -15,6 +15,7 @@ from medpruner.cli.demo import cmd_demo
 from medpruner.cli.eval import add_parser as add_eval_parser
 from medpruner.cli.models import DEFAULT_PROMPT, DEMO_RESOLUTION, MODEL_RESOLUTION, load_model, token_options
 from medpruner.cli.prune import prune_one, report_files, summary_text
+from medpruner.cli.ray_engine import add_engine_options, prune_ray
 from medpruner.report import to_json
 from medpruner.volume import CT_WINDOWS, VolumeError, resolve_window
 
@@ -25,6 +26,8 @@ _TOKEN_ONLY = ("tau", "mode", "no_merge", "resolution")
 
 
 def cmd_prune(args) -> int:
+    if args.engine == "ray":
+        return prune_ray(args)
     paths, batch = expand_inputs(args.volumes)
     if batch:
         if args.out is None:
@@ -185,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", default=None, help="report folder (one volume) or results folder (batch)")
     prune.add_argument("--no-html", action="store_true", help="skip the self-contained report.html")
     prune.add_argument(
-        "--workers", type=_positive_int, default=min(4, os.cpu_count() or 1), help="batch readers"
+        "--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+        help="batch readers (--engine ray: model actors, or CPU tasks in flight without a model)",
     )
+    add_engine_options(prune)
     _add_model_options(
         prune, "local VLM checkpoint folder: adds token-level pruning (DINS) inside its generate"
     )

@@ -1,0 +1,53 @@
+"""``medpruner prune --engine ray``: the command line's side of :mod:`medpruner.distributed`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medpruner.cli.common import CommandError
+from medpruner.cli.models import MODEL_RESOLUTION, token_options
+
+
+def add_engine_options(parser) -> None:
+    """``--engine`` and the Ray job's options (ignored by the local engine)."""
+    parser.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="local: this process (default); ray: a Ray Data job (pip install 'ray[data]')",
+    )
+    parser.add_argument(
+        "--address", default=None,
+        help="Ray cluster to join (auto, HOST:6379 or ray://HOST:10001); default: a local one on this machine",
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="Ray: GPUs per model actor (default 0)")
+    parser.add_argument("--batch-size", type=int, default=1, help="Ray: volumes per model call (default 1)")
+
+
+def prune_ray(args) -> int:
+    """A batch ``prune`` as a Ray Data job; ``--workers`` is the number of model actors (or, without a
+    model, of CPU tasks in flight)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as err:
+        raise CommandError("--engine ray needs Ray Data: pip install 'ray[data]'") from err
+    from medpruner.distributed import ModelRef, RayOptions, prune_job, read_manifest
+
+    if args.out is None:
+        raise CommandError("--engine ray needs --out DIR (results.jsonl is written there)")
+    if args.batch_size < 1 or args.gpus_per_actor < 0:
+        raise CommandError("--batch-size must be at least 1 and --gpus-per-actor at least 0")
+    paths = read_manifest(args.volumes)
+    model = tokens = None
+    if args.model is not None:
+        if not Path(args.model).is_dir():
+            raise CommandError(f"--model {args.model}: not a folder (a local checkpoint saved with save_pretrained)")
+        model = ModelRef(args.model)
+        tokens = token_options(args, None, MODEL_RESOLUTION)
+    options = RayOptions(
+        address=args.address, workers=args.workers, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size
+    )
+    status, _ = prune_job(
+        paths, out_dir=Path(args.out), gamma=args.gamma, window=args.window, slice_axis=args.slice_axis,
+        frame=args.frame, backend=args.backend, device=args.device, options=options, model=model, tokens=tokens,
+        as_json=args.json,
+    )
+    return status

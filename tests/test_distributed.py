@@ -1,0 +1,191 @@
+"""``medpruner prune --engine ray``: the Ray Data job on a 2-node local cluster (one session for the
+module) gives the single-process batch mode's lines, survives bad files and a killed actor, resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="Ray Data is not installed (pip install 'ray[data]')")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
+
+import medpruner.cli as cli  # noqa: E402
+from medpruner.distributed import ModelRef, ModelStage, RayOptions, prune_job, read_manifest  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+GOOD, GAMMA = 18, 0.1
+RUN = dict(gamma=GAMMA, window="percentile", slice_axis=None, frame=None, backend="torch", device="cpu")
+TOKENS = dict(tau=0.9, mode="fast", merge=True, prompt="Describe.", resolution=32, max_new_tokens=1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 80 * 2**20}
+    )
+    nodes.add_node(num_cpus=2, object_store_memory=80 * 2**20)
+    ray.init(address=nodes.address, log_to_driver=False)
+    # The crashing stage below is defined here: its class travels by value to the cluster's workers.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield nodes
+    ray.shutdown()
+    nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> list[Path]:
+    """18 small volumes (drifting slices with one jump: IAF keeps some) and two bad files."""
+    folder = tmp_path_factory.mktemp("archive")
+    rng = np.random.default_rng(7)
+    paths = []
+    for index in range(GOOD):
+        data = (rng.random((24, 24)) + rng.normal(0, 0.01, size=(12, 24, 24)).cumsum(axis=0)).astype(np.float32)
+        data[rng.integers(2, 10):] += 0.5
+        np.save(folder / f"vol{index:02d}.npy", data)
+        paths.append(folder / f"vol{index:02d}.npy")
+    (folder / "corrupt.npy").write_bytes(b"\x93NUMPY not really")
+    (folder / "truncated.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(40))
+    return sorted(folder.iterdir())
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / cli.RESULTS_NAME).read_text().splitlines()]
+
+
+def _comparable(entries: list[dict]) -> dict[str, dict]:
+    """The lines by source, without the timings (the only field that may differ between two runs)."""
+    return {e["source"]: {k: v for k, v in e.items() if k != "timings_s"} for e in entries}
+
+
+def _batch(paths, out: Path, tokens=None) -> list[dict]:
+    status = cli.prune_batch(paths, out_dir=out, workers=1, as_json=True, tokens=tokens, **RUN)
+    assert status == 1
+    return _lines(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens():
+    return cli.TokenOptions(bundle=cli.tiny_qwen3_vl(torch.device("cpu")), **TOKENS)
+
+
+@pytest.fixture(scope="module")
+def batch_model_lines(archive, tiny_tokens, tmp_path_factory) -> list[dict]:
+    return _batch(archive, tmp_path_factory.mktemp("batch_model"), tiny_tokens)
+
+
+def _assert_bad_files_named(entries: list[dict]) -> None:
+    errors = {Path(e["source"]).name: e["error"] for e in entries if e["status"] == "error"}
+    assert sorted(errors) == ["corrupt.npy", "truncated.nii.gz"]
+    for name, message in errors.items():
+        assert name in message
+
+
+def test_iaf_job_equals_batch_rows_uses_both_nodes_and_resumes_a_batch_file(cluster, archive, tmp_path, capsys):
+    reference = _batch(archive, tmp_path / "batch")
+    assert len(reference) == GOOD + 2
+    _assert_bad_files_named(reference)
+
+    # Start from the batch mode's own file with five finished lines cut: the same resume key redoes
+    # exactly those five (and the two bad files, which are tried again).
+    out = tmp_path / "ray"
+    out.mkdir()
+    cut = {e["source"] for e in reference if e["status"] == "ok"}
+    cut = set(sorted(cut)[:5])
+    kept = [json.dumps(e) for e in reference if e["source"] not in cut and e["status"] == "ok"]
+    (out / cli.RESULTS_NAME).write_text("\n".join(kept) + "\n")
+    status, summary = prune_job(archive, out_dir=out, options=RayOptions(workers=2), **RUN)
+    assert status == 1
+    assert (summary["processed"], summary["already_done"], summary["failed"]) == (5, GOOD - 5, 2)
+    assert summary["nodes"] == 2 and len(ray.nodes()) == 2
+    lines = _lines(out)
+    assert len(lines) == len(reference)
+    assert _comparable(lines) == _comparable(reference)
+    assert "5 volume(s) processed" in capsys.readouterr().out
+
+    status, summary = prune_job(archive, out_dir=out, options=RayOptions(workers=2), **RUN)
+    assert (summary["processed"], summary["already_done"], summary["failed"]) == (0, GOOD, 2)
+    assert len(_lines(out)) == len(reference) + 2
+
+
+def test_model_job_equals_the_single_process_batch(cluster, archive, batch_model_lines, tmp_path):
+    out = tmp_path / "ray"
+    status, summary = prune_job(
+        archive, out_dir=out, options=RayOptions(workers=2, batch_size=2), model=ModelRef(),
+        tokens=cli.TokenOptions(bundle=None, **TOKENS), **RUN,
+    )
+    assert status == 1 and (summary["processed"], summary["failed"]) == (GOOD, 2)
+    lines = _lines(out)
+    _assert_bad_files_named(lines)
+    assert _comparable(lines) == _comparable(batch_model_lines)
+    # The model ran: token counts per slice, zero on the slices IAF dropped.
+    for entry in lines:
+        if entry["status"] == "ok":
+            per_slice = np.asarray(entry["tokens"]["tokens_per_slice"])
+            assert per_slice.sum() == entry["tokens"]["tokens_after"] < entry["tokens"]["tokens_before"]
+            assert np.flatnonzero(per_slice).tolist() == entry["kept_indices"]
+
+
+class CrashOnce(ModelStage):
+    """Kills its own worker process at one volume the first time it meets it."""
+
+    marker: Path
+    victim: str
+
+    def run_one(self, source, path, stamp, payload):
+        if source.endswith(self.victim) and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return super().run_one(source, path, stamp, payload)
+
+
+def test_a_killed_actor_loses_no_finished_line(cluster, archive, batch_model_lines, tmp_path):
+    CrashOnce.marker, CrashOnce.victim = tmp_path / "crashed", "vol11.npy"
+    out = tmp_path / "ray"
+    status, summary = prune_job(
+        archive, out_dir=out, options=RayOptions(workers=1), model=ModelRef(),
+        tokens=cli.TokenOptions(bundle=None, **TOKENS), model_stage=CrashOnce, **RUN,
+    )
+    assert CrashOnce.marker.exists()
+    assert status == 1 and (summary["processed"], summary["failed"]) == (GOOD, 2)
+    lines = _lines(out)
+    # One line per volume: none lost with the actor, none written twice by its retried batch.
+    assert sorted(e["source"] for e in lines) == sorted(str(p.resolve()) for p in archive)
+    assert _comparable(lines) == _comparable(batch_model_lines)
+
+
+def test_cli_engine_ray_reads_a_manifest(cluster, archive, tmp_path, capsys):
+    manifest = tmp_path / "studies.txt"
+    manifest.write_text("# archive\n" + "\n".join(str(p) for p in archive[2:6]) + "\n\n")
+    out = tmp_path / "out"
+    argv = ["prune", str(manifest), "--engine", "ray", "--address", cluster.address, "--workers", "2"]
+    argv += ["--out", str(out), "--gamma", str(GAMMA), "--window", "percentile", "--backend", "torch"]
+    assert cli.main([*argv, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["engine"], summary["processed"], summary["failed"]) == ("ray", 4, 0)
+    assert summary["volumes_per_second"] > 0
+    assert sorted(e["source"] for e in _lines(out)) == sorted(str(p.resolve()) for p in archive[2:6])
+    assert cli.main(argv) == 0
+    assert "0 volume(s) processed, 4 already in" in capsys.readouterr().out
+
+
+def test_manifests_text_csv_and_glob(tmp_path, archive):
+    (tmp_path / "rel.npy").write_bytes(b"")
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text("id,path\na," + str(archive[0]) + "\nb,rel.npy\n")
+    assert read_manifest([str(csv_file)]) == [archive[0], tmp_path / "rel.npy"]
+    headless = tmp_path / "plain.csv"
+    headless.write_text(f"{archive[1]},x\n")
+    assert read_manifest([str(headless)]) == [archive[1]]
+    text = tmp_path / "list.txt"
+    text.write_text(f"{archive[2]}\n# skipped\nrel.npy\n")
+    assert read_manifest([str(text)]) == [archive[2], tmp_path / "rel.npy"]
+    assert read_manifest([str(archive[0].parent / "vol0*.npy")]) == archive[2:12]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(cli.CommandError, match="no volumes"):
+        read_manifest([str(tmp_path / "empty.txt")])
