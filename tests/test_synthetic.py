@@ -112,6 +112,8 @@ def test_answers_follow_from_the_rendered_voxels(train_volumes):
                        and abs(c[2] - lesion.x) < 0.05]
             assert len(matches) == 1, (volume.volume_id, lesion)
             median = matches[0][3]
+            component = labels == components.index(matches[0]) + 1
+            assert (volume.labels[component] == 1 + LESION_CLASSES.index(lesion.cls)).all()
             # classes by their median voxel: cysts dark, calcifications brightest, the rest between
             if lesion.cls == "cyst":
                 assert median < 0.3

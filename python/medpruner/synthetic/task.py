@@ -59,14 +59,20 @@ class Lesion:
 
 @dataclass
 class SyntheticVolume:
-    """``data``: float32 ``[D, H, W]`` in [0, 1]; ``mask``: bool ``[D, H, W]``, True on lesion voxels."""
+    """``data``: float32 ``[D, H, W]`` in [0, 1]; ``labels``: uint8 ``[D, H, W]``, 0 off lesions and
+    ``1 + LESION_CLASSES.index(class)`` on a lesion's voxels."""
 
     volume_id: str
     split: str
     index: int
     data: np.ndarray
-    mask: np.ndarray
+    labels: np.ndarray
     lesions: tuple[Lesion, ...]
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool ``[D, H, W]``: True on lesion voxels."""
+        return self.labels > 0
 
     @property
     def depth(self) -> int:
@@ -156,7 +162,7 @@ def _overlaps(a: Lesion, b: Lesion) -> bool:
     return not (apart_in_depth or apart_in_plane)
 
 
-def _render(image: np.ndarray, mask: np.ndarray, lesion: Lesion) -> None:
+def _render(image: np.ndarray, labels: np.ndarray, lesion: Lesion) -> None:
     depth, side = image.shape[0], image.shape[1]
     coords = (np.arange(side, dtype=np.float32) + 0.5) / side
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
@@ -176,7 +182,7 @@ def _render(image: np.ndarray, mask: np.ndarray, lesion: Lesion) -> None:
             inner = np.clip((0.55 * radius - distance) * side + 0.5, 0.0, 1.0)
             value = lesion.intensity * (1 - inner) + lesion.shape[0] * inner
         image[s] = image[s] * (1 - alpha) + value * alpha
-        mask[s] |= alpha >= 0.5
+        labels[s][alpha >= 0.5] = 1 + LESION_CLASSES.index(lesion.cls)
 
 
 def generate_volume(split: str, index: int) -> SyntheticVolume:
@@ -192,11 +198,11 @@ def generate_volume(split: str, index: int) -> SyntheticVolume:
         candidate = _draw_lesion(rng, cls, depth)
         if not any(_overlaps(candidate, other) for other in lesions):
             lesions.append(candidate)
-    mask = np.zeros(image.shape, dtype=bool)
+    labels = np.zeros(image.shape, dtype=np.uint8)
     for lesion in lesions:
-        _render(image, mask, lesion)
+        _render(image, labels, lesion)
     data = np.clip(image, 0.0, 1.0).astype(np.float32)
-    return SyntheticVolume(f"{split}-{index:05d}", split, index, data, mask, tuple(lesions))
+    return SyntheticVolume(f"{split}-{index:05d}", split, index, data, labels, tuple(lesions))
 
 
 def answer_for(category: str, lesions, depth: int) -> str | None:
