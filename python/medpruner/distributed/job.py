@@ -118,8 +118,10 @@ def connect(options: RayOptions) -> bool:
     if options.address:
         ray.init(address=options.address, log_to_driver=False)
     else:
+        # Logical CPUs: each model actor holds one for its life, and the reading tasks need one more,
+        # else --workers 2 on 2 CPUs would wait forever for a reader.
         ray.init(
-            num_cpus=options.num_cpus,
+            num_cpus=max(options.num_cpus, options.workers + 1),
             include_dashboard=False,
             object_store_memory=options.object_store_mb * 1024 * 1024,
             log_to_driver=False,
