@@ -24,10 +24,12 @@ memory with ``non_blocking`` (:func:`to_device`).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -509,9 +511,29 @@ def original_method(model, name: str):
     return getattr(type(model), name).__get__(model, type(model))
 
 
+# ids of the patched models whose generate is running: generate hands its own forward calls inputs it
+# has already translated (pruned prompt, continued cache), which the patched forward must not touch again
+_GENERATING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "medpruner_generating", default=frozenset()
+)
+
+
+@contextmanager
+def _generating(model):
+    token = _GENERATING.set(_GENERATING.get() | {id(model)})
+    try:
+        yield
+    finally:
+        _GENERATING.reset(token)
+
+
 def _patched_forward(model, *args, **kwargs):
     config, adapter, _ = model.__dict__[_PATCH_ATTR]
     original = original_method(model, "forward")
+    if id(model) in _GENERATING.get():
+        # A continued generate's decoding steps carry the recorded cache, in pruned coordinates
+        # already: rewriting them as a caller's continuation would cut their attention mask.
+        return original(*args, **kwargs)
     call = _bind(inspect.signature(original), args, kwargs)
     record = _continued_record(adapter, call)
     if record is not None:
@@ -542,16 +564,19 @@ def _patched_generate(model, inputs=None, *args, **kwargs):
     if record is not None:
         call, repeats = _continuation(model, adapter, kwargs, record, full_input_ids=True)
         _translate_length_budget(model, call, kwargs["input_ids"].shape[1])
-        output = original(*args, **call)
+        with _generating(model):
+            output = original(*args, **call)
         _attach_record(_cache_of(output) or _cache_of(call), record)
         prompt = record.original_input_ids.repeat_interleave(repeats, dim=0)
         return _restore_prompt(output, prompt, record.input_ids.shape[1])
     if not adapter.wants_pruning(kwargs):
-        return original(*args, **kwargs)
+        with _generating(model):
+            return original(*args, **kwargs)
     reason = adapter.unprunable(kwargs)
     if reason is not None:
         warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=2)
-        return original(*args, **kwargs)
+        with _generating(model):
+            return original(*args, **kwargs)
     # generate keeps no autograd graph (transformers runs it under no_grad); the pruning before it
     # must not either: it would hold the tower's activations, and assisted decoding deep-copies the
     # features, which only works on leaves.
@@ -561,7 +586,8 @@ def _patched_generate(model, inputs=None, *args, **kwargs):
         pruned = adapter.run(model, config, request)
     call = {**pruned.call, **{k: kwargs[k] for k in TOWER_OUTPUT_FLAGS if k in kwargs}}
     _translate_length_budget(model, call, pruned.original_input_ids.shape[1])
-    output = original(*args, **call)
+    with _generating(model):
+        output = original(*args, **call)
     _raise_deferred_checks()
     _attach_record(_cache_of(output) or _cache_of(call), pruned.record)
     return _restore_prompt(output, pruned.original_input_ids, pruned.pruned_length)
