@@ -61,6 +61,29 @@ def apply_medpruner(
     The knobs are those of :class:`MedPrunerConfig` (pass ``config=`` to reuse one; the keyword values
     are then ignored). Calling it again on a patched model replaces the configuration. A model class no
     adapter handles raises TypeError naming the class; a bad value raises ValueError naming the field.
+
+    The patched model keeps the Hugging Face contracts of the unpatched one:
+
+    * ``generate`` prunes once, before decoding, without gradients (as generate itself runs), and hands
+      the original generate the kept features with one encoder-output entry per image, so beam search,
+      ``num_return_sequences`` and assisted decoding repeat each request's own features. The returned
+      sequences start with the caller's unpruned prompt (slice at ``input_ids.shape[1]`` for the new
+      tokens).
+    * The cache a pruned request filled remembers its pruned prompt: ``generate`` continued from it
+      with the caller's ``input_ids`` (prompt + new tokens, no pixels) decodes as one longer call would.
+    * Training: the selection (IAF, DINS, merge targets) takes no gradient and the kept tokens' features
+      stay differentiable, so ``merge=False`` trains (gradient checkpointing included); ``merge=True``
+      has no backward and raises ValueError in training mode with gradients enabled (evaluate under
+      ``torch.no_grad()``).
+    * ``copy.deepcopy`` and pickling give a patched copy that runs its own weights; ``save_pretrained``
+      writes the weights only (patch the reloaded model again).
+    * Qwen's ``image_outputs`` keep the vision tower's hidden states / attentions and have one
+      ``pooler_output`` entry per image (empty for a slice IAF dropped).
+    * A request the model accepts but pruning cannot handle (``inputs_embeds``, videos) runs unpruned,
+      with a warning.
+    * Kernel value checks deferred while pruning (on CUDA, where reading them back would sync) are
+      raised by the request that queued them, at its last host read or once the original ``forward``
+      / ``generate`` returns.
     """
     if config is None:
         config = MedPrunerConfig(

@@ -18,8 +18,9 @@ Host reads. Every value read back from the device goes through :func:`host_read`
 work it depends on is queued, and only where a host-side shape needs it: paper mode reads once (after
 DINS); fast mode with a budget reads once (the IAF mask decides what the tower encodes and, with the
 budget, every count); adaptive fast mode reads twice (the IAF mask before the tower, the DINS counts
-after it). Deferred kernel checks are raised at the last read. Host-to-device copies come from pinned
-memory with ``non_blocking`` (:func:`to_device`).
+after it). Deferred kernel checks queued before the last read are raised there; those queued after it
+(the DINS and merge kernels, in fast mode with a budget) are raised once the original forward/generate
+returns. Host-to-device copies come from pinned memory with ``non_blocking`` (:func:`to_device`).
 """
 
 from __future__ import annotations
