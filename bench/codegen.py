@@ -416,12 +416,24 @@ def _jit_worker_init() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+
+
 def _compile_task(launch, target):
+    start = _cpu_seconds()
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            return _compile_one(launch, target, workdir)
+            result = _compile_one(launch, target, workdir)
         except Exception as err:  # a compile error is a result to report, not a crash
-            return {"error": f"{type(err).__name__}: {err}"[:2000]}
+            result = {"error": f"{type(err).__name__}: {err}"[:2000]}
+    # CPU seconds of this compile (the compiler and ptxas/cuobjdump/nvdisasm; ~0 on a Triton cache hit).
+    return {**result, "compile_cpu_s": round(_cpu_seconds() - start, 2)}
 
 
 class Compiler:
@@ -535,7 +547,9 @@ def main(argv=None) -> int:
     import triton
 
     compiler = Compiler(args.targets, max(1, args.jobs))
+    start = _cpu_seconds()
     launches, record_errors = record_launches(args.quick, on_new=compiler.submit)
+    record_cpu = _cpu_seconds() - start
     report = {
         "date": datetime.date.today().isoformat(),
         "triton": triton.__version__,
@@ -544,6 +558,7 @@ def main(argv=None) -> int:
         "record_errors": record_errors,
         "unlaunched_kernels": sorted(set(_kernels_defined()) - {x["kernel"] for x in launches}),
         "quick": args.quick,
+        "record_cpu_s": round(record_cpu, 1),
         "launches": compiler.finish(launches),
     }
     report["failures"] = failures(report)
@@ -551,7 +566,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(report))
+    compile_cpu = sum(r["compile_cpu_s"] for x in report["launches"] for r in x["results"].values())
     print(f"\n{len(report['launches'])} distinct launches x {len(args.targets)} targets -> {out}")
+    print(f"CPU seconds: {compile_cpu:.0f} compiling, {report['record_cpu_s']:.0f} recording")
     for failure in report["failures"]:
         print(f"FAIL: {failure}")
     return 1 if report["failures"] else 0
