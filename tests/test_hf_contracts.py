@@ -255,7 +255,7 @@ def test_training_with_gradient_checkpointing(family):
     model = copy.deepcopy(family.model).train()
     inputs = family.batch()
     labels = _text_labels(inputs, model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     expected_loss, expected = _loss_and_grads(model, inputs, labels)
     apply_medpruner(model, **IDENTITY, backend="torch")
     loss, grads = _loss_and_grads(model, inputs, labels)
@@ -269,7 +269,7 @@ def test_training_with_gradient_checkpointing(family):
     apply_medpruner(model, **dict(PRUNING, merge=False), backend="torch")
     checkpointed_loss, checkpointed = _loss_and_grads(model, inputs, labels)
     assert model.medpruner_stats.tokens_after < model.medpruner_stats.tokens_before
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     plain_loss, plain = _loss_and_grads(model, inputs, labels)
     torch.testing.assert_close(checkpointed_loss, plain_loss)
     for name in plain:
