@@ -5,10 +5,12 @@
 
 Each group of 4 steps holds the next 4 x batch train volumes sorted by depth (every volume is seen once), one
 question each (its type drawn uniformly among the types the volume can answer). The loss is the
-cross-entropy of the answer tokens and the closing ``<|im_end|>`` only. AdamW with a linear warm-up to a
-constant rate. The validation accuracy (greedy first answer token) on fixed validation questions is logged
-along the curve; the test accuracy of the final weights, per question type, against chance, goes to the
-record.
+cross-entropy of the answer tokens and the closing ``<|im_end|>`` only, plus (weight 1) a training-only
+linear probe on the merged visual tokens that predicts the lesion class under each token; the first
+VISION_STEPS steps train the vision tower and the probe alone. AdamW with a linear warm-up to a
+constant rate (restarted at the joint stage, at half the rate). The validation accuracy (greedy first
+answer token) on fixed validation questions is logged along the curve; the test accuracy of the final
+weights, per question type, against chance, goes to the record.
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medpruner.checkpoints import TINY_VQA_RESOLUTION, build_tiny_vqa, tiny_vqa_processor
-from medpruner.synthetic import QUESTION_TYPES, generate_split, generate_volume, questions_for
+from medpruner.checkpoints import TINY_VQA_PATCH, TINY_VQA_RESOLUTION, build_tiny_vqa, tiny_vqa_processor
+from medpruner.synthetic import LESION_CLASSES, QUESTION_TYPES, generate_split, generate_volume, questions_for
 
 SEED = 0
+AUX_WEIGHT = 1.0
+# Joint training from scratch settles on each question type's prior answer and the vision tower then
+# stops learning lesion features, so the first steps train the vision tower alone on the token probe.
+VISION_STEPS = 100
+JOINT_LR_SCALE = 0.5
 END = "<|im_end|>"
 
 
@@ -112,6 +119,16 @@ def collate(processor, samples, *, with_answers: bool):
     return batch, labels
 
 
+def token_classes(volume, tokens_per_side: int) -> torch.Tensor:
+    """int64 ``[D * T]``, in the merged tokens' order: per visual token the lesion class (1 + index)
+    covering most of its block, 0 where no lesion voxel lies."""
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(volume.labels.astype(np.int64)), 1 + len(LESION_CLASSES))
+    area = torch.nn.functional.adaptive_avg_pool2d(one_hot.permute(0, 3, 1, 2).float(), tokens_per_side)
+    lesion = area[:, 1:]
+    best = lesion.argmax(1) + 1
+    return torch.where(lesion.amax(1) > 0, best, 0).reshape(-1)
+
+
 def _equal_blocks_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
     """The vision attention of one tower call whose images all have the same patch count, as one
     batched sdpa over ``[images, heads, patches, dim]``: the same block-diagonal attention as the
@@ -166,7 +183,7 @@ def lr_at(step: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup)
 
 
-def train(steps: int, *, batch_size: int = 8, lr: float = 2e-3, warmup: int = 30, val=(), val_every: int = 0,
+def train(steps: int, *, batch_size: int = 8, lr: float = 3e-3, warmup: int = 20, val=(), val_every: int = 0,
           save_every: int = 0, out: Path | None = None, log=print):
     """Train from the seeded initialisation for ``steps`` steps; returns (model, processor, curve) with
     the per-step loss and, every ``val_every`` steps, the first-token accuracy on ``val``. With
@@ -177,25 +194,53 @@ def train(steps: int, *, batch_size: int = 8, lr: float = 2e-3, warmup: int = 30
     model = build_tiny_vqa(processor.tokenizer, seed=SEED)
     use_batched_vision_attention(model)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    plain = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    # Deep supervision while training only (the head is not saved): each merged visual token predicts
+    # the lesion class under it, so the vision tower learns lesion features before the language model
+    # has learned where to look; without it the model first settles on each question's prior answer.
+    per_side = TINY_VQA_RESOLUTION // (TINY_VQA_PATCH * 2)
+    probe = torch.nn.Linear(model.config.vision_config.out_hidden_size, 1 + len(LESION_CLASSES))
+    merged = {}
+    model.model.visual.merger.register_forward_hook(lambda module, args, output: merged.update(tokens=output))
+    class_weight = torch.tensor([0.2] + [1.0] * len(LESION_CLASSES))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [probe.weight]
+    plain = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)] + [probe.bias]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.98))
-    curve = {"loss": [], "val": []}
+    curve = {"loss": [], "probe_loss": [], "val": []}
     cache: dict = {}
     started = time.perf_counter()
     for step in range(steps):
-        batch, labels = collate(processor, step_samples(step, batch_size, cache), with_answers=True)
+        samples = step_samples(step, batch_size, cache)
+        batch, labels = collate(processor, samples, with_answers=True)
+        targets = torch.cat([token_classes(s.volume, per_side) for s in samples])
+        if step < VISION_STEPS:
+            # Stage 1: the vision tower and the probe alone (the language model is not run).
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, lr, warmup)
+            model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+            probe_loss = torch.nn.functional.cross_entropy(probe(merged["tokens"]), targets, weight=class_weight)
+            optimizer.zero_grad(set_to_none=True)
+            probe_loss.backward()
+            optimizer.step()
+            curve["loss"].append(None)
+            curve["probe_loss"].append(round(probe_loss.item(), 6))
+            if (step + 1) % 10 == 0:
+                log(f"step {step + 1:5d}  probe {np.mean(curve['probe_loss'][-10:]):.4f}  "
+                    f"{time.perf_counter() - started:.0f} s")
+            continue
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, warmup)
+            group["lr"] = lr_at(step - VISION_STEPS, lr * JOINT_LR_SCALE, warmup)
         loss = answer_loss(model, batch, labels)
+        probe_loss = torch.nn.functional.cross_entropy(probe(merged["tokens"]), targets, weight=class_weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + AUX_WEIGHT * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         curve["loss"].append(round(loss.item(), 6))
+        curve["probe_loss"].append(round(probe_loss.item(), 6))
         if (step + 1) % 10 == 0:
-            log(f"step {step + 1:5d}  loss {np.mean(curve['loss'][-10:]):.4f}  {time.perf_counter() - started:.0f} s")
+            log(f"step {step + 1:5d}  loss {np.mean(curve['loss'][-10:]):.4f}  "
+                f"probe {np.mean(curve['probe_loss'][-10:]):.4f}  {time.perf_counter() - started:.0f} s")
         if val_every and val and ((step + 1) % val_every == 0 or step + 1 == steps):
             model.eval()
             predictions = first_token_predictions(model, processor, list(val))
@@ -203,7 +248,7 @@ def train(steps: int, *, batch_size: int = 8, lr: float = 2e-3, warmup: int = 30
             accuracy = float(np.mean([first_token_correct(s, p) for s, p in zip(val, predictions, strict=True)]))
             curve["val"].append({"step": step + 1, "accuracy": accuracy,
                                  "seconds": round(time.perf_counter() - started, 1)})
-            recent = float(np.mean(curve["loss"][-val_every:]))
+            recent = float(np.mean([x for x in curve["loss"][-val_every:] if x is not None] or [np.nan]))
             log(f"val at step {step + 1:5d}  loss {recent:.4f}  val {accuracy:.3f}  "
                 f"{time.perf_counter() - started:.0f} s")
         if save_every and out is not None and (step + 1) % save_every == 0:
@@ -375,11 +420,11 @@ def analyse(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--val-volumes", type=int, default=20)
-    parser.add_argument("--val-every", type=int, default=60)
+    parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--test-volumes", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="folder for model.safetensors (default: not saved)")
@@ -410,7 +455,8 @@ def main(argv=None) -> int:
 
         # The curve of the run that saved the shipped weights, cut at the steps they were saved after.
         curve = json.loads((args.out / "curve.json").read_text())
-        curve = {"loss": curve["loss"][:args.steps], "val": [v for v in curve["val"] if v["step"] <= args.steps]}
+        curve = {"loss": curve["loss"][:args.steps], "probe_loss": curve["probe_loss"][:args.steps],
+                 "val": [v for v in curve["val"] if v["step"] <= args.steps]}
         model, processor = load_tiny_vqa()
         train_seconds = curve["val"][-1]["seconds"] if curve["val"] else None
         val = generate_split("val", args.val_volumes)
