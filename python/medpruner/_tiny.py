@@ -68,38 +68,51 @@ def image_only_processor(processor_class, image_processor, tokenizer):
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
 
 
-def tiny_qwen3_vl_config(tokenizer, *, patch_size: int = 8, max_position_embeddings: int = 32768):
-    """A two-layer Qwen3-VL config (vision width 32, text width 64, deepstack at layer 0, interleaved
-    MRoPE) whose vocabulary and special token ids are ``tokenizer``'s; attention is sdpa."""
+def tiny_qwen3_vl_config(
+    tokenizer,
+    *,
+    patch_size: int = 8,
+    max_position_embeddings: int = 32768,
+    vision_width: int = 32,
+    text_width: int = 64,
+    head_dim: int = 16,
+    tie_word_embeddings: bool | None = None,
+):
+    """A two-layer Qwen3-VL config (vision width 32, text width 64 with 4 query heads of ``head_dim``,
+    deepstack at layer 0, interleaved MRoPE over the head dim) whose vocabulary and special token ids are
+    ``tokenizer``'s; attention is sdpa. The widths scale for the trained checkpoint; MLPs are twice as
+    wide as their stream. ``tie_word_embeddings`` None keeps the config class default."""
     from transformers import Qwen3VLConfig
 
     token = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIALS}
+    rotary_half = head_dim // 2
+    tied = {} if tie_word_embeddings is None else {"tie_word_embeddings": tie_word_embeddings}
     config = Qwen3VLConfig(
         vision_config=dict(
             depth=2,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
             num_heads=2,
             patch_size=patch_size,
             spatial_merge_size=2,
             temporal_patch_size=2,
-            out_hidden_size=64,
+            out_hidden_size=text_width,
             num_position_embeddings=64,
             deepstack_visual_indexes=[0],
         ),
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            head_dim=16,
+            head_dim=head_dim,
             max_position_embeddings=max_position_embeddings,
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 10000.0,
-                "mrope_section": [4, 2, 2],
+                "mrope_section": [rotary_half // 2, rotary_half // 4, rotary_half // 4],
                 "mrope_interleaved": True,
             },
             pad_token_id=token["<|endoftext|>"],
@@ -108,6 +121,7 @@ def tiny_qwen3_vl_config(tokenizer, *, patch_size: int = 8, max_position_embeddi
         video_token_id=token["<|video_pad|>"],
         vision_start_token_id=token["<|vision_start|>"],
         vision_end_token_id=token["<|vision_end|>"],
+        **tied,
     )
     config._attn_implementation = "sdpa"
     return config

@@ -29,49 +29,17 @@ def tiny_vqa_config(tokenizer):
     """The checkpoint's architecture: the tiny Qwen3-VL of :mod:`medpruner._tiny` widened to a text
     width of 128 (4 heads of dim 32: vLLM's CPU attention takes 32, 64 or 80), 2 text layers, a vision
     tower of width 64 (2 heads of dim 32) and 16-pixel patches."""
-    from transformers import Qwen3VLConfig
+    from medpruner._tiny import tiny_qwen3_vl_config
 
-    from medpruner._tiny import QWEN_SPECIALS
-
-    token = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIALS}
-    config = Qwen3VLConfig(
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            patch_size=TINY_VQA_PATCH,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=128,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-        ),
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            max_position_embeddings=4096,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [8, 4, 4],
-                "mrope_interleaved": True,
-            },
-            pad_token_id=token["<|endoftext|>"],
-        ),
-        image_token_id=token["<|image_pad|>"],
-        video_token_id=token["<|video_pad|>"],
-        vision_start_token_id=token["<|vision_start|>"],
-        vision_end_token_id=token["<|vision_end|>"],
+    return tiny_qwen3_vl_config(
+        tokenizer,
+        patch_size=TINY_VQA_PATCH,
+        max_position_embeddings=4096,
+        vision_width=64,
+        text_width=128,
+        head_dim=32,
         tie_word_embeddings=True,
     )
-    config._attn_implementation = "sdpa"
-    return config
 
 
 def build_tiny_vqa(tokenizer, *, seed: int = 0):
