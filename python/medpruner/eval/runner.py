@@ -26,7 +26,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,13 @@ __all__ = [
     "RECORDS_NAME",
     "SUMMARY_NAME",
     "EvalModel",
+    "EvalPlan",
     "EvalSettings",
     "build_prompt",
+    "eval_sample",
+    "finish_eval",
+    "load_failure",
+    "plan_eval",
     "read_records",
     "resolve_methods",
     "run_eval",
@@ -260,14 +265,36 @@ def _reference_record(eval_model, sample, settings_id, reference, inputs, unavai
 
 
 # ------------------------------------------------------------------------------------------- the run
-def run_eval(dataset: Dataset, eval_model: EvalModel, settings: EvalSettings, out_dir, *, progress: bool = True,
-             html: bool = True) -> dict:
-    """Run (or resume) the eval into ``out_dir`` and return the summary (also written to
-    ``summary.json``; ``report.html`` and the plots with ``html``)."""
-    from tqdm.auto import tqdm
+@dataclass
+class EvalPlan:
+    """What a run (or a resumed one) does, worked out before any model runs: the methods in run order,
+    the records file and its records of these settings by key, the samples, and the optional metrics
+    that cannot be computed. Shared by :func:`run_eval` and the Ray engine
+    (:mod:`medpruner.distributed.eval_job`)."""
 
-    from medpruner.eval.report import write_report
+    methods: list[str]
+    added: list[str]
+    settings_id: str
+    records_path: Path
+    done: dict[str, dict]
+    samples: list[Sample]
+    unavailable: dict
 
+    def keys(self, sample: Sample) -> dict[str, str]:
+        return {m: f"{sample.sample_id}|{m}|{self.settings_id}" for m in self.methods}
+
+    def pending(self) -> list[tuple[int, Sample]]:
+        """(index, sample) of the samples that miss a record; the index seeds the random selector."""
+        return [(index, sample) for index, sample in enumerate(self.samples)
+                if any(key not in self.done for key in self.keys(sample).values())]
+
+    def existing(self, sample: Sample) -> dict[str, dict]:
+        """The sample's records already in the file, by key."""
+        return {key: self.done[key] for key in self.keys(sample).values() if key in self.done}
+
+
+def plan_eval(dataset: Dataset, model_name: str, settings: EvalSettings, out_dir) -> EvalPlan:
+    """Check the dataset and the methods, create ``out_dir`` and read its records of these settings."""
     methods, added = resolve_methods(settings.methods)
     ids = [s.sample_id for s in dataset.samples]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
@@ -276,56 +303,89 @@ def run_eval(dataset: Dataset, eval_model: EvalModel, settings: EvalSettings, ou
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / RECORDS_NAME
-    settings_id = settings.settings_id(eval_model.name)
+    settings_id = settings.settings_id(model_name)
     done = {r["key"]: r for r in read_records(records_path) if r.get("settings_id") == settings_id}
     samples = dataset.samples if settings.limit is None else dataset.samples[: settings.limit]
-    unavailable = optional_metrics()
-    failed = []
-    with open(records_path, "a", encoding="utf-8") as handle, tqdm(
-        total=len(samples), disable=not progress, unit="sample", desc="medpruner eval"
-    ) as bar:
-        for index, sample in enumerate(samples):
-            keys = {m: f"{sample.sample_id}|{m}|{settings_id}" for m in methods}
-            missing = [m for m in methods if keys[m] not in done]
-            if missing:
-                try:
-                    volume = sample.load(settings.window)
-                except DatasetError as err:
-                    failed.append({"sample_id": sample.sample_id, "source": sample.source, "reason": str(err)})
-                    bar.update()
-                    continue
-                inputs = eval_model.make_inputs(volume, build_prompt(sample))
-                reference = _run_method(eval_model, inputs, REFERENCE, settings, None, settings.seed + index)
-                for method in methods:
-                    if method == REFERENCE:
-                        if method not in missing:
-                            continue
-                        record = _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable)
-                    else:
-                        if method not in missing:
-                            continue
-                        # medpruner runs before every budgeted method, so its record is there by now
-                        budget = done[keys[BUDGET_SOURCE]]["tokens_kept"] if _budgeted(method) else None
-                        generation = _run_method(eval_model, inputs, method, settings, budget, settings.seed + index)
-                        record = _record(sample, method, settings_id, generation, reference, budget, unavailable)
-                    done[record["key"]] = record
-                    _append(handle, record)
-            bar.update()
-    records = [done[f"{s.sample_id}|{m}|{settings_id}"] for s in samples for m in methods
-               if f"{s.sample_id}|{m}|{settings_id}" in done]
-    summary = summarize_records(records, methods, bootstrap=settings.bootstrap, unavailable=unavailable)
+    return EvalPlan(methods, added, settings_id, records_path, done, samples, optional_metrics())
+
+
+def load_failure(sample: Sample, err: DatasetError) -> dict:
+    """The summary's entry for a sample whose volume cannot be loaded."""
+    return {"sample_id": sample.sample_id, "source": sample.source, "reason": str(err)}
+
+
+def eval_sample(eval_model: EvalModel, sample: Sample, index: int, volume: np.ndarray, methods: Sequence[str],
+                settings: EvalSettings, settings_id: str, existing: dict[str, dict],
+                unavailable: dict) -> Iterator[dict]:
+    """The missing records of one loaded sample, yielded in run order as each is made (the caller
+    writes each before the next method runs); ``existing``: its records already made, by key. The
+    reference runs every time (its logits are not stored); ``index`` seeds the random selector
+    (``settings.seed + index``)."""
+    existing = dict(existing)
+    keys = {m: f"{sample.sample_id}|{m}|{settings_id}" for m in methods}
+    inputs = eval_model.make_inputs(volume, build_prompt(sample))
+    reference = _run_method(eval_model, inputs, REFERENCE, settings, None, settings.seed + index)
+    for method in methods:
+        if keys[method] in existing:
+            continue
+        if method == REFERENCE:
+            record = _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable)
+        else:
+            # medpruner runs before every budgeted method, so its record is there by now
+            budget = existing[keys[BUDGET_SOURCE]]["tokens_kept"] if _budgeted(method) else None
+            generation = _run_method(eval_model, inputs, method, settings, budget, settings.seed + index)
+            record = _record(sample, method, settings_id, generation, reference, budget, unavailable)
+        existing[record["key"]] = record
+        yield record
+
+
+def finish_eval(plan: EvalPlan, dataset: Dataset, model_name: str, settings: EvalSettings, out_dir,
+                failed: list[dict], *, html: bool = True) -> dict:
+    """The summary of the plan's samples over the records in ``plan.done``, written with the report."""
+    from medpruner.eval.report import write_report
+
+    records = [plan.done[key] for s in plan.samples for key in plan.keys(s).values() if key in plan.done]
+    summary = summarize_records(records, plan.methods, bootstrap=settings.bootstrap, unavailable=plan.unavailable)
     summary.update(
         dataset=dataset.summary(),
-        model=eval_model.name,
+        model=model_name,
         settings={**asdict(settings), "methods": list(settings.methods)},
-        settings_id=settings_id,
-        methods_run=methods,
-        methods_added=added,
+        settings_id=plan.settings_id,
+        methods_run=plan.methods,
+        methods_added=plan.added,
         failed_samples=failed,
         files={"records": RECORDS_NAME, "summary": SUMMARY_NAME, "report": "report.html" if html else None},
     )
-    write_report(out_dir, summary, html=html)
+    write_report(Path(out_dir), summary, html=html)
     return summary
+
+
+def run_eval(dataset: Dataset, eval_model: EvalModel, settings: EvalSettings, out_dir, *, progress: bool = True,
+             html: bool = True) -> dict:
+    """Run (or resume) the eval into ``out_dir`` and return the summary (also written to
+    ``summary.json``; ``report.html`` and the plots with ``html``)."""
+    from tqdm.auto import tqdm
+
+    plan = plan_eval(dataset, eval_model.name, settings, out_dir)
+    pending = dict(plan.pending())
+    failed = []
+    with open(plan.records_path, "a", encoding="utf-8") as handle, tqdm(
+        total=len(plan.samples), disable=not progress, unit="sample", desc="medpruner eval"
+    ) as bar:
+        for index, sample in enumerate(plan.samples):
+            if index in pending:
+                try:
+                    volume = sample.load(settings.window)
+                except DatasetError as err:
+                    failed.append(load_failure(sample, err))
+                    bar.update()
+                    continue
+                for record in eval_sample(eval_model, sample, index, volume, plan.methods, settings,
+                                          plan.settings_id, plan.existing(sample), plan.unavailable):
+                    plan.done[record["key"]] = record
+                    _append(handle, record)
+            bar.update()
+    return finish_eval(plan, dataset, eval_model.name, settings, out_dir, failed, html=html)
 
 
 def _budgeted(method: str) -> bool:
