@@ -1,5 +1,7 @@
-"""The one pruning pipeline every model family shares (:meth:`Adapter.prune`), the patching of a model's
-``forward`` and ``generate``, and the sync-free tensor surgery it needs.
+"""The one pruning pipeline every model family shares (:meth:`Adapter.prune`) and the sync-free tensor
+surgery it needs. The patching of a model instance's ``forward`` and ``generate`` that calls it (the
+wrappers, the continuation bookkeeping on the cache, :func:`unpatch`) lives in
+:mod:`medpruner.adapters.patching`; :meth:`Adapter.patch` installs it.
 
 A family file subclasses :class:`Adapter` and fills in a small fixed set of hooks:
 
@@ -25,27 +27,23 @@ returns. Host-to-device copies come from pinned memory with ``non_blocking`` (:f
 
 from __future__ import annotations
 
-import contextvars
-import inspect
 import logging
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from medpruner.adapters.patching import _PATCH_ATTR, _PATCHED_NAMES, PatchedMethod, PromptRecord, _cache_of, unpatch
+
+# re-exported: the family files read the tower output flags from here
+from medpruner.adapters.patching import TOWER_OUTPUT_FLAGS as TOWER_OUTPUT_FLAGS
 from medpruner.config import PruneStats
 
 logger = logging.getLogger("medpruner")
 
-_PATCH_ATTR = "_medpruner_patch"
-_PATCHED_NAMES = ("forward", "generate")
 IGNORE_INDEX = -100
-# forward arguments that ask the vision tower for more outputs (returned with the image outputs)
-TOWER_OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 
 
 @dataclass
@@ -90,19 +88,6 @@ class PrunedCall:
     pruned_length: int
     stats: Any
     record: PromptRecord | None = None
-
-
-@dataclass
-class PromptRecord:
-    """What a cache filled by a pruned request needs to be continued (attached to the cache object):
-    the caller's prompt, the pruned prompt the cache holds, and the family's position state (Qwen:
-    the rope deltas). Rows are the request's rows; an expanded generate repeats each row."""
-
-    original_input_ids: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    type_ids: torch.Tensor | None
-    position_state: Any
 
 
 def host_read(*tensors: torch.Tensor, last: bool = False) -> list[list[int]]:
@@ -454,7 +439,7 @@ class Adapter:
             keep = torch.where(slice_of_token, keep, first_token)
         return keep, features
 
-    # ------------------------------------------------------------------------------------ patching
+    # ------------------------------------------------- patching (the wrappers are in patching.py)
     def wants_pruning(self, call: dict[str, Any]) -> bool:
         if call.get(self.pixel_key) is None or call.get("input_ids") is None:
             return False
@@ -479,243 +464,6 @@ class Adapter:
         setattr(model, _PATCH_ATTR, (config, self, saved))
         model.medpruner_config = config
         model.medpruner_stats = None
-
-
-class PatchedMethod:
-    """A patched instance's ``forward`` / ``generate``. It holds the model it belongs to as plain state
-    (no closure), so ``copy.deepcopy`` and pickling rebind it to the copy, which then runs its own
-    weights; the adapter, config and original method are looked up on that model at each call."""
-
-    def __init__(self, model, name: str) -> None:
-        self.model = model
-        self.name = name
-
-    def __call__(self, *args, **kwargs):
-        call = _patched_forward if self.name == "forward" else _patched_generate
-        return call(self.model, *args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        # transformers reads the forward's parameters (e.g. to see mm_encoder_outputs is accepted)
-        return inspect.signature(original_method(self.model, self.name))
-
-    @property
-    def __doc__(self):  # noqa: D105 - the original's documentation
-        return original_method(self.model, self.name).__doc__
-
-
-def original_method(model, name: str):
-    """The method ``name`` of a patched model as it was before the patch, bound to ``model``."""
-    saved = model.__dict__[_PATCH_ATTR][2]
-    if name in saved:
-        return saved[name]
-    return getattr(type(model), name).__get__(model, type(model))
-
-
-# ids of the patched models whose generate is running: generate hands its own forward calls inputs it
-# has already translated (pruned prompt, continued cache), which the patched forward must not touch again
-_GENERATING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
-    "medpruner_generating", default=frozenset()
-)
-
-
-@contextmanager
-def _generating(model):
-    token = _GENERATING.set(_GENERATING.get() | {id(model)})
-    try:
-        yield
-    finally:
-        _GENERATING.reset(token)
-
-
-def _patched_forward(model, *args, **kwargs):
-    config, adapter, _ = model.__dict__[_PATCH_ATTR]
-    original = original_method(model, "forward")
-    if id(model) in _GENERATING.get():
-        # A continued generate's decoding steps carry the recorded cache, in pruned coordinates
-        # already: rewriting them as a caller's continuation would cut their attention mask.
-        return original(*args, **kwargs)
-    call = _bind(inspect.signature(original), args, kwargs)
-    record = _continued_record(adapter, call)
-    if record is not None:
-        return original(**_continuation(model, adapter, call, record, full_input_ids=False)[0])
-    if not adapter.wants_pruning(call):
-        return original(*args, **kwargs)
-    reason = adapter.unprunable(call)
-    if reason is not None:
-        warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=2)
-        return original(*args, **kwargs)
-    pruned = adapter.run(model, config, call)
-    output = original(**pruned.call)
-    # The request's deferred kernel checks (queued after its last host read) are raised here, after
-    # the model's own work, so an error belongs to the request that caused it.
-    _raise_deferred_checks()
-    _attach_record(_cache_of(output) or _cache_of(pruned.call), pruned.record)
-    return output
-
-
-def _patched_generate(model, inputs=None, *args, **kwargs):
-    config, adapter, _ = model.__dict__[_PATCH_ATTR]
-    original = original_method(model, "generate")
-    if isinstance(inputs, torch.Tensor) and kwargs.get("input_ids") is None:
-        kwargs["input_ids"], inputs = inputs, None
-    if inputs is not None:
-        return original(inputs, *args, **kwargs)
-    record = _continued_record(adapter, kwargs)
-    if record is not None:
-        call, repeats = _continuation(model, adapter, kwargs, record, full_input_ids=True)
-        _translate_length_budget(model, call, kwargs["input_ids"].shape[1])
-        with _generating(model):
-            output = original(*args, **call)
-        _attach_record(_cache_of(output) or _cache_of(call), record)
-        prompt = record.original_input_ids.repeat_interleave(repeats, dim=0)
-        return _restore_prompt(output, prompt, record.input_ids.shape[1])
-    if not adapter.wants_pruning(kwargs):
-        with _generating(model):
-            return original(*args, **kwargs)
-    reason = adapter.unprunable(kwargs)
-    if reason is not None:
-        warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=2)
-        with _generating(model):
-            return original(*args, **kwargs)
-    # generate keeps no autograd graph (transformers runs it under no_grad); the pruning before it
-    # must not either: it would hold the tower's activations, and assisted decoding deep-copies the
-    # features, which only works on leaves.
-    # generate returns no image outputs: the tower is not asked for its hidden states or attentions
-    request = {k: v for k, v in kwargs.items() if k not in TOWER_OUTPUT_FLAGS}
-    with torch.no_grad():
-        pruned = adapter.run(model, config, request)
-    call = {**pruned.call, **{k: kwargs[k] for k in TOWER_OUTPUT_FLAGS if k in kwargs}}
-    _translate_length_budget(model, call, pruned.original_input_ids.shape[1])
-    with _generating(model):
-        output = original(*args, **call)
-    _raise_deferred_checks()
-    _attach_record(_cache_of(output) or _cache_of(call), pruned.record)
-    return _restore_prompt(output, pruned.original_input_ids, pruned.pruned_length)
-
-
-def unpatch(model) -> None:
-    """Undo :meth:`Adapter.patch`: the instance gets back exactly the attributes it had before."""
-    state = getattr(model, _PATCH_ATTR, None)
-    if state is None:
-        return
-    for name in (*_PATCHED_NAMES, _PATCH_ATTR, "medpruner_config", "medpruner_stats"):
-        model.__dict__.pop(name, None)
-    model.__dict__.update(state[2])
-
-
-def _raise_deferred_checks() -> None:
-    from medpruner_kernels import raise_pending_errors
-
-    raise_pending_errors()
-
-
-def _bind(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
-    bound = signature.bind_partial(*args, **kwargs)
-    call = dict(bound.arguments)
-    for name, parameter in signature.parameters.items():
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in call:
-            call.update(call.pop(name))
-    return call
-
-
-_CACHE_KEYS = ("cache", "past_key_values")
-_RECORD_ATTR = "_medpruner_prompt"
-
-
-def _cache_of(source):
-    """The KV cache in a call's keyword arguments or a model output (transformers 5 names it
-    ``cache``; ``past_key_values`` is the older name)."""
-    for key in _CACHE_KEYS:
-        value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
-        if value is not None and hasattr(value, "get_seq_length"):
-            return value
-    return None
-
-
-def _attach_record(cache, record: PromptRecord | None) -> None:
-    """The cache a pruned request filled remembers that its prompt was pruned (and how), so a call
-    that continues from it gets the same pruned prompt, whatever ran in between."""
-    if cache is not None and record is not None:
-        setattr(cache, _RECORD_ATTR, record)
-
-
-def _continued_record(adapter, call: dict[str, Any]) -> PromptRecord | None:
-    """The record of a non-empty cache a pruned request filled, when ``call`` continues it."""
-    cache = _cache_of(call)
-    record = getattr(cache, _RECORD_ATTR, None)
-    if record is None or call.get("input_ids") is None or call.get(adapter.pixel_key) is not None:
-        return None
-    return record if cache.get_seq_length() > 0 else None
-
-
-def _continuation(model, adapter, call: dict[str, Any], record: PromptRecord, *, full_input_ids: bool):
-    """``call`` rewritten to continue a cache that holds the pruned prompt: the caller's tensors start
-    with the unpruned prompt (input_ids only in generate, which takes the whole sequence), and that
-    prefix becomes the pruned one. Returns (call, rows per prompt row)."""
-    out = dict(call)
-    ids = call["input_ids"]
-    prompt = record.original_input_ids.to(ids.device)
-    repeats = max(ids.shape[0] // prompt.shape[0], 1)
-    prompt_length = prompt.shape[1]
-    if full_input_ids:
-        # one host read: a mismatched prompt would decode from another request's cache
-        same = (
-            ids.shape[0] == prompt.shape[0] * repeats
-            and ids.shape[1] >= prompt_length
-            and torch.equal(ids[:, :prompt_length], prompt.repeat_interleave(repeats, dim=0))
-        )
-        if not same:
-            raise ValueError(
-                "input_ids must start with the prompt of the pruned request that filled the cache "
-                f"({tuple(prompt.shape)} repeated {repeats}x): the cache holds its pruned prompt"
-            )
-    pruned = {"input_ids": record.input_ids, "attention_mask": record.attention_mask}
-    if record.type_ids is not None:
-        pruned[adapter.type_ids_key] = record.type_ids
-    for key, head in pruned.items():
-        given = call.get(key)
-        if key == "input_ids" and not full_input_ids:
-            continue
-        head = head.to(ids.device).repeat_interleave(repeats, dim=0)
-        if given is None:
-            if key == "attention_mask" and full_input_ids:
-                out[key] = torch.cat([head, head.new_ones(head.shape[0], ids.shape[1] - prompt_length)], dim=1)
-            continue
-        if not full_input_ids and given.shape[-1] <= ids.shape[1]:
-            # forward with only the new tokens: a tensor of their length needs no prompt
-            continue
-        out[key] = torch.cat([head.to(given.dtype), given[:, prompt_length:]], dim=1)
-    adapter.restore_continuation(model, record.position_state, repeats)
-    return out, repeats
-
-
-def _translate_length_budget(model, call: dict[str, Any], caller_length: int) -> None:
-    """``max_length`` counts the prompt: keep the caller's budget of new tokens, not more."""
-    if call.get("max_new_tokens") is not None:
-        return
-    generation_config = call.get("generation_config") or model.generation_config
-    if getattr(generation_config, "max_new_tokens", None) is not None:
-        return
-    max_length = call.pop("max_length", None) or getattr(generation_config, "max_length", None)
-    if max_length is not None:
-        budget = max_length - caller_length
-        if budget > 0:
-            call["max_new_tokens"] = budget
-
-
-def _restore_prompt(output, prompt: torch.Tensor, pruned_length: int):
-    """generate returns prompt + new tokens: put the caller's unpruned prompt back so that slicing the
-    output at ``input_ids.shape[1]`` still yields exactly the new tokens."""
-    sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    prompt = prompt.to(sequences.device)
-    if sequences.shape[0] != prompt.shape[0]:
-        prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
-    restored = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
-    if isinstance(output, torch.Tensor):
-        return restored
-    output.sequences = restored
-    return output
 
 
 # ------------------------------------------------------------------------------- shared surgery
