@@ -1,5 +1,5 @@
-"""``medpruner prune --engine ray``: the Ray Data job on a 2-node local cluster (one session for the
-module) gives the single-process batch mode's lines, survives bad files and a killed actor, resumes."""
+"""``medpruner prune|eval --engine ray``: the Ray Data jobs on a 2-node local cluster (one session for
+the module) give the single-process lines and records, survive bad files and a killed actor, resume."""
 
 from __future__ import annotations
 
@@ -16,7 +16,18 @@ ray = pytest.importorskip("ray", reason="Ray Data is not installed (pip install 
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
 
 import medpruner.cli as cli  # noqa: E402
-from medpruner.distributed import ModelRef, ModelStage, RayOptions, prune_job, read_manifest  # noqa: E402
+from medpruner.cli.eval import eval_model  # noqa: E402
+from medpruner.distributed import (  # noqa: E402
+    EvalModelRef,
+    ModelRef,
+    ModelStage,
+    RayOptions,
+    eval_job,
+    prune_job,
+    read_manifest,
+)
+from medpruner.eval.readers import read_dataset  # noqa: E402
+from medpruner.eval.runner import RECORDS_NAME, EvalSettings, read_records, run_eval  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 GOOD, GAMMA = 18, 0.1
@@ -189,3 +200,70 @@ def test_manifests_text_csv_and_glob(tmp_path, archive):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(cli.CommandError, match="no volumes"):
         read_manifest([str(tmp_path / "empty.txt")])
+
+
+# ------------------------------------------------------------------------------------------ eval
+EVAL_SETTINGS = EvalSettings(methods=("iaf", "random", "topk"), tau=0.5, backend="torch", max_new_tokens=1,
+                             resolution=32, bootstrap=20)
+EVAL_GOOD = 5
+
+
+@pytest.fixture(scope="module")
+def eval_dataset(tmp_path_factory):
+    """A jsonl dataset of five closed questions on small volumes and one on a corrupt file."""
+    folder = tmp_path_factory.mktemp("eval_data")
+    rng = np.random.default_rng(3)
+    lines = []
+    for index in range(EVAL_GOOD + 1):
+        name = f"v{index}.npy"
+        if index == 2:
+            (folder / name).write_bytes(b"\x93NUMPY broken")
+        else:
+            np.save(folder / name, rng.random((4, 16, 16), dtype=np.float32))
+        lines.append({"volume": name, "question": f"Question {index}?", "answer": "yes",
+                      "options": {"A": "yes", "B": "no"}, "answer_letter": "A", "category": f"c{index % 2}",
+                      "id": f"s{index}"})
+    (folder / "d.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return read_dataset(folder / "d.jsonl", "jsonl")
+
+
+def _records(out: Path) -> dict[str, dict]:
+    """The records by key, without the timings (the only field that may differ between two runs)."""
+    return {r["key"]: {k: v for k, v in r.items() if k != "seconds"} for r in read_records(out / RECORDS_NAME)}
+
+
+def test_eval_job_equals_the_single_process_run_and_resumes_it(cluster, eval_dataset, tmp_path, capsys):
+    single = tmp_path / "single"
+    model = eval_model(None, torch.device("cpu"), EVAL_SETTINGS.resolution)
+    reference = run_eval(eval_dataset, model, EVAL_SETTINGS, single, progress=False, html=False)
+    expected = _records(single)
+    assert len(expected) == EVAL_GOOD * 5 and len(reference["failed_samples"]) == 1
+    assert "v2.npy" in reference["failed_samples"][0]["reason"]
+
+    # Start from the single-process file without sample s0 and without s3's last two methods (a
+    # half-done sample: its budget comes from the medpruner record already in the file).
+    out = tmp_path / "ray"
+    out.mkdir()
+    lines = (single / RECORDS_NAME).read_text().splitlines()
+    cut = [line for line in lines if json.loads(line)["sample_id"] != "s0"
+           and not (json.loads(line)["sample_id"] == "s3" and json.loads(line)["method"] in ("random", "topk"))]
+    assert len(cut) == len(lines) - 7
+    (out / RECORDS_NAME).write_text("\n".join(cut) + "\n")
+    summary = eval_job(eval_dataset, EvalModelRef(None, EVAL_SETTINGS.resolution, "cpu"), EVAL_SETTINGS, out,
+                       options=RayOptions(workers=2), html=False)
+    assert "2 sample(s) run, 3 already done, 1 failed, 7 record(s) written" in capsys.readouterr().err
+    assert _records(out) == expected and len(read_records(out / RECORDS_NAME)) == len(lines)
+    assert summary["failed_samples"] == reference["failed_samples"]
+    assert summary["methods"] == reference["methods"] and summary["settings_id"] == reference["settings_id"]
+
+    # A rerun (here through the command line) writes nothing and gives the same summary.
+    before = (out / RECORDS_NAME).read_text()
+    argv = ["eval", "--data", str(eval_dataset.file), "--format", "jsonl", "--out", str(out), "--methods",
+            "iaf,random,topk", "--resolution", "32", "--tau", "0.5", "--max-new-tokens", "1", "--bootstrap", "20",
+            "--backend", "torch", "--device", "cpu", "--no-progress", "--no-html", "--json",
+            "--engine", "ray", "--address", cluster.address, "--workers", "2"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["methods"] == reference["methods"]
+    assert "0 sample(s) run, 5 already done, 1 failed, 0 record(s) written" in captured.err
+    assert (out / RECORDS_NAME).read_text() == before

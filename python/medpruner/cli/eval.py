@@ -74,6 +74,7 @@ def _unit_float(name: str, low_open: bool):
 
 def add_parser(commands, add_run_options, positive_int) -> None:
     """Register ``eval`` on the subcommand set (the shared option parsers come from :mod:`.args`)."""
+    from medpruner.cli.ray_engine import add_engine_options
     from medpruner.eval.readers import FORMATS
 
     parser = commands.add_parser(
@@ -109,12 +110,16 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--no-html", action="store_true", help="write the JSON files only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="--engine ray: model actors (default 1)")
+    add_engine_options(parser)
     add_run_options(parser)
     parser.set_defaults(handler=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     from medpruner.cli.models import DEMO_RESOLUTION, MODEL_RESOLUTION
+    from medpruner.cli.ray_engine import eval_ray
     from medpruner.eval.readers import DatasetError, read_dataset
     from medpruner.eval.runner import EvalSettings, run_eval
     from medpruner.report import to_json
@@ -128,15 +133,17 @@ def cmd_eval(args) -> int:
         raise CommandError(f"{dataset.file}: no usable samples ({len(dataset.skipped)} rows skipped: "
                            f"{json.dumps(dataset.summary()['skipped_rows'][:3])})")
     resolution = args.resolution or (MODEL_RESOLUTION if args.model else DEMO_RESOLUTION)
-    model = eval_model(args.model, pick_device(args.device), resolution)
     settings = EvalSettings(
         methods=tuple(args.methods), gamma=args.gamma, tau=args.tau, merge=not args.no_merge,
         context_frac=args.context_frac, backend=args.backend, max_new_tokens=args.max_new_tokens, seed=args.seed,
         window=args.window, resolution=resolution, limit=args.limit, bootstrap=args.bootstrap,
     )
     try:
-        summary = run_eval(dataset, model, settings, Path(args.out), progress=not args.no_progress,
-                           html=not args.no_html)
+        if args.engine == "ray":
+            summary = eval_ray(args, dataset, settings, resolution)
+        else:
+            summary = run_eval(dataset, eval_model(args.model, pick_device(args.device), resolution), settings,
+                               Path(args.out), progress=not args.no_progress, html=not args.no_html)
     except ValueError as err:
         raise CommandError(str(err)) from err
     if args.json:

@@ -1,4 +1,4 @@
-"""``medpruner prune --engine ray``: the command line's side of :mod:`medpruner.distributed`."""
+"""``medpruner prune|eval --engine ray``: the command line's side of :mod:`medpruner.distributed`."""
 
 from __future__ import annotations
 
@@ -22,19 +22,31 @@ def add_engine_options(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="Ray: volumes per model call (default 1)")
 
 
-def prune_ray(args) -> int:
-    """A batch ``prune`` as a Ray Data job; ``--workers`` is the number of model actors (or, without a
-    model, of CPU tasks in flight)."""
+def _check_ray(args) -> None:
     try:
         import ray  # noqa: F401
     except ImportError as err:
         raise CommandError("--engine ray needs Ray Data: pip install 'ray[data]'") from err
-    from medpruner.distributed import ModelRef, RayOptions, prune_job, read_manifest
+    if args.batch_size < 1 or args.gpus_per_actor < 0:
+        raise CommandError("--batch-size must be at least 1 and --gpus-per-actor at least 0")
+
+
+def _options(args):
+    from medpruner.distributed import RayOptions
+
+    return RayOptions(
+        address=args.address, workers=args.workers, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size
+    )
+
+
+def prune_ray(args) -> int:
+    """A batch ``prune`` as a Ray Data job; ``--workers`` is the number of model actors (or, without a
+    model, of CPU tasks in flight)."""
+    _check_ray(args)
+    from medpruner.distributed import ModelRef, prune_job, read_manifest
 
     if args.out is None:
         raise CommandError("--engine ray needs --out DIR (results.jsonl is written there)")
-    if args.batch_size < 1 or args.gpus_per_actor < 0:
-        raise CommandError("--batch-size must be at least 1 and --gpus-per-actor at least 0")
     paths = read_manifest(args.volumes)
     model = tokens = None
     if args.model is not None:
@@ -42,12 +54,21 @@ def prune_ray(args) -> int:
             raise CommandError(f"--model {args.model}: not a folder (a local checkpoint saved with save_pretrained)")
         model = ModelRef(args.model)
         tokens = token_options(args, None, MODEL_RESOLUTION)
-    options = RayOptions(
-        address=args.address, workers=args.workers, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size
-    )
     status, _ = prune_job(
         paths, out_dir=Path(args.out), gamma=args.gamma, window=args.window, slice_axis=args.slice_axis,
-        frame=args.frame, backend=args.backend, device=args.device, options=options, model=model, tokens=tokens,
-        as_json=args.json,
+        frame=args.frame, backend=args.backend, device=args.device, options=_options(args), model=model,
+        tokens=tokens, as_json=args.json,
     )
     return status
+
+
+def eval_ray(args, dataset, settings, resolution: int) -> dict:
+    """``medpruner eval`` as a Ray Data job; ``--workers`` is the number of model actors, each loading
+    ``--model`` (or the default model) itself."""
+    _check_ray(args)
+    from medpruner.distributed import EvalModelRef, eval_job
+
+    if args.model is not None and not Path(args.model).is_dir():
+        raise CommandError(f"--model {args.model}: not a folder (a local checkpoint saved with save_pretrained)")
+    model = EvalModelRef(args.model, resolution, args.device)
+    return eval_job(dataset, model, settings, Path(args.out), options=_options(args), html=not args.no_html)
