@@ -26,8 +26,9 @@ from medpruner.distributed import (  # noqa: E402
     prune_job,
     read_manifest,
 )
+from medpruner.distributed.shards import ShardWriter, shard_files  # noqa: E402
 from medpruner.eval.readers import read_dataset  # noqa: E402
-from medpruner.eval.runner import RECORDS_NAME, EvalSettings, read_records, run_eval  # noqa: E402
+from medpruner.eval.runner import RECORDS_NAME, EvalSettings, read_records, record_files, run_eval  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 GOOD, GAMMA = 18, 0.1
@@ -228,15 +229,23 @@ def eval_dataset(tmp_path_factory):
 
 
 def _records(out: Path) -> dict[str, dict]:
-    """The records by key, without the timings (the only field that may differ between two runs)."""
-    return {r["key"]: {k: v for k, v in r.items() if k != "seconds"} for r in read_records(out / RECORDS_NAME)}
+    """The records of every records file by key, without the timings (the only field that may differ
+    between two runs)."""
+    return {r["key"]: {k: v for k, v in r.items() if k != "seconds"}
+            for path in record_files(out) for r in read_records(path)}
 
 
-def test_eval_job_equals_the_single_process_run_and_resumes_it(cluster, eval_dataset, tmp_path, capsys):
-    single = tmp_path / "single"
+@pytest.fixture(scope="module")
+def single_eval(eval_dataset, tmp_path_factory):
+    """The single-process run: (its folder, its records by key without timings, its summary)."""
+    out = tmp_path_factory.mktemp("single_eval")
     model = eval_model(None, torch.device("cpu"), EVAL_SETTINGS.resolution)
-    reference = run_eval(eval_dataset, model, EVAL_SETTINGS, single, progress=False, html=False)
-    expected = _records(single)
+    summary = run_eval(eval_dataset, model, EVAL_SETTINGS, out, progress=False, html=False)
+    return out, _records(out), summary
+
+
+def test_eval_job_equals_the_single_process_run_and_resumes_it(cluster, eval_dataset, single_eval, tmp_path, capsys):
+    single, expected, reference = single_eval
     assert len(expected) == EVAL_GOOD * 5 and len(reference["failed_samples"]) == 1
     assert "v2.npy" in reference["failed_samples"][0]["reason"]
 
@@ -267,3 +276,55 @@ def test_eval_job_equals_the_single_process_run_and_resumes_it(cluster, eval_dat
     assert json.loads(captured.out)["methods"] == reference["methods"]
     assert "0 sample(s) run, 5 already done, 1 failed, 0 record(s) written" in captured.err
     assert (out / RECORDS_NAME).read_text() == before
+
+
+def test_eval_job_writes_shards_that_both_engines_resume(cluster, eval_dataset, single_eval, tmp_path):
+    single, expected, reference = single_eval
+    # Samples s0 and s1 done by the single-process run in samples.jsonl; the job adds s3..s5 in shards
+    # of 4 records (15 records: 4 + 4 + 4 + 3).
+    out = tmp_path / "ray"
+    out.mkdir()
+    lines = (single / RECORDS_NAME).read_text().splitlines()
+    head = [line for line in lines if json.loads(line)["sample_id"] in ("s0", "s1")]
+    (out / RECORDS_NAME).write_text("\n".join(head) + "\n")
+    summary = eval_job(eval_dataset, EvalModelRef(None, EVAL_SETTINGS.resolution, "cpu"), EVAL_SETTINGS, out,
+                       options=RayOptions(workers=1), html=False, shard_rows=4)
+    shards = shard_files(out, "samples")
+    assert [p.name for p in shards] == [f"samples-{k:05d}.jsonl" for k in range(4)]
+    assert [len(read_records(p)) for p in shards] == [4, 4, 4, 3]
+    assert summary["files"]["record_shards"] == [p.name for p in shards]
+    assert (out / RECORDS_NAME).read_text().splitlines() == head
+    assert _records(out) == expected
+    assert summary["methods"] == reference["methods"]
+    assert summary["failed_samples"] == reference["failed_samples"]
+
+    # The single-process run reads the shards too: nothing left to do, the same summary.
+    before = {p.name: p.read_text() for p in record_files(out)}
+    model = eval_model(None, torch.device("cpu"), EVAL_SETTINGS.resolution)
+    again = run_eval(eval_dataset, model, EVAL_SETTINGS, out, progress=False, html=False)
+    assert {p.name: p.read_text() for p in record_files(out)} == before
+    assert again["methods"] == reference["methods"]
+
+
+def test_shard_writer_rotates_and_continues_the_last_shard(tmp_path):
+    writer = ShardWriter(tmp_path, "samples", 2)
+    assert [writer.write(f'{{"n": {n}}}').name for n in range(3)] == [
+        "samples-00000.jsonl", "samples-00000.jsonl", "samples-00001.jsonl"]
+    # A new writer (a resumed job) fills the last shard before starting another.
+    writer = ShardWriter(tmp_path, "samples", 2)
+    assert [writer.write(f'{{"n": {n}}}').name for n in range(3, 6)] == [
+        "samples-00001.jsonl", "samples-00002.jsonl", "samples-00002.jsonl"]
+    (tmp_path / "samples-x.jsonl").write_text("")
+    (tmp_path / "other-00009.jsonl").write_text("")
+    shards = shard_files(tmp_path, "samples")
+    assert [p.name for p in shards] == [f"samples-{k:05d}.jsonl" for k in range(3)]
+    assert [r["n"] for p in shards for r in read_records(p)] == list(range(6))
+    for rows in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rows"):
+            ShardWriter(tmp_path, "samples", rows)
+
+
+def test_shard_rows_needs_the_ray_engine(eval_dataset, tmp_path, capsys):
+    argv = ["eval", "--data", str(eval_dataset.file), "--format", "jsonl", "--out", str(tmp_path), "--shard-rows", "4"]
+    assert cli.main(argv) == 2
+    assert "--shard-rows: record shards are written by --engine ray only" in capsys.readouterr().err

@@ -112,6 +112,8 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="--engine ray: model actors (default 1)")
+    parser.add_argument("--shard-rows", type=positive_int, default=None,
+                        help="--engine ray: records per shard OUT/samples-<k>.jsonl (default: all in samples.jsonl)")
     add_engine_options(parser)
     add_run_options(parser)
     parser.set_defaults(handler=cmd_eval)
@@ -124,6 +126,8 @@ def cmd_eval(args) -> int:
     from medpruner.eval.runner import EvalSettings, run_eval
     from medpruner.report import to_json
 
+    if args.shard_rows is not None and args.engine != "ray":
+        raise CommandError("--shard-rows: record shards are written by --engine ray only")
     try:
         dataset = read_dataset(args.data, args.format, volumes=args.volumes, on_error=args.on_error,
                                mode=args.question_mode)

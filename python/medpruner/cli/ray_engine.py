@@ -71,4 +71,5 @@ def eval_ray(args, dataset, settings, resolution: int) -> dict:
     if args.model is not None and not Path(args.model).is_dir():
         raise CommandError(f"--model {args.model}: not a folder (a local checkpoint saved with save_pretrained)")
     model = EvalModelRef(args.model, resolution, args.device)
-    return eval_job(dataset, model, settings, Path(args.out), options=_options(args), html=not args.no_html)
+    return eval_job(dataset, model, settings, Path(args.out), options=_options(args), html=not args.no_html,
+                    shard_rows=args.shard_rows)

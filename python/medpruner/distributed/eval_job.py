@@ -7,7 +7,8 @@ Stages, per sample that misses a record (one row each):
 2. an actor pool (each actor loads the model once) runs :func:`~medpruner.eval.runner.eval_sample` on it:
    the same seeds (``seed + index`` of the sample in the dataset), records and resume keys.
 
-The driver appends each sample's records to ``OUT/samples.jsonl`` as its row arrives (a killed actor's
+The driver appends each sample's records to ``OUT/samples.jsonl`` (with ``shard_rows``: to shards
+``OUT/samples-<k>.jsonl`` of that many records, see :mod:`.shards`) as its row arrives (a killed actor's
 batch is retried by Ray and only finished rows reach the driver, so none is lost or written twice), then
 writes the same summary and report as the single-process run. Both engines resume each other's files.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from medpruner.cli.common import pick_device
 from medpruner.distributed.job import RayOptions, _node_id, connect
+from medpruner.distributed.shards import ShardWriter
 from medpruner.eval.readers import Dataset, DatasetError
 from medpruner.eval.runner import EvalSettings, _append, eval_sample, finish_eval, load_failure, plan_eval
 
@@ -95,14 +97,16 @@ class EvalStage:
 
 
 def eval_job(dataset: Dataset, model: EvalModelRef, settings: EvalSettings, out_dir, *, options: RayOptions,
-             html: bool = True, stage: type = EvalStage) -> dict:
+             html: bool = True, stage: type = EvalStage, shard_rows: int | None = None) -> dict:
     """Run (or resume) the eval into ``out_dir`` on Ray and return the summary (the single-process run's,
     written with its report); a line with counts and throughput goes to stderr. ``stage``: the actor
-    class (a subclass may wrap :meth:`EvalStage.run_one`)."""
+    class (a subclass may wrap :meth:`EvalStage.run_one`); ``shard_rows``: records per shard
+    ``samples-<k>.jsonl`` (default: all in ``samples.jsonl``)."""
     import ray
 
     out_dir = Path(out_dir)
     plan = plan_eval(dataset, model.name, settings, out_dir)
+    shards = None if shard_rows is None else ShardWriter(out_dir, plan.records_path.stem, shard_rows)
     pending = plan.pending()
     items = [
         {"index": index, "sample": pickle.dumps(sample, protocol=5), "existing": json.dumps(plan.existing(sample))}
@@ -136,7 +140,10 @@ def eval_job(dataset: Dataset, model: EvalModelRef, settings: EvalSettings, out_
                         continue
                     for record in json.loads(row["records"]):
                         plan.done[record["key"]] = record
-                        _append(handle, record)
+                        if shards is None:
+                            _append(handle, record)
+                        else:
+                            shards.write(json.dumps(record, allow_nan=False))
                         written += 1
     finally:
         if started:

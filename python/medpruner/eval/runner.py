@@ -17,7 +17,8 @@ Resume: a record's ``key`` is ``sample_id | method | settings_id`` (``settings_i
 prompt rule and every knob that changes an answer). A rerun with the same settings skips the samples
 whose records are all there, redoes the reference of a half-done sample (deterministic, and its logits
 are not stored) and appends the rest; records of other settings stay in the file and are left out of the
-summary. A line cut short by an interruption is removed before appending.
+summary. A line cut short by an interruption is removed before appending. The Ray engine may write the
+records to shards ``samples-<k>.jsonl`` next to ``samples.jsonl``; resume and summary read them all.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "load_failure",
     "plan_eval",
     "read_records",
+    "record_files",
     "resolve_methods",
     "run_eval",
     "summarize_records",
@@ -165,6 +167,19 @@ def read_records(path: Path) -> list[dict]:
                 f"{path}: line {number} is not valid JSON ({err}); move the file away to start over"
             ) from err
     return records
+
+
+_SHARD = re.compile(r"^samples-(\d+)\.jsonl$")
+
+
+def record_files(out_dir) -> list[Path]:
+    """The run's records files in reading order: ``samples.jsonl`` (when there), then its shards
+    ``samples-<k>.jsonl`` by ``k``."""
+    out_dir = Path(out_dir)
+    shards = sorted((int(m.group(1)), path) for path in out_dir.glob("samples-*.jsonl")
+                    if (m := _SHARD.match(path.name)))
+    base = out_dir / RECORDS_NAME
+    return ([base] if base.exists() else []) + [path for _, path in shards]
 
 
 def _append(handle, record: dict) -> None:
@@ -304,7 +319,8 @@ def plan_eval(dataset: Dataset, model_name: str, settings: EvalSettings, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / RECORDS_NAME
     settings_id = settings.settings_id(model_name)
-    done = {r["key"]: r for r in read_records(records_path) if r.get("settings_id") == settings_id}
+    done = {r["key"]: r for path in record_files(out_dir) for r in read_records(path)
+            if r.get("settings_id") == settings_id}
     samples = dataset.samples if settings.limit is None else dataset.samples[: settings.limit]
     return EvalPlan(methods, added, settings_id, records_path, done, samples, optional_metrics())
 
@@ -354,7 +370,9 @@ def finish_eval(plan: EvalPlan, dataset: Dataset, model_name: str, settings: Eva
         methods_run=plan.methods,
         methods_added=plan.added,
         failed_samples=failed,
-        files={"records": RECORDS_NAME, "summary": SUMMARY_NAME, "report": "report.html" if html else None},
+        files={"records": RECORDS_NAME, "record_shards": [p.name for p in record_files(out_dir)
+                                                          if p.name != RECORDS_NAME],
+               "summary": SUMMARY_NAME, "report": "report.html" if html else None},
     )
     write_report(Path(out_dir), summary, html=html)
     return summary
