@@ -186,6 +186,39 @@ def test_cli_engine_ray_reads_a_manifest(cluster, archive, tmp_path, capsys):
     assert "0 volume(s) processed, 4 already in" in capsys.readouterr().out
 
 
+def test_iaf_job_writes_shards_and_resumes_them_with_the_batch_key(cluster, archive, tmp_path, capsys):
+    reference = _batch(archive, tmp_path / "batch")
+    out = tmp_path / "ray"
+    argv = ["prune", str(archive[0].parent / "*"), "--engine", "ray", "--address", cluster.address, "--workers", "2",
+            "--out", str(out), "--gamma", str(GAMMA), "--window", "percentile", "--backend", "torch", "--json"]
+    assert cli.main([*argv, "--shard-rows", "7"]) == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["shards"] == [f"results-{k:05d}.jsonl" for k in range(3)]
+    assert not (out / cli.RESULTS_NAME).exists()
+
+    def shard_lines():
+        return [[json.loads(line) for line in (out / name).read_text().splitlines()]
+                for name in sorted(p.name for p in out.glob("results-*.jsonl"))]
+
+    assert [len(lines) for lines in shard_lines()] == [7, 7, 6]
+    assert _comparable([e for lines in shard_lines() for e in lines]) == _comparable(reference)
+
+    # The resume reads every shard: only the two bad files are tried again, filling the last shard.
+    # A source's last line across the shards is its current one: an error line appended for a volume
+    # done in the first shard makes it redo.
+    first = next(e for e in shard_lines()[0] if e["status"] == "ok")
+    with open(out / "results-00002.jsonl", "a") as handle:
+        handle.write(json.dumps({**first, "status": "error", "error": "edited"}) + "\n")
+    assert cli.main([*argv, "--shard-rows", "7"]) == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["processed"], summary["already_done"], summary["failed"]) == (1, GOOD - 1, 2)
+    assert [len(lines) for lines in shard_lines()] == [7, 7, 7, 3]
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--shard-rows", "x"])
+    assert cli.main([*argv, "--shard-rows", "0"]) == 2
+    assert "--shard-rows must be at least 1" in capsys.readouterr().err
+
+
 def test_manifests_text_csv_and_glob(tmp_path, archive):
     (tmp_path / "rel.npy").write_bytes(b"")
     csv_file = tmp_path / "list.csv"

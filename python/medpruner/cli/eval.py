@@ -112,8 +112,6 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="--engine ray: model actors (default 1)")
-    parser.add_argument("--shard-rows", type=positive_int, default=None,
-                        help="--engine ray: records per shard OUT/samples-<k>.jsonl (default: all in samples.jsonl)")
     add_engine_options(parser)
     add_run_options(parser)
     parser.set_defaults(handler=cmd_eval)

@@ -20,6 +20,10 @@ def add_engine_options(parser) -> None:
     )
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="Ray: GPUs per model actor (default 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="Ray: volumes per model call (default 1)")
+    parser.add_argument(
+        "--shard-rows", type=int, default=None,
+        help="Ray: lines per shard OUT/results-<k>.jsonl (eval: samples-<k>.jsonl); default: one file",
+    )
 
 
 def _check_ray(args) -> None:
@@ -29,6 +33,8 @@ def _check_ray(args) -> None:
         raise CommandError("--engine ray needs Ray Data: pip install 'ray[data]'") from err
     if args.batch_size < 1 or args.gpus_per_actor < 0:
         raise CommandError("--batch-size must be at least 1 and --gpus-per-actor at least 0")
+    if args.shard_rows is not None and args.shard_rows < 1:
+        raise CommandError("--shard-rows must be at least 1")
 
 
 def _options(args):
@@ -57,7 +63,7 @@ def prune_ray(args) -> int:
     status, _ = prune_job(
         paths, out_dir=Path(args.out), gamma=args.gamma, window=args.window, slice_axis=args.slice_axis,
         frame=args.frame, backend=args.backend, device=args.device, options=_options(args), model=model,
-        tokens=tokens, as_json=args.json,
+        tokens=tokens, as_json=args.json, shard_rows=args.shard_rows,
     )
     return status
 

@@ -8,7 +8,10 @@ Stages, per volume (one row each):
 
 The driver streams the finished lines into ``OUT/results.jsonl`` as they arrive (one fsynced write per
 line, the batch mode's file, resume key and line format), so a killed worker or driver loses no finished
-line, a rerun skips what is done, and batch and Ray runs resume each other's files.
+line, a rerun skips what is done, and batch and Ray runs resume each other's files. With ``shard_rows``
+the lines go to shards ``OUT/results-<k>.jsonl`` of that many lines (:mod:`.shards`); the job's resume
+reads ``results.jsonl`` and every shard, in that order, with the batch mode's key (the batch mode itself
+reads ``results.jsonl`` only).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from medpruner.cli.batch import (
 from medpruner.cli.common import CommandError, pick_device
 from medpruner.cli.models import TokenOptions, load_model, tiny_qwen3_vl
 from medpruner.cli.prune import prune_loaded
-from medpruner.report import to_json
+from medpruner.distributed.shards import ShardWriter, shard_files
+from medpruner.report import atomic_write_text, to_json
 
 __all__ = ["ModelRef", "ModelStage", "RayOptions", "connect", "prune_job", "read_manifest"]
 
@@ -129,6 +133,32 @@ def connect(options: RayOptions) -> bool:
     return True
 
 
+def _resume_all(results: Path, settings: dict) -> dict:
+    """The batch mode's resume state over ``results`` and its shards: a source's last line across the
+    files (in reading order) is its current one; a cut-off last line of any file is removed first."""
+    shards = shard_files(results.parent, results.stem)
+    if not shards:
+        return _resume_state(results, settings)
+    current = {}
+    for path in [results, *shards] if results.exists() else shards:
+        text = path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            atomic_write_text(path, text)
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and "source" in entry:
+                current[entry["source"]] = entry
+    return {
+        source: entry.get("source_stamp")
+        for source, entry in current.items()
+        if entry.get("status") == "ok" and entry.get("settings") == settings
+    }
+
+
 def _node_id() -> str:
     import ray
 
@@ -202,10 +232,12 @@ def prune_job(
     tokens: TokenOptions | None = None,
     as_json: bool = False,
     model_stage: type = ModelStage,
+    shard_rows: int | None = None,
 ) -> tuple[int, dict]:
     """Run (or resume) the job into ``out_dir/results.jsonl`` -> (exit status, summary). ``tokens``
     (with ``model``): the model run's options, its ``bundle`` replaced by each actor's own model.
-    ``model_stage``: the actor class (a subclass may wrap :meth:`ModelStage.run_one`)."""
+    ``model_stage``: the actor class (a subclass may wrap :meth:`ModelStage.run_one`); ``shard_rows``:
+    lines per shard ``results-<k>.jsonl`` (default: all in ``results.jsonl``)."""
     import ray
 
     if (model is None) != (tokens is None):
@@ -215,7 +247,8 @@ def prune_job(
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / RESULTS_NAME
     settings = _batch_settings(gamma, window, slice_axis, frame, tokens)
-    done = _resume_state(results, settings)
+    done = _resume_all(results, settings)
+    shards = None if shard_rows is None else ShardWriter(out_dir, results.stem, shard_rows)
     stamps = {path: _source_stamp(path) for path in paths}
     pending = [p for p in paths if done.get(str(p.resolve()), "not done") != stamps[p]]
     items = [
@@ -254,7 +287,10 @@ def prune_job(
                 )
             for row in dataset.select_columns(["entry", "node"]).iter_rows():
                 entry = json.loads(row["entry"])
-                _append_line(results, entry)
+                if shards is None:
+                    _append_line(results, entry)
+                else:
+                    shards.write(to_json(entry, indent=None))
                 nodes.add(row["node"])
                 if entry["status"] == "ok":
                     processed += 1
@@ -268,6 +304,7 @@ def prune_job(
     summary = {
         "engine": "ray",
         "results": str(results),
+        "shards": [p.name for p in shard_files(out_dir, results.stem)],
         "volumes": len(paths),
         "processed": processed,
         "already_done": len(paths) - len(pending),
