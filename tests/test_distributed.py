@@ -19,6 +19,7 @@ import medpruner.cli as cli  # noqa: E402
 from medpruner.cli.eval import eval_model  # noqa: E402
 from medpruner.distributed import (  # noqa: E402
     EvalModelRef,
+    EvalStage,
     ModelRef,
     ModelStage,
     RayOptions,
@@ -337,6 +338,31 @@ def test_eval_job_writes_shards_that_both_engines_resume(cluster, eval_dataset, 
     again = run_eval(eval_dataset, model, EVAL_SETTINGS, out, progress=False, html=False)
     assert {p.name: p.read_text() for p in record_files(out)} == before
     assert again["methods"] == reference["methods"]
+
+
+class EvalCrashOnce(EvalStage):
+    """Kills its own worker process at one sample the first time it meets it."""
+
+    marker: Path
+    victim: str
+
+    def run_one(self, index, sample, existing, volume):
+        if sample.sample_id == self.victim and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return super().run_one(index, sample, existing, volume)
+
+
+def test_eval_job_a_killed_actor_loses_no_record(cluster, eval_dataset, single_eval, tmp_path):
+    _, expected, reference = single_eval
+    EvalCrashOnce.marker, EvalCrashOnce.victim = tmp_path / "crashed", "s3"
+    out = tmp_path / "ray"
+    summary = eval_job(eval_dataset, EvalModelRef(None, EVAL_SETTINGS.resolution, "cpu"), EVAL_SETTINGS, out,
+                       options=RayOptions(workers=1), html=False, stage=EvalCrashOnce)
+    assert EvalCrashOnce.marker.exists()
+    # One record per sample and method: none lost with the actor, none written twice by the retry.
+    assert len(read_records(out / RECORDS_NAME)) == len(expected)
+    assert _records(out) == expected and summary["methods"] == reference["methods"]
 
 
 def test_shard_writer_rotates_and_continues_the_last_shard(tmp_path):
