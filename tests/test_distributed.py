@@ -383,7 +383,16 @@ def test_shard_writer_rotates_and_continues_the_last_shard(tmp_path):
             ShardWriter(tmp_path, "samples", rows)
 
 
-def test_shard_rows_needs_the_ray_engine(eval_dataset, tmp_path, capsys):
-    argv = ["eval", "--data", str(eval_dataset.file), "--format", "jsonl", "--out", str(tmp_path), "--shard-rows", "4"]
-    assert cli.main(argv) == 2
-    assert "--shard-rows: record shards are written by --engine ray only" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "options", [["--shard-rows", "4"], ["--address", "auto"], ["--batch-size", "2", "--gpus-per-actor", "1"]]
+)
+def test_ray_options_need_the_ray_engine(eval_dataset, tmp_path, capsys, options):
+    commands = {
+        "eval": ["eval", "--data", str(eval_dataset.file), "--format", "jsonl", "--out", str(tmp_path / "eval")],
+        "prune": ["prune", str(eval_dataset.file), "--out", str(tmp_path / "prune")],
+    }
+    for argv in commands.values():
+        assert cli.main([*argv, *options]) == 2
+        error = capsys.readouterr().err
+        assert "only with --engine ray" in error
+        assert options[0] in error

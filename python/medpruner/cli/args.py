@@ -15,7 +15,7 @@ from medpruner.cli.demo import cmd_demo
 from medpruner.cli.eval import add_parser as add_eval_parser
 from medpruner.cli.models import DEFAULT_PROMPT, DEMO_RESOLUTION, MODEL_RESOLUTION, load_model, token_options
 from medpruner.cli.prune import prune_one, report_files, summary_text
-from medpruner.cli.ray_engine import add_engine_options, prune_ray
+from medpruner.cli.ray_engine import add_engine_options, prune_ray, reject_ray_options
 from medpruner.report import to_json
 from medpruner.volume import CT_WINDOWS, VolumeError, resolve_window
 
@@ -28,6 +28,7 @@ _TOKEN_ONLY = ("tau", "mode", "no_merge", "resolution")
 def cmd_prune(args) -> int:
     if args.engine == "ray":
         return prune_ray(args)
+    reject_ray_options(args)
     paths, batch = expand_inputs(args.volumes)
     if batch:
         if args.out is None:

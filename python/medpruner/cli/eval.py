@@ -119,13 +119,13 @@ def add_parser(commands, add_run_options, positive_int) -> None:
 
 def cmd_eval(args) -> int:
     from medpruner.cli.models import DEMO_RESOLUTION, MODEL_RESOLUTION
-    from medpruner.cli.ray_engine import eval_ray
+    from medpruner.cli.ray_engine import eval_ray, reject_ray_options
     from medpruner.eval.readers import DatasetError, read_dataset
     from medpruner.eval.runner import EvalSettings, run_eval
     from medpruner.report import to_json
 
-    if args.shard_rows is not None and args.engine != "ray":
-        raise CommandError("--shard-rows: record shards are written by --engine ray only")
+    if args.engine != "ray":
+        reject_ray_options(args)
     try:
         dataset = read_dataset(args.data, args.format, volumes=args.volumes, on_error=args.on_error,
                                mode=args.question_mode)

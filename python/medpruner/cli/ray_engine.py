@@ -9,7 +9,8 @@ from medpruner.cli.models import MODEL_RESOLUTION, token_options
 
 
 def add_engine_options(parser) -> None:
-    """``--engine`` and the Ray job's options (ignored by the local engine)."""
+    """``--engine`` and the Ray job's options (the local engine refuses them: see
+    :func:`reject_ray_options`)."""
     parser.add_argument(
         "--engine", choices=("local", "ray"), default="local",
         help="local: this process (default); ray: a Ray Data job (pip install 'ray[data]')",
@@ -24,6 +25,23 @@ def add_engine_options(parser) -> None:
         "--shard-rows", type=int, default=None,
         help="Ray: lines per shard OUT/results-<k>.jsonl (eval: samples-<k>.jsonl); default: one file",
     )
+
+
+def reject_ray_options(args) -> None:
+    """The local engine has no use for the Ray job's options: one given with it is a usage error, not
+    silently ignored."""
+    given = [
+        flag
+        for flag, value, default in (
+            ("--address", args.address, None),
+            ("--gpus-per-actor", args.gpus_per_actor, 0.0),
+            ("--batch-size", args.batch_size, 1),
+            ("--shard-rows", args.shard_rows, None),
+        )
+        if value != default
+    ]
+    if given:
+        raise CommandError(f"{', '.join(given)}: only with --engine ray")
 
 
 def _check_ray(args) -> None:
