@@ -40,6 +40,7 @@ from medpruner.adapters.patching import _PATCH_ATTR, _PATCHED_NAMES, PatchedMeth
 # re-exported: the family files read the tower output flags from here
 from medpruner.adapters.patching import TOWER_OUTPUT_FLAGS as TOWER_OUTPUT_FLAGS
 from medpruner.config import PruneStats
+from medpruner_kernels._validation import check_or_defer, raise_pending_errors
 
 logger = logging.getLogger("medpruner")
 
@@ -94,8 +95,6 @@ def host_read(*tensors: torch.Tensor, last: bool = False) -> list[list[int]]:
     """The one place the pipeline reads device values: every tensor (integer or bool, any shape) in a
     single device-to-host copy, returned as flat Python lists. ``last=True`` marks a request's final
     read, where the checks the kernels deferred (CUDA, or ``deferred_checks``) are raised."""
-    from medpruner_kernels import raise_pending_errors
-
     flat = [t.reshape(-1).to(torch.long) for t in tensors]
     values = torch.cat(flat).tolist()
     if last:
@@ -113,12 +112,6 @@ def to_device(values, device, dtype=torch.long) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
-
-def check_or_defer(bad: torch.Tensor, message: str) -> None:
-    from medpruner_kernels import _validation
-
-    _validation.check_or_defer(bad, message)
 
 
 class Adapter:
