@@ -108,29 +108,76 @@ def test_prune_nifti_json_matches_the_reference(tmp_path):
     assert not [p for p in (tmp_path / "report").iterdir() if p.name.startswith(".")]
 
 
-def test_demo_runs_the_whole_pipeline_on_the_bundled_volume(tmp_path):
+def test_demo_runs_the_checkpoint_on_a_synthetic_volume_with_lesions(tmp_path):
+    from medpruner.synthetic import demo_volume
+
+    volume = demo_volume()
     done = _run("demo", "--out", str(tmp_path / "demo"), "--json")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
-    assert Path(record["volume"]["source"]) == cli.demo_volume_path()
-    assert "mni_icbm152" in record["volume"]["source"] and record["volume"]["shape"] == [189, 233, 197]
-    assert record["config"]["demo"] is True
+    assert Path(record["volume"]["source"]) == tmp_path / "demo" / "synthetic-volume.npy"
+    np.testing.assert_array_equal(np.load(tmp_path / "demo" / "synthetic-volume.npy"), volume.data)
+    depth = volume.depth
+    assert record["volume"]["shape"] == list(volume.data.shape)
+    assert record["config"]["demo"] is True and record["config"]["synthetic_volume"] == volume.volume_id
     result, tokens = record["result"], record["tokens"]
     assert tokens["family"] == "qwen3_vl" and tokens["mode"] == "fast" and tokens["tau"] == 0.9
+    assert tokens["prompt"] == "Is there a lesion? Answer yes or no."
+    assert tokens["generated_text"] in ("yes", "no")
     # The model's own IAF and the report's agree slice for slice: dropped slices have no tokens.
     per_slice = np.asarray(tokens["tokens_per_slice"])
-    assert per_slice.size == 189 and ((per_slice > 0) == np.asarray(result["keep"])).all()
+    assert per_slice.size == depth and ((per_slice > 0) == np.asarray(result["keep"])).all()
     assert tokens["slices_kept"] == tokens["slices_encoded"] == result["kept"]
-    assert 0 < result["kept"] < 189
-    assert per_slice.sum() == tokens["tokens_after"] < tokens["tokens_before"]
-    assert tokens["tokens_before"] == 189 * (tokens["slice_size"][0] // 16) * (tokens["slice_size"][1] // 16)
+    assert 0 < result["kept"] < depth
+    assert per_slice.sum() == tokens["tokens_after"] < tokens["tokens_before"] == depth * 4  # 64 px / 32 = 2 x 2
     assert tokens["token_retention"] == pytest.approx(tokens["tokens_after"] / tokens["tokens_before"])
-    assert 0 < tokens["generated_tokens"] <= 8
+    # The heatmaps show the kept lesion slices first, and the trained attention is on the lesions.
+    focus = record["lesion_focus"]
+    lesion_slices = set(focus["lesion_slices"])
+    assert lesion_slices == set(np.flatnonzero(volume.mask.any(axis=(1, 2))).tolist())
+    assert focus["heatmap_lesion_slices"] == sorted(set(focus["lesion_slices_kept_by_iaf"]))[:8]
+    assert focus["heatmap_lesion_slices"], "IAF kept no lesion slice of the demo volume"
+    assert focus["importance_share"] > focus["area_share"] + 0.1
+    assert [lesion["cls"] for lesion in focus["lesions"]] == [lesion.cls for lesion in volume.lesions]
     for name in ("montage.png", "distances.png", "tokens.png"):
         _assert_png(tmp_path / "demo" / name)
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["tokens"]["tokens_per_slice"] == tokens["tokens_per_slice"]
-    assert saved["result"]["keep"] == result["keep"]
+    assert saved["result"]["keep"] == result["keep"] and saved["lesion_focus"] == focus
+
+
+def test_lesion_focus_against_a_loop_reference():
+    from medpruner.cli.demo import lesion_focus
+
+    rng = np.random.default_rng(3)
+    token_lesion = rng.random((5, 4)) < 0.3
+    token_lesion[1] = False
+    token_lesion[3, 0] = True
+    shown = [0, 1, 3]
+    importance = [rng.random(4).tolist() for _ in shown]
+    keep = [(rng.random(4) < 0.5).tolist() for _ in shown]
+    record = {"result": {"keep": [True, True, False, True, True]},
+              "tokens": {"heatmaps": {"slices": shown, "importance": importance, "keep": keep}}}
+    got = lesion_focus(record, token_lesion)
+    on, total, lesion_kept, lesion_n, other_kept, other_n = 0.0, 0.0, 0, 0, 0, 0
+    for s, scores, kept in zip(shown, importance, keep, strict=True):
+        if not token_lesion[s].any():
+            continue
+        for t in range(4):
+            total += scores[t]
+            if token_lesion[s, t]:
+                on += scores[t]
+                lesion_n += 1
+                lesion_kept += kept[t]
+            else:
+                other_n += 1
+                other_kept += kept[t]
+    assert got["heatmap_lesion_slices"] == [s for s in shown if token_lesion[s].any()]
+    assert got["importance_share"] == pytest.approx(on / total)
+    assert got["area_share"] == pytest.approx(lesion_n / (lesion_n + other_n))
+    assert got["lesion_tokens_kept"] == pytest.approx(lesion_kept / lesion_n)
+    assert got["background_tokens_kept"] == pytest.approx(other_kept / other_n)
+    assert got["lesion_slices_kept_by_iaf"] == [s for s in np.flatnonzero(token_lesion.any(1)) if s != 2]
 
 
 def test_batch_survives_a_bad_file_and_resumes(tmp_path):

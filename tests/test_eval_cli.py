@@ -1,10 +1,11 @@
-"""``medpruner eval`` in-process on the default (tiny random-weight) model: a small dataset in each format,
-built in tmp_path from volumes that ship offline, every method at matched budgets, the audit in the
-report, resume, and the usage errors."""
+"""``medpruner eval`` in-process on the default model (the shipped synthetic-VQA checkpoint): a small dataset
+in each format, built in tmp_path from volumes that ship offline, every method at matched budgets, the
+audit in the report, resume, the offline default dataset (the synthetic test split), and the usage errors."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def _jsonl(root):
 
 
 BUILDERS = {"m3d": _m3d, "3drad": _3drad, "deeptumor": _deeptumor, "hulumed": _hulumed, "jsonl": _jsonl}
-BASE = ["--resolution", "32", "--tau", "0.5", "--max-new-tokens", "1", "--bootstrap", "20", "--backend", "torch",
+BASE = ["--resolution", "64", "--tau", "0.5", "--max-new-tokens", "1", "--bootstrap", "20", "--backend", "torch",
         "--device", "cpu", "--no-progress"]
 
 
@@ -92,7 +93,9 @@ def test_every_format_and_every_method_at_matched_budgets(tmp_path, fmt, capsys)
     assert summary["dataset"]["format"] == fmt and summary["dataset"]["skipped"] == 0
     closed = records[0]["closed"]
     assert summary["methods"]["topk"]["primary_metric"] == ("accuracy" if closed else "token_f1")
-    assert (out / "category_deltas.png").is_file() == closed
+    # open answers are scored by exact match as their accuracy, so the audit covers them too
+    assert (out / "category_deltas.png").is_file()
+    assert all(r["correct"] == r["metrics"]["accuracy"] for r in records)
 
 
 def test_rerun_resumes_and_json_output(tmp_path, capsys):
@@ -125,3 +128,37 @@ def test_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run(tmp_path, "m3d", "--tau", "0")
     assert "tau must be in (0, 1]" in capsys.readouterr().err
+    assert main(["eval", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 2
+    assert "--data needs --format" in capsys.readouterr().err
+    assert main(["eval", "--format", "m3d", "--out", str(tmp_path / "out")]) == 2
+    assert "--format m3d needs --data" in capsys.readouterr().err
+
+
+def test_offline_default_is_the_synthetic_split_on_the_checkpoint(tmp_path, capsys):
+    """Without --data and --model: the synthetic test split, categories by lesion class, the shipped
+    checkpoint at its own resolution, every question scored (closed by option, open by exact match)."""
+    from medpruner.cli.models import TINY_VQA_NAME
+    from medpruner.synthetic import generate_split
+
+    out = tmp_path / "out"
+    args = ["eval", "--out", str(out), "--synthetic-volumes", "3", "--methods", "medpruner_budget,topk",
+            "--bootstrap", "20", "--device", "cpu", "--no-progress", "--no-html", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    expected = generate_split("test", 3)
+    assert summary["model"] == TINY_VQA_NAME and summary["settings"]["resolution"] == 64
+    assert summary["dataset"]["format"] == "jsonl" and summary["dataset"]["samples"] == len(expected)
+    assert summary["dataset"]["categories"] == dict(sorted(Counter(s.lesion_class for s in expected).items()))
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * len(expected)  # none, medpruner (added), medpruner_budget, topk
+    reference = [r for r in records if r["method"] == "none"]
+    assert [r["question"] for r in reference] == [s.question for s in expected]
+    # 64 px slices through 16 px patches merged 2 x 2: 4 tokens a slice
+    assert all(r["tokens_total"] == 4 * r["slices_total"] for r in reference)
+    assert all(r["correct"] in (0.0, 1.0) for r in records)
+    data = out / "synthetic-test" / "test-3.jsonl"
+    before = data.stat().st_mtime_ns
+    assert main(args) == 0  # resumed: the split is reused, nothing is rerun
+    capsys.readouterr()
+    assert data.stat().st_mtime_ns == before
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(records)

@@ -171,17 +171,24 @@ def test_hulumed_json_with_slice_images(tmp_path):
 
 def test_jsonl_with_a_real_offline_volume(tmp_path):
     np.save(tmp_path / "v.npy", unit_volume(3, (4, 16, 16)) * 1000)
+    unit = unit_volume(4, (3, 8, 8)) * 0.5 + 0.25
+    np.save(tmp_path / "u.npy", unit)
     lines = [
         {"volume": str(NIBABEL_ANATOMICAL), "question": "Which plane?", "answer": "axial",
          "options": {"A": "axial", "B": "sagittal"}, "answer_letter": "a", "category": "plane", "id": "x1"},
         {"volume": "v.npy", "question": "Describe", "answer": "normal"},
         {"volume": "v.npy", "question": "q", "answer": "a", "options": 3},
+        {"volume": "u.npy", "question": "q", "answer": "a", "unit_range": True, "id": "u"},
+        {"volume": "u.npy", "question": "q", "answer": "a", "unit_range": "yes"},
     ]
     text = "\n".join(json.dumps(line) for line in lines) + "\n\n{broken\n"
     (tmp_path / "data.jsonl").write_text(text)
     dataset = read_dataset(tmp_path, "jsonl")
-    assert [s.sample_id for s in dataset] == ["x1", "data:2"]
-    assert [r["row"] for r in dataset.summary()["skipped_rows"]] == ["line 3", "line 5"]
+    assert [s.sample_id for s in dataset] == ["x1", "data:2", "u"]
+    skipped = dataset.summary()["skipped_rows"]
+    assert [r["row"] for r in skipped] == ["line 3", "line 5", "line 7"]
+    assert "unit_range must be true or false" in skipped[1]["reason"]
+    np.testing.assert_array_equal(dataset.samples[2].load(), unit.astype(np.float32))  # not rescaled
     mri = dataset.samples[0].load()
     assert mri.shape[0] > 1 and mri.min() >= 0 and mri.max() <= 1 and dataset.samples[0].answer_letter == "A"
     assert dataset.samples[1].load().max() == pytest.approx(1.0)  # percentile-scaled

@@ -441,6 +441,11 @@ def test_build_prompt():
     listed = "Which?\nA. liver\n(B) lung"
     assert build_prompt(_sample(listed, {"A": "liver", "B": "lung"})) == listed + "\nAnswer with the option's letter."
     assert build_prompt(_sample("Which?", letter="C")) == "Which?\nAnswer with the option's letter."
+    own_format = "Which?\nA. liver\nB. lung\nAnswer with the letter."
+    assert build_prompt(_sample(own_format, {"A": "liver", "B": "lung"}, "B")) == own_format
+    unlisted = "Which?\nAnswer with the letter."
+    assert build_prompt(_sample(unlisted, {"A": "liver", "B": "lung"})) == (
+        "Which?\nAnswer with the letter.\nA. liver\nB. lung\nAnswer with the option's letter.")
 
 
 def test_read_records_cuts_only_an_unfinished_last_line(tmp_path):

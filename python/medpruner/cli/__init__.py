@@ -29,7 +29,6 @@ from medpruner.cli.demo import MNI_TEMPLATE, NIBABEL_SAMPLE, cmd_demo, demo_volu
 from medpruner.cli.models import (
     DEFAULT_PROMPT,
     DEFAULT_TAU,
-    DEMO_RESOLUTION,
     MODEL_RESOLUTION,
     ModelBundle,
     TokenOptions,
@@ -55,7 +54,6 @@ __all__ = [
     "DEFAULT_GAMMA",
     "DEFAULT_PROMPT",
     "DEFAULT_TAU",
-    "DEMO_RESOLUTION",
     "MNI_TEMPLATE",
     "MODEL_RESOLUTION",
     "ModelBundle",

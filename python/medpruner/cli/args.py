@@ -13,7 +13,7 @@ from medpruner.cli.bench import cmd_bench
 from medpruner.cli.common import CommandError, pick_device
 from medpruner.cli.demo import cmd_demo
 from medpruner.cli.eval import add_parser as add_eval_parser
-from medpruner.cli.models import DEFAULT_PROMPT, DEMO_RESOLUTION, MODEL_RESOLUTION, load_model, token_options
+from medpruner.cli.models import DEFAULT_PROMPT, MODEL_RESOLUTION, load_model, token_options
 from medpruner.cli.prune import prune_one, report_files, summary_text
 from medpruner.cli.ray_engine import add_engine_options, prune_ray, reject_ray_options
 from medpruner.report import to_json
@@ -148,7 +148,7 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None
         "--resolution",
         type=_positive_int,
         default=None,
-        help=f"longer slice side fed to the model (default {MODEL_RESOLUTION}; demo's tiny model {DEMO_RESOLUTION})",
+        help=f"longer slice side fed to the model (default {MODEL_RESOLUTION}; the demo's checkpoint 64)",
     )
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, default=8, help="tokens to generate (default 8)"
@@ -199,13 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(handler=cmd_prune)
 
     demo = commands.add_parser(
-        "demo", help="run the whole pipeline on the MNI152 brain MRI that ships with nilearn, write a report"
+        "demo", help="run the whole pipeline on a synthetic volume with lesions through the shipped checkpoint "
+        "(or the MNI152 brain MRI through --model), write a report"
     )
     _add_run_options(demo)
     demo.add_argument("--out", default="medpruner-demo", help="report folder (default ./medpruner-demo)")
     demo.add_argument("--no-html", action="store_true", help="skip the self-contained report.html")
-    _add_model_options(demo, "local VLM checkpoint folder (default: a tiny random-weight Qwen3-VL)")
-    demo.set_defaults(handler=cmd_demo)
+    _add_model_options(demo, "local VLM checkpoint folder, run on the MNI152 template (default: the shipped "
+                             "synthetic-VQA checkpoint on a synthetic volume with lesions)")
+    # None: the checkpoint's presence question (default model) or the generic prompt (--model).
+    demo.set_defaults(handler=cmd_demo, prompt=None)
 
     bench = commands.add_parser("bench", help="run the bench/ microbenchmarks (pytest-benchmark)")
     bench.add_argument(

@@ -3,8 +3,10 @@ matched budgets (see :mod:`medpruner.eval.runner`), with the pruning-impact audi
 
     medpruner eval --data DIR --format m3d|3drad|deeptumor|hulumed|jsonl --out DIR
                    [--methods medpruner,topk,...] [--model CKPT] [--limit N] [--tau 0.9] ...
+    medpruner eval --out DIR        # the offline default: the synthetic test split, the shipped checkpoint
 
-Without ``--model`` the run uses :func:`default_model` (the offline default model)."""
+Without ``--model`` the run uses :func:`default_model`, the checkpoint trained on the synthetic 3D VQA
+task; without ``--data`` it writes that task's test split (:func:`synthetic_dataset`) and reads it."""
 
 from __future__ import annotations
 
@@ -20,13 +22,39 @@ DEFAULT_METHODS = (
 )
 
 
-def default_model(device):
-    """The model ``medpruner eval`` uses without ``--model``: today the tiny random-weight Qwen3-VL built
-    from a config (answers are noise; the run checks the plumbing). The one place to switch to a
-    trained offline checkpoint."""
-    from medpruner.cli.models import tiny_qwen3_vl
+SYNTHETIC_DIR = "synthetic-test"
+SYNTHETIC_VOLUMES = 200
 
-    return tiny_qwen3_vl(device)
+
+def default_model(device):
+    """The model ``medpruner eval`` uses without ``--model``: the shipped checkpoint trained on the
+    synthetic 3D VQA task (:func:`medpruner.cli.models.tiny_vqa`)."""
+    from medpruner.cli.models import tiny_vqa
+
+    return tiny_vqa(device)
+
+
+def default_resolution(model_path: str | None) -> int:
+    """The slice side fed to the model when ``--resolution`` is not given: the checkpoint's training
+    resolution for the default model, 224 for a user's checkpoint."""
+    from medpruner.checkpoints import TINY_VQA_RESOLUTION
+    from medpruner.cli.models import MODEL_RESOLUTION
+
+    return MODEL_RESOLUTION if model_path else TINY_VQA_RESOLUTION
+
+
+def synthetic_dataset(out_dir: Path, volumes: int) -> Path:
+    """The synthetic task's test split (its first ``volumes`` volumes, about 3 questions each) written
+    as generic JSONL under ``out_dir/synthetic-test`` (categories: the lesion class, long-tailed, for
+    the audit), reused when already there with the same size. Returns the JSONL path."""
+    from medpruner.synthetic import generate_split, write_jsonl
+
+    folder = out_dir / SYNTHETIC_DIR
+    path = folder / f"test-{volumes}.jsonl"
+    if not path.is_file():
+        written = write_jsonl(generate_split("test", volumes), folder, name=path.name + ".partial", category="class")
+        written.replace(path)
+    return path
 
 
 def eval_model(path: str | None, device, resolution: int):
@@ -85,14 +113,20 @@ def add_parser(commands, add_run_options, positive_int) -> None:
         "writes OUT/samples.jsonl (one line per sample and method), OUT/summary.json, OUT/report.html and "
         "the plots. Rerunning with the same settings resumes: finished samples are skipped.",
     )
-    parser.add_argument("--data", required=True, help="the dataset file, or a folder holding exactly one")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="dataset format")
+    parser.add_argument("--data", default=None,
+                        help="the dataset file, or a folder holding exactly one (default: the synthetic 3D VQA "
+                             "test split, written to OUT/synthetic-test)")
+    parser.add_argument("--format", default=None, choices=FORMATS, help="dataset format (needed with --data)")
+    parser.add_argument("--synthetic-volumes", type=positive_int, default=SYNTHETIC_VOLUMES,
+                        help=f"without --data: test volumes of the synthetic split (default {SYNTHETIC_VOLUMES}, "
+                             "about 590 questions)")
     parser.add_argument("--out", required=True, help="output folder (created; resumed when it holds a run)")
     parser.add_argument(
         "--methods", type=_methods, default=list(DEFAULT_METHODS),
         help="comma-separated selectors, or 'all' (default: all); none and medpruner are added when needed",
     )
-    parser.add_argument("--model", default=None, help="local VLM checkpoint folder (default: the offline model)")
+    parser.add_argument("--model", default=None,
+                        help="local VLM checkpoint folder (default: the shipped synthetic-VQA checkpoint)")
     parser.add_argument("--volumes", default=None, help="folder the volume paths are relative to")
     parser.add_argument("--question-mode", choices=("closed", "open"), default="closed", help="M3D-VQA questions")
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
@@ -103,7 +137,7 @@ def add_parser(commands, add_run_options, positive_int) -> None:
                         help="contextual tokens per slice, as a fraction (default 0.05)")
     parser.add_argument("--no-merge", action="store_true", help="drop pruned tokens instead of merging them")
     parser.add_argument("--resolution", type=positive_int, default=None,
-                        help="longer slice side fed to the model (default 224; 96 for the offline model)")
+                        help="longer slice side fed to the model (default 224; 64 for the default checkpoint)")
     parser.add_argument("--window", default="auto", help="CT window for volumes in HU (see medpruner prune)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer length (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random method (default 0)")
@@ -118,7 +152,6 @@ def add_parser(commands, add_run_options, positive_int) -> None:
 
 
 def cmd_eval(args) -> int:
-    from medpruner.cli.models import DEMO_RESOLUTION, MODEL_RESOLUTION
     from medpruner.cli.ray_engine import eval_ray, reject_ray_options
     from medpruner.eval.readers import DatasetError, read_dataset
     from medpruner.eval.runner import EvalSettings, run_eval
@@ -126,6 +159,12 @@ def cmd_eval(args) -> int:
 
     if args.engine != "ray":
         reject_ray_options(args)
+    if args.data is None:
+        if args.format not in (None, "jsonl"):
+            raise CommandError(f"--format {args.format} needs --data (without --data the synthetic split is jsonl)")
+        args.data, args.format = str(synthetic_dataset(Path(args.out), args.synthetic_volumes)), "jsonl"
+    elif args.format is None:
+        raise CommandError("--data needs --format (one of m3d, 3drad, deeptumor, hulumed, jsonl)")
     try:
         dataset = read_dataset(args.data, args.format, volumes=args.volumes, on_error=args.on_error,
                                mode=args.question_mode)
@@ -134,7 +173,7 @@ def cmd_eval(args) -> int:
     if not dataset.samples:
         raise CommandError(f"{dataset.file}: no usable samples ({len(dataset.skipped)} rows skipped: "
                            f"{json.dumps(dataset.summary()['skipped_rows'][:3])})")
-    resolution = args.resolution or (MODEL_RESOLUTION if args.model else DEMO_RESOLUTION)
+    resolution = args.resolution or default_resolution(args.model)
     settings = EvalSettings(
         methods=tuple(args.methods), gamma=args.gamma, tau=args.tau, merge=not args.no_merge,
         context_frac=args.context_frac, backend=args.backend, max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -13,7 +13,6 @@ from medpruner._tiny import image_only_processor
 from medpruner.cli.common import CommandError, synchronize
 
 DEFAULT_TAU = 0.9
-DEMO_RESOLUTION = 96
 MODEL_RESOLUTION = 224
 DEFAULT_PROMPT = "Describe the findings in this volume."
 
@@ -29,6 +28,8 @@ class TokenOptions:
     prompt: str
     resolution: int
     max_new_tokens: int
+    # Slices whose heatmaps are drawn first when IAF keeps them (the demo's lesion slices).
+    heatmap_slices: tuple[int, ...] = ()
 
 
 @dataclass
@@ -115,6 +116,18 @@ def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
     return _bundle(model, processor, "tiny random-weight Qwen3-VL (built from a config)")
 
 
+TINY_VQA_NAME = "tiny synthetic-VQA Qwen3-VL (medpruner.checkpoints.tiny_vqa)"
+
+
+def tiny_vqa(device) -> ModelBundle:
+    """The shipped checkpoint trained on the synthetic 3D VQA task (:mod:`medpruner.checkpoints`):
+    real, lesion-focused attention, offline. Feed it slices of ``TINY_VQA_RESOLUTION`` pixels."""
+    from medpruner.checkpoints import load_tiny_vqa
+
+    model, processor = load_tiny_vqa(device)
+    return _bundle(model, processor, TINY_VQA_NAME)
+
+
 def model_slices(slices: np.ndarray, resolution: int, multiple: int) -> np.ndarray:
     """[0, 1] slices resized so the longer side is about ``resolution`` and both sides are multiples of
     ``multiple`` (patch x merge): the processor then keeps them as they are, and IAF in the report sees
@@ -169,11 +182,14 @@ def run_model(
     prompt: str,
     max_new_tokens: int,
     max_heatmaps: int = 8,
+    heatmap_slices=(),
 ) -> TokenResult:
     """The whole MedPruner pipeline on a model: IAF + DINS + merge inside its ``generate``.
 
     ``inputs``: from :func:`model_inputs`; ``slice_keep``: the IAF mask the report computed on the
-    same pixels (its kept slices are the ones with heatmaps)."""
+    same pixels (its kept slices are the ones with heatmaps: those of ``heatmap_slices`` first, the
+    rest spread evenly over the volume, ``max_heatmaps`` in all). The record's ``heatmaps`` holds the
+    shown slices' token importance and final keep mask."""
     import torch
 
     from medpruner import apply_medpruner, remove_medpruner
@@ -238,13 +254,19 @@ def run_model(
         offsets = np.arange(len(encoded) + 1) * per_encoded
         position_of = {int(s): p for p, s in enumerate(encoded)}
         kept = np.flatnonzero(slice_keep)
-        for index in kept[
-            np.unique(np.linspace(0, kept.size - 1, min(max_heatmaps, kept.size)).round().astype(int))
-        ]:
-            p = position_of[int(index)]
-            shown.append(int(index))
+        preferred = [int(i) for i in heatmap_slices if 0 <= int(i) < slice_keep.size and slice_keep[int(i)]]
+        spread = kept[np.unique(np.linspace(0, kept.size - 1, min(max_heatmaps, kept.size)).round().astype(int))]
+        chosen = list(dict.fromkeys(preferred[:max_heatmaps] + [int(i) for i in spread]))[:max_heatmaps]
+        for index in sorted(chosen):
+            p = position_of[index]
+            shown.append(index)
             importance.append(scores[offsets[p] : offsets[p + 1]])
             keep.append(final_keep[offsets[p] : offsets[p + 1]].astype(bool))
+    record["heatmaps"] = {
+        "slices": shown,
+        "importance": [[float(f"{v:.6g}") for v in row.tolist()] for row in importance],
+        "keep": [row.tolist() for row in keep],
+    }
     return TokenResult(record, timings, shown, importance, keep, grid)
 
 

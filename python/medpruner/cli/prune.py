@@ -203,6 +203,7 @@ def prune_loaded(
                 backend=backend,
                 prompt=tokens.prompt,
                 max_new_tokens=tokens.max_new_tokens,
+                heatmap_slices=tokens.heatmap_slices,
             )
     except Exception:
         # A failure while a kernel's check is still queued most likely comes from that bad input (the

@@ -30,9 +30,6 @@ from medpruner.eval.runner import EvalSettings, _append, eval_sample, finish_eva
 
 __all__ = ["EvalModelRef", "EvalStage", "eval_job"]
 
-TINY_NAME = "tiny random-weight Qwen3-VL (built from a config)"
-
-
 @dataclass(frozen=True)
 class EvalModelRef:
     """The eval model each actor loads for itself (weights never travel through the object store): a
@@ -46,7 +43,9 @@ class EvalModelRef:
 
     @property
     def name(self) -> str:
-        return TINY_NAME if self.path is None else str(self.path)
+        from medpruner.cli.models import TINY_VQA_NAME
+
+        return TINY_VQA_NAME if self.path is None else str(self.path)
 
     def load(self):
         from medpruner.cli.eval import eval_model

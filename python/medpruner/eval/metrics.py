@@ -18,11 +18,12 @@ The gold option is the sample's answer letter, or, without one, the option its a
 rule 2. A question that comes with its gold letter but no option texts is matched by letter (A-D).
 Accuracy is 1 when the chosen option is the gold one.
 
-Open-ended: exact match (normalised strings equal), token F1 (bag of normalised tokens), BLEU
-(sacrebleu's sentence BLEU-4 with its default exponential smoothing and 13a tokeniser, / 100) and
-ROUGE-L F-measure (rouge-score, no stemming). METEOR (nltk with its WordNet data) and BERTScore (the
-``bert_score`` package and a local model) are computed only when available and are reported as
-unavailable, with the reason, otherwise, never as 0.
+Open-ended: ``accuracy`` is the exact match, so that a dataset mixing closed and short open answers
+(yes/no, a count) has one accuracy over every question; exact match (normalised strings equal), token
+F1 (bag of normalised tokens), BLEU (sacrebleu's sentence BLEU-4 with its default exponential
+smoothing and 13a tokeniser, / 100) and ROUGE-L F-measure (rouge-score, no stemming). METEOR (nltk
+with its WordNet data) and BERTScore (the ``bert_score`` package and a local model) are computed only
+when available and are reported as unavailable, with the reason, otherwise, never as 0.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 CLOSED_METRICS = ("accuracy",)
-OPEN_METRICS = ("exact_match", "token_f1", "bleu", "rouge_l")
+OPEN_METRICS = ("accuracy", "exact_match", "token_f1", "bleu", "rouge_l")
 
 
 # ----------------------------------------------------------------------------------- normalisation
@@ -197,11 +198,13 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], model: s
 def score_answer(prediction: str, *, answer: str, options: Mapping[str, str] | None = None,
                  answer_letter: str | None = None, meteor_available: bool = False) -> dict[str, float]:
     """Per-sample metrics: ``accuracy`` for a closed question (options or a gold letter given), the open
-    metrics otherwise (plus ``meteor`` when available)."""
+    metrics otherwise, ``accuracy`` among them as the exact match (plus ``meteor`` when available)."""
     if options or answer_letter:
         return {"accuracy": closed_accuracy(prediction, options or {}, answer_letter, answer)}
+    matched = exact_match(prediction, answer)
     scores = {
-        "exact_match": exact_match(prediction, answer),
+        "accuracy": matched,
+        "exact_match": matched,
         "token_f1": token_f1(prediction, answer),
         "bleu": bleu(prediction, answer),
         "rouge_l": rouge_l(prediction, answer),

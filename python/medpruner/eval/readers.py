@@ -23,7 +23,8 @@ Formats (``volumes``: the folder the volume paths are relative to; default the d
                "category"?, "options"?}``; the slice images are read in list order (a folder: its images
                in natural name order).
 ``jsonl``      one JSON object a line: ``volume``, ``question``, ``answer``, and optionally ``options``
-               (letter -> text, or a list taken as A, B, ...), ``answer_letter``, ``category``, ``id``.
+               (letter -> text, or a list taken as A, B, ...), ``answer_letter``, ``category``, ``id``,
+               ``unit_range`` (true: the volume is a ``.npy`` already in [0, 1], read without windowing).
 """
 
 from __future__ import annotations
@@ -389,9 +390,13 @@ def _jsonl(path: Path, volumes: Path, mode: str):
                     raise _RowError(f"volume {str(volume)!r} not found")
                 options = _options(record.get("options"))
                 letter = _text(record, "answer_letter", required=False)
+                unit_range = record.get("unit_range", False)
+                if not isinstance(unit_range, bool):
+                    raise _RowError(f"unit_range must be true or false, got {unit_range!r}")
                 return dict(sample_id=str(record.get("id", f"{path.stem}:{line_number}")),
                             question=_text(record, "question"), answer=_text(record, "answer"),
-                            category=str(record.get("category") or "all"), volume=VolumeRef(path=volume),
+                            category=str(record.get("category") or "all"),
+                            volume=VolumeRef(path=volume, unit_range=unit_range),
                             options=options, answer_letter=_letter(letter, options) if letter else None)
 
             yield f"line {line_number}", build

@@ -61,7 +61,7 @@ SUMMARY_NAME = "summary.json"
 REFERENCE = "none"
 BUDGET_SOURCE = "medpruner"
 # Bumped when the prompt or the record fields change meaning: old records are then not reused.
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2
 SUMMARY_VERSION = 1
 
 
@@ -131,17 +131,22 @@ def resolve_methods(methods: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-H])[.):]\s+\S")
+_INSTRUCTION_LINE = re.compile(r"^\s*answer with\b", re.IGNORECASE)
 
 
 def build_prompt(sample: Sample) -> str:
     """The question, then (closed) the options as "A. text" lines unless the question already lists
-    them, and an instruction to answer with the letter."""
+    them, and an instruction to answer with the letter unless the question already ends with an
+    "Answer with ..." line (a dataset written in its model's own prompt format, as the synthetic task's)."""
     if not sample.closed:
         return sample.question
     lines = [sample.question]
-    listed = {m.group(1) for m in map(_OPTION_LINE.match, sample.question.splitlines()) if m}
+    question_lines = sample.question.splitlines()
+    listed = {m.group(1) for m in map(_OPTION_LINE.match, question_lines) if m}
     if sample.options and not set(sample.options) <= listed:
         lines += [f"{letter}. {text}" for letter, text in sample.options.items()]
+    elif question_lines and _INSTRUCTION_LINE.match(question_lines[-1]):
+        return sample.question
     lines.append("Answer with the option's letter.")
     return "\n".join(lines)
 
@@ -254,7 +259,7 @@ def _record(sample: Sample, method: str, settings_id: str, generation: _Generati
         "answer_letter": sample.answer_letter,
         "prediction": generation.prediction,
         "metrics": metrics,
-        "correct": metrics.get("accuracy") if sample.closed else None,
+        "correct": metrics["accuracy"],
         "budget": budget,
         "kept_slices": kept_slices,
         **stages,

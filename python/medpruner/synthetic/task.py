@@ -287,8 +287,8 @@ def write_jsonl(samples, directory, *, name: str = "questions.jsonl", category: 
     ``"jsonl"``) into ``directory``: one ``volumes/<volume_id>.npy`` per volume (float32 ``[D, H, W]`` in
     [0, 1]) and ``name`` with ``id``, ``volume``, ``question``, ``options``, ``answer`` (the option text
     for closed questions), ``answer_letter`` and ``category`` (the question type, or with
-    ``category="class"`` the row's ``lesion_class``). The volumes are already in [0, 1]: load them with
-    the identity window ``(0.5, 1.0)`` (level, width). Returns the JSONL path."""
+    ``category="class"`` the row's ``lesion_class``) and ``unit_range: true`` (the volumes are already
+    in [0, 1]: the reader takes them as they are, no windowing). Returns the JSONL path."""
     if category not in ("type", "class"):
         raise ValueError(f"category must be 'type' or 'class', got {category!r}")
     root = Path(directory)
@@ -304,7 +304,7 @@ def write_jsonl(samples, directory, *, name: str = "questions.jsonl", category: 
             row = {"id": sample.sample_id, "volume": relative, "question": sample.question,
                    "answer": sample.answer_text,
                    "category": sample.category if category == "type" else sample.lesion_class,
-                   "question_type": sample.category, "lesion_class": sample.lesion_class}
+                   "question_type": sample.category, "lesion_class": sample.lesion_class, "unit_range": True}
             if sample.options:
                 row["options"] = sample.options
                 row["answer_letter"] = sample.answer
