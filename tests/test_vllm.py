@@ -443,3 +443,10 @@ def test_eval_engine_records_match_direct_generation(served, tmp_path):
     again = run_vllm_eval(dataset, model, settings, BUDGET, out, chunk=2, progress=False, html=False)
     assert (out / "samples.jsonl").read_text() == before
     assert again["methods"]["none"]["n"] == 3 and again["settings_id"] == summary["settings_id"]
+
+
+# pytest runs a module's tests in definition order: move the identity test (it starts a second engine,
+# after which the served one cannot run) behind every test appended above, so it stays last per family
+_identity_test = test_identity_settings_match_unpatched_vllm
+del test_identity_settings_match_unpatched_vllm
+test_identity_settings_match_unpatched_vllm = _identity_test
