@@ -420,11 +420,11 @@ def analyse(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--val-volumes", type=int, default=20)
-    parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--test-volumes", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="folder for model.safetensors (default: not saved)")

@@ -486,3 +486,27 @@ def test_section_command_round_trips_the_e2e_options(tmp_path):
     assert child.child == "e2e" and child.records == tmp_path / "r.jsonl"
     for name in ("e2e_models", "e2e_slices", "e2e_scale", "e2e_repeats", "e2e_gamma", "e2e_tau"):
         assert getattr(child, name) == getattr(args, name)
+
+
+def test_eval_table_rows_from_a_summary(tmp_path, capsys):
+    import eval_table
+
+    def entry(mean, low, high, retention, agreement=None, kl=None):
+        fidelity = {"answer_agreement": agreement, "first_token_kl": kl}
+        audit = {} if agreement is None else {"audit": {"fidelity": fidelity}}
+        return {"metrics": {"overall": {"accuracy": {"mean": mean, "ci_low": low, "ci_high": high, "n": 10}}},
+                "retention": {"overall": retention, "slice_stage": 0.5, "token_stage": retention / 0.5}, **audit}
+
+    summary = {"settings": {"gamma": 0.05, "tau": 0.9}, "dataset": {"samples": 10}, "model": "m",
+               "methods": {"none": entry(0.7, 0.4, 0.9, 1.0), "topk": entry(0.6, 0.3, 0.8, 0.25, 0.8, 0.01234)}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    assert eval_table.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "gamma 0.05, tau 0.9, 10 questions, model: m"
+    assert lines[4] == "| none | 0.700 [0.400, 0.900] | 1.000 | 0.500 | 2.000 | - | - |"
+    assert lines[5] == "| topk | 0.600 [0.300, 0.800] | 0.250 | 0.500 | 0.500 | 0.800 | 0.0123 |"
+    path.write_text("{}")
+    with pytest.raises(SystemExit):
+        eval_table.main([str(path)])
+    assert "not a medpruner eval summary" in capsys.readouterr().err

@@ -169,12 +169,8 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="--engine ray: model actors (default 1)")
-    add_engine_options(parser)
-    # only eval has the vLLM engine: prune's --engine (the same shared options) keeps local and ray
-    engine = next(action for action in parser._actions if action.dest == "engine")
-    engine.choices = (*engine.choices, "vllm")
-    engine.help += ("; vllm: --model served by vLLM with the MedPruner plugin (pip install vllm), none and "
-                    "medpruner_budget at --budget")
+    add_engine_options(parser, vllm_help="--model served by vLLM with the MedPruner plugin (pip install vllm), "
+                                         "none and medpruner_budget at --budget")
     add_run_options(parser)
     parser.set_defaults(handler=cmd_eval)
 

@@ -8,13 +8,13 @@ from medpruner.cli.common import CommandError
 from medpruner.cli.models import MODEL_RESOLUTION, token_options
 
 
-def add_engine_options(parser) -> None:
+def add_engine_options(parser, *, vllm_help: str | None = None) -> None:
     """``--engine`` and the Ray job's options (the local engine refuses them: see
-    :func:`reject_ray_options`)."""
-    parser.add_argument(
-        "--engine", choices=("local", "ray"), default="local",
-        help="local: this process (default); ray: a Ray Data job (pip install 'ray[data]')",
-    )
+    :func:`reject_ray_options`); with ``vllm_help`` (eval only) the ``vllm`` engine is a choice too."""
+    choices, text = ("local", "ray"), "local: this process (default); ray: a Ray Data job (pip install 'ray[data]')"
+    if vllm_help is not None:
+        choices, text = (*choices, "vllm"), f"{text}; vllm: {vllm_help}"
+    parser.add_argument("--engine", choices=choices, default="local", help=text)
     parser.add_argument(
         "--address", default=None,
         help="Ray cluster to join (auto, HOST:6379 or ray://HOST:10001); default: a local one on this machine",
