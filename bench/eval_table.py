@@ -1,6 +1,7 @@
-"""The accuracy-against-retention table of ``medpruner eval`` runs, as Markdown, from their summary.json files.
+"""The accuracy-against-retention table of ``medpruner eval`` runs, as Markdown, from their summary.json
+files, and optionally the plot of every method's accuracy against its retention across the runs.
 
-    python bench/eval_table.py bench/results/tiny-vqa-eval-2026-11-29/summary.json [more summaries ...]
+    python bench/eval_table.py bench/results/tiny-vqa-eval-*/summary.json [--plot accuracy.png]
 
 One row per method and run: accuracy with its bootstrap 95% interval, the mean retention (visual tokens
 kept / visual tokens of the volume) split into its slice and token stages, and the fidelity to the
@@ -44,17 +45,53 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(summaries: list[dict], path: Path) -> None:
+    """Per method, its (retention, accuracy) point of each run with the 95% interval, joined in
+    retention order: methods at matched budgets share a retention in each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, list[tuple[float, float, float, float]]] = {}
+    for summary in summaries:
+        for name, entry in summary["methods"].items():
+            stats = entry["metrics"]["overall"].get("accuracy") or {}
+            if stats.get("ci_low") is None or entry["retention"]["overall"] is None:
+                continue
+            points.setdefault(name, []).append(
+                (entry["retention"]["overall"], stats["mean"], stats["ci_low"], stats["ci_high"]))
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    for name, rows in points.items():
+        rows.sort()
+        x, y, low, high = (list(column) for column in zip(*rows, strict=True))
+        axis.errorbar(x, y, yerr=[[m - lo for m, lo in zip(y, low, strict=True)],
+                                  [hi - m for m, hi in zip(y, high, strict=True)]],
+                      marker="o", markersize=4, capsize=2, linewidth=1, label=name)
+    axis.set_xlabel("retention (visual tokens kept / visual tokens)")
+    axis.set_ylabel("accuracy (95% bootstrap interval)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("summaries", nargs="+", type=Path, help="summary.json of medpruner eval runs")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw accuracy against retention to this PNG")
     args = parser.parse_args(argv)
-    blocks = []
+    blocks, summaries = [], []
     for path in args.summaries:
         try:
-            blocks.append(table(json.loads(path.read_text(encoding="utf-8"))))
+            summaries.append(json.loads(path.read_text(encoding="utf-8")))
+            blocks.append(table(summaries[-1]))
         except (OSError, json.JSONDecodeError, KeyError) as err:
             parser.error(f"{path}: not a medpruner eval summary ({type(err).__name__}: {err})")
     print("\n\n".join(blocks))
+    if args.plot is not None:
+        plot(summaries, args.plot)
     return 0
 
 

@@ -501,7 +501,8 @@ def test_eval_table_rows_from_a_summary(tmp_path, capsys):
                "methods": {"none": entry(0.7, 0.4, 0.9, 1.0), "topk": entry(0.6, 0.3, 0.8, 0.25, 0.8, 0.01234)}}
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(summary))
-    assert eval_table.main([str(path)]) == 0
+    assert eval_table.main([str(path), "--plot", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "gamma 0.05, tau 0.9, 10 questions, model: m"
     assert lines[4] == "| none | 0.700 [0.400, 0.900] | 1.000 | 0.500 | 2.000 | - | - |"

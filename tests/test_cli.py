@@ -146,6 +146,23 @@ def test_demo_runs_the_checkpoint_on_a_synthetic_volume_with_lesions(tmp_path):
     assert saved["result"]["keep"] == result["keep"] and saved["lesion_focus"] == focus
 
 
+def test_demo_with_a_local_checkpoint_runs_on_the_bundled_mri(tmp_path):
+    from medpruner.checkpoints import load_tiny_vqa
+
+    model, processor = load_tiny_vqa()
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.image_processor.save_pretrained(tmp_path / "ckpt")
+    processor.tokenizer.save_pretrained(tmp_path / "ckpt")
+    done = _run("demo", "--model", str(tmp_path / "ckpt"), "--resolution", "64", "--out", str(tmp_path / "demo"),
+                "--json", "--no-html")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert Path(record["volume"]["source"]) == cli.demo_volume_path()
+    assert record["volume"]["shape"][0] == len(record["result"]["keep"])
+    assert record["tokens"]["prompt"] == cli.DEFAULT_PROMPT and "lesion_focus" not in record
+    assert record["tokens"]["slice_size"] == [64, 64]
+
+
 def test_lesion_focus_against_a_loop_reference():
     from medpruner.cli.demo import lesion_focus
 
