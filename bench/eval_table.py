@@ -62,12 +62,15 @@ def plot(summaries: list[dict], path: Path) -> None:
             points.setdefault(name, []).append(
                 (entry["retention"]["overall"], stats["mean"], stats["ci_low"], stats["ci_high"]))
     figure, axis = plt.subplots(figsize=(7.5, 5))
-    for name, rows in points.items():
+    # 12 methods outrun the default 10-colour cycle: 20 colours and a marker per method keep them apart
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pPX*h"
+    for number, (name, rows) in enumerate(points.items()):
         rows.sort()
         x, y, low, high = (list(column) for column in zip(*rows, strict=True))
         axis.errorbar(x, y, yerr=[[m - lo for m, lo in zip(y, low, strict=True)],
                                   [hi - m for m, hi in zip(y, high, strict=True)]],
-                      marker="o", markersize=4, capsize=2, linewidth=1, label=name)
+                      color=colours[(2 * number) % 20 + (number // 10) % 2], marker=markers[number % len(markers)],
+                      markersize=4, capsize=2, linewidth=1, label=name)
     axis.set_xlabel("retention (visual tokens kept / visual tokens)")
     axis.set_ylabel("accuracy (95% bootstrap interval)")
     axis.grid(alpha=0.3)
