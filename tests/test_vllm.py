@@ -49,6 +49,9 @@ ENGINE = dict(
     enforce_eager=True,
     max_num_seqs=4,
     max_num_batched_tokens=1024,
+    # small KV blocks (the CPU backend takes multiples of 32): a repeated volume prefix fills whole
+    # blocks, so prefix caching engages
+    block_size=32,
     logprobs_mode="raw_logits",
     max_logprobs=-1,
 )
@@ -347,22 +350,6 @@ def test_bad_request_beside_running_requests(served, volume):
 
 
 # last in each family: a second engine in the same process takes over vLLM's process-wide state
-def test_identity_settings_match_unpatched_vllm(served, volume):
-    from vllm import LLM
-
-    _, path, llm = served
-    pruned_nothing = llm.generate(_request(volume, gamma=-1.0, budget=1.0), _params(logits=True), use_tqdm=False)
-    unpatched = LLM(model=str(path), **ENGINE)
-    try:
-        reference = unpatched.generate(_request(volume), _params(logits=True), use_tqdm=False)
-    finally:
-        _shutdown(unpatched)
-    ours, theirs = pruned_nothing[0], reference[0]
-    assert ours.prompt_token_ids == theirs.prompt_token_ids
-    assert list(ours.outputs[0].token_ids) == list(theirs.outputs[0].token_ids)
-    vocab = max(max(step) for step in theirs.outputs[0].logprobs) + 1
-    difference = (_raw_logits(ours.outputs[0], vocab) - _raw_logits(theirs.outputs[0], vocab)).abs().max().item()
-    assert difference <= LOGIT_TOL
 
 
 def test_eval_engine_records_match_direct_generation(served, tmp_path):
@@ -445,8 +432,40 @@ def test_eval_engine_records_match_direct_generation(served, tmp_path):
     assert again["methods"]["none"]["n"] == 3 and again["settings_id"] == summary["settings_id"]
 
 
-# pytest runs a module's tests in definition order: move the identity test (it starts a second engine,
-# after which the served one cannot run) behind every test appended above, so it stays last per family
-_identity_test = test_identity_settings_match_unpatched_vllm
-del test_identity_settings_match_unpatched_vllm
-test_identity_settings_match_unpatched_vllm = _identity_test
+def test_a_second_question_about_a_volume_reuses_its_prefix(served, volume):
+    """Several questions about one volume share its slices, so prefix caching covers the second
+    question's images and vLLM strips them to their CPU metadata: the plugin's per-slice counts must be
+    among it (M-RoPE positions need them). The second question gets the tokens it gets on an empty cache."""
+    _, _, llm = served
+    second = {**_request(volume), "prompt": PROMPT.replace("Describe.", "Is there a lesion?")}
+
+    def run(request):
+        out = llm.generate(request, _params(), use_tqdm=False)[0]
+        return list(out.outputs[0].token_ids), list(out.prompt_token_ids)
+
+    llm.reset_prefix_cache()
+    llm.reset_mm_cache()
+    alone = run(second)
+    llm.reset_prefix_cache()
+    llm.reset_mm_cache()
+    run(_request(volume))
+    assert run(second) == alone
+
+
+# The identity test starts a second engine, after which the served one cannot run: it stays last.
+def test_identity_settings_match_unpatched_vllm(served, volume):
+    from vllm import LLM
+
+    _, path, llm = served
+    pruned_nothing = llm.generate(_request(volume, gamma=-1.0, budget=1.0), _params(logits=True), use_tqdm=False)
+    unpatched = LLM(model=str(path), **ENGINE)
+    try:
+        reference = unpatched.generate(_request(volume), _params(logits=True), use_tqdm=False)
+    finally:
+        _shutdown(unpatched)
+    ours, theirs = pruned_nothing[0], reference[0]
+    assert ours.prompt_token_ids == theirs.prompt_token_ids
+    assert list(ours.outputs[0].token_ids) == list(theirs.outputs[0].token_ids)
+    vocab = max(max(step) for step in theirs.outputs[0].logprobs) + 1
+    difference = (_raw_logits(ours.outputs[0], vocab) - _raw_logits(theirs.outputs[0], vocab)).abs().max().item()
+    assert difference <= LOGIT_TOL

@@ -124,7 +124,10 @@ class MedPrunerProcessorMixin:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[COUNTS_KEY] = MultiModalFieldConfig.batched("image")
+        # CPU metadata, as image_grid_thw: M-RoPE positions need it even when prefix caching strips a
+        # request's covered images to their keep_on_cpu fields (another question about the same volume),
+        # and the tower reads it on the host anyway.
+        fields[COUNTS_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 
     # ------------------------------------------------------------------------------------ caching
