@@ -7,7 +7,8 @@
 # processors import it: `python -m medpruner.vllm._torchvision` writes a .pth import hook that lets it
 # import beside the CPU torch. The package is installed editable without dependencies (`pip install
 # .[vllm]` would pull the CUDA `vllm`) and without the C++ extension (the plugin runs the Triton/torch
-# paths); the `vllm.general_plugins` entry point comes from pyproject.toml through that install.
+# paths); the `vllm.general_plugins` entry point comes from pyproject.toml through that install. The eval
+# extra's metrics (sacrebleu, rouge-score) are installed too, for `medpruner eval --engine vllm`.
 #
 #   scripts/ci_vllm.sh                          # venv in .ci-vllm-venv (removed and rebuilt)
 #   MEDPRUNER_VLLM_VENV=/tmp/v scripts/ci_vllm.sh
