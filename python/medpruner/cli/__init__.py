@@ -3,18 +3,19 @@
     medpruner prune VOLUME [--gamma 0.05] [--window auto] [--out DIR] [--json]     one volume (+ report)
     medpruner prune VOLUME --model CKPT [--tau 0.9] [--mode fast|paper]           + token pruning (DINS)
     medpruner prune DIR_OR_GLOB ... --out DIR                                       many: results.jsonl
-    medpruner demo [--out DIR] [--model CKPT]                 MNI152 brain MRI through a (tiny) Qwen3-VL
+    medpruner demo [--out DIR] [--model CKPT]      synthetic lesions through the shipped checkpoint
+    medpruner eval [--data DIR --format F] --out DIR          accuracy against retention, every method
     medpruner bench [--json] [PYTEST_ARGS ...]                 the bench/ microbenchmarks, as a table
 
 Without a model, ``prune`` runs slice-level IAF: the volume is windowed to [0, 1] (CT presets or MRI
 percentiles), mapped to the models' [-1, 1] scale, and compared with ``gamma`` on that scale
-(DESIGN.md). With ``--model`` (a local checkpoint; the demo builds a tiny random-weight Qwen3-VL when
-none is given) the slices are resized to the model's resolution and the whole pipeline runs inside its
+(DESIGN.md). With ``--model`` (a local checkpoint; the demo uses the shipped synthetic-VQA checkpoint
+when none is given) the slices are resized to the model's resolution and the whole pipeline runs inside its
 ``generate``; the report's IAF then runs on the model's own pixel tensor, so its slice decisions are
 the model's.
 
 Layout: :mod:`.args` (parser, ``prune``'s one-or-many choice, ``main``), :mod:`.prune` (one volume),
-:mod:`.batch` (many volumes), :mod:`.models` (a VLM inside the run), :mod:`.demo`, :mod:`.bench`,
+:mod:`.batch` (many volumes), :mod:`.models` (a VLM inside the run), :mod:`.demo`, :mod:`.eval`, :mod:`.bench`,
 :mod:`.common` (shared errors and device choice). The names below stay importable from
 ``medpruner.cli`` as before the split.
 """
