@@ -173,9 +173,9 @@ def test_lesion_focus_against_a_loop_reference():
     shown = [0, 1, 3]
     importance = [rng.random(4).tolist() for _ in shown]
     keep = [(rng.random(4) < 0.5).tolist() for _ in shown]
-    record = {"result": {"keep": [True, True, False, True, True]},
-              "tokens": {"heatmaps": {"slices": shown, "importance": importance, "keep": keep}}}
-    got = lesion_focus(record, token_lesion)
+    tokens = cli.TokenResult({}, {}, shown, [np.asarray(row) for row in importance],
+                             [np.asarray(row) for row in keep], (2, 2))
+    got = lesion_focus(tokens, [True, True, False, True, True], token_lesion)
     on, total, lesion_kept, lesion_n, other_kept, other_n = 0.0, 0.0, 0, 0, 0, 0
     for s, scores, kept in zip(shown, importance, keep, strict=True):
         if not token_lesion[s].any():

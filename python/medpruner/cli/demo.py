@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from medpruner.cli.common import CommandError, pick_device
-from medpruner.cli.models import MODEL_RESOLUTION, load_model, tiny_vqa, token_options
-from medpruner.cli.prune import prune_one, report_files, summary_text
+from medpruner.cli.models import MODEL_RESOLUTION, TokenResult, load_model, tiny_vqa, token_options
+from medpruner.cli.prune import prune_and_report, report_files, summary_text
 from medpruner.report import atomic_write_text, to_json
 
 MNI_TEMPLATE = ("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
@@ -45,18 +45,18 @@ def demo_volume_path() -> Path:
     )
 
 
-def lesion_focus(record: dict, token_lesion: np.ndarray) -> dict:
+def lesion_focus(tokens: TokenResult, slice_keep, token_lesion: np.ndarray) -> dict:
     """Where the checkpoint's attention goes on the report's heatmap slices that hold a lesion:
     ``importance_share`` (DINS importance mass on lesion tokens / all of those slices' mass) against
     ``area_share`` (lesion tokens / tokens there), and the kept fraction of lesion and other tokens.
-    ``token_lesion``: bool ``[D, T]``, the tokens (row-major merged-token order) over a lesion voxel."""
-    heatmaps = record["tokens"]["heatmaps"]
+    ``tokens``: the model run (its heatmap slices' importance and keep mask); ``slice_keep``: IAF's
+    mask; ``token_lesion``: bool ``[D, T]``, the tokens (row-major merged-token order) over a lesion voxel."""
     lesion_slices = [int(s) for s in np.flatnonzero(token_lesion.any(axis=1))]
-    kept = np.asarray(record["result"]["keep"], dtype=bool)
+    kept = np.asarray(slice_keep, dtype=bool)
     mass = [0.0, 0.0]
     counts = {"lesion": [0, 0], "background": [0, 0]}
     shown = []
-    for index, scores, keep in zip(heatmaps["slices"], heatmaps["importance"], heatmaps["keep"], strict=True):
+    for index, scores, keep in zip(tokens.heatmap_slices, tokens.importance, tokens.keep, strict=True):
         on_lesion = token_lesion[index]
         if not on_lesion.any():
             continue
@@ -119,7 +119,7 @@ def cmd_demo(args) -> int:
         args.prompt = args.prompt or DEFAULT_PROMPT
     tokens = token_options(args, bundle, resolution)
     tokens.heatmap_slices = heatmap_slices
-    record = prune_one(
+    record, token_result = prune_and_report(
         source,
         gamma=args.gamma,
         window=window,
@@ -133,7 +133,7 @@ def cmd_demo(args) -> int:
         html_page=not args.no_html,
     )
     if token_lesion is not None:
-        record["lesion_focus"] = dict(lesion_focus(record, token_lesion),
+        record["lesion_focus"] = dict(lesion_focus(token_result, record["result"]["keep"], token_lesion),
                                       lesions=[vars(lesion) for lesion in volume.lesions])
         saved = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
         saved["lesion_focus"] = record["lesion_focus"]

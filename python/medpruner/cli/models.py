@@ -188,8 +188,7 @@ def run_model(
 
     ``inputs``: from :func:`model_inputs`; ``slice_keep``: the IAF mask the report computed on the
     same pixels (its kept slices are the ones with heatmaps: those of ``heatmap_slices`` first, the
-    rest spread evenly over the volume, ``max_heatmaps`` in all). The record's ``heatmaps`` holds the
-    shown slices' token importance and final keep mask."""
+    rest spread evenly over the volume, ``max_heatmaps`` in all)."""
     import torch
 
     from medpruner import apply_medpruner, remove_medpruner
@@ -262,11 +261,6 @@ def run_model(
             shown.append(index)
             importance.append(scores[offsets[p] : offsets[p + 1]])
             keep.append(final_keep[offsets[p] : offsets[p + 1]].astype(bool))
-    record["heatmaps"] = {
-        "slices": shown,
-        "importance": [[float(f"{v:.6g}") for v in row.tolist()] for row in importance],
-        "keep": [row.tolist() for row in keep],
-    }
     return TokenResult(record, timings, shown, importance, keep, grid)
 
 

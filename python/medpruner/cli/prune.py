@@ -227,7 +227,12 @@ def prune_loaded(
     return record, result, token_result
 
 
-def prune_one(
+def prune_one(source, **options) -> dict:
+    """:func:`prune_and_report`'s record."""
+    return prune_and_report(source, **options)[0]
+
+
+def prune_and_report(
     source,
     *,
     gamma: float,
@@ -240,7 +245,10 @@ def prune_one(
     tokens: TokenOptions | None = None,
     extra_config: dict | None = None,
     html_page: bool = True,
-) -> dict:
+) -> tuple[dict, TokenResult | None]:
+    """One volume: load, window, IAF (and the model with ``tokens``), the report in ``out_dir``.
+    Returns the record and the model run's :class:`TokenResult` (its heatmap arrays; None without
+    ``tokens``)."""
     start = time.perf_counter()
     volume = load_volume(source, slice_axis=slice_axis, frame=frame)
     load_seconds = time.perf_counter() - start
@@ -272,7 +280,7 @@ def prune_one(
         )
         record["timings_s"]["report"] = round(time.perf_counter() - start, 6)
         record["report_dir"] = str(out_dir)
-    return record
+    return record, token_result
 
 
 def report_files(out_dir: Path) -> str:
