@@ -123,10 +123,10 @@ def _prepare(model: VllmModel, index, sample, volume, settings: EvalSettings, bu
     full = (grid.prod(-1) // (merge * merge)).tolist()
     pixels = grid[0, 1].item() * grid[0, 2].item() * image_processor.patch_size ** 2
     adapter = {"qwen3_vl": Qwen3VLAdapter, "qwen2_5_vl": Qwen25VLAdapter}[model.family]()
-    expected = {}
-    for method, knobs in _knobs(settings, budget).items():
-        config = request_config(model.config, knobs)
-        expected[method] = slice_counts(adapter, inputs["pixel_values"], grid, merge, config)[:, 0].tolist()
+    # the reference's knobs keep every slice and token: only the budgeted request needs IAF and the split
+    config = request_config(model.config, _knobs(settings, budget)[BUDGETED])
+    expected = {REFERENCE: list(full),
+                BUDGETED: slice_counts(adapter, inputs["pixel_values"], grid, merge, config)[:, 0].tolist()}
     text = _chat(model.processor, "".join(_BLOCK) * len(images), prompt)
     return _Request(index, sample, images, text, {"shortest_edge": pixels, "longest_edge": pixels}, full, expected)
 
