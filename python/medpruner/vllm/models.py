@@ -33,7 +33,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.utils import copy_mm_embedding_modality
 
-from medpruner.adapters.base import Adapter, compact_indices, host_offsets, to_device
+from medpruner.adapters.base import Adapter, compact_indices, host_offsets, host_read, to_device
 from medpruner.adapters.qwen2_5_vl import Qwen25VLAdapter
 from medpruner.adapters.qwen3_vl import Qwen3VLAdapter
 from medpruner.vllm.engine import serving_config
@@ -94,7 +94,8 @@ class MedPrunerModelMixin:
         metadata = visual.prepare_encoder_metadata(grid_list)
         captured: dict = {}
         block = visual.blocks[config.importance_layer % len(visual.blocks)]
-        handle = block.attn.attn.register_forward_pre_hook(self._score_hook(unit, captured), with_kwargs=True)
+        hook = self._score_hook(unit, captured, config.backend)
+        handle = block.attn.attn.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             out = visual(pixels, grid_list, encoder_metadata=metadata)
         finally:
@@ -115,7 +116,8 @@ class MedPrunerModelMixin:
         )
         kept = counts[:, 0].tolist()
         total = sum(kept)
-        found = int(keep.sum())
+        # the request's one host read: the kernels' deferred checks (CUDA) are raised here
+        [[found]] = host_read(keep.sum(), last=True)
         if found != total:
             raise RuntimeError(f"medpruner kept {found} tokens where the budget reserved {total} placeholders")
         index = compact_indices(keep, total)
@@ -127,7 +129,7 @@ class MedPrunerModelMixin:
         return rows.split(kept)
 
     @staticmethod
-    def _score_hook(unit: int, captured: dict):
+    def _score_hook(unit: int, captured: dict, backend: str):
         from medpruner_kernels import attention_importance
 
         def hook(module, args, kwargs):
@@ -137,7 +139,7 @@ class MedPrunerModelMixin:
             n = k.shape[0]
             cu = kwargs["cu_seqlens"].to(device=q.device, dtype=torch.int32)
             captured["scores"] = attention_importance(
-                q, k, cu_seqlens=cu, scale=q.shape[-1] ** -0.5, group=unit
+                q, k, cu_seqlens=cu, scale=q.shape[-1] ** -0.5, group=unit, backend=backend
             )
             captured["keys"] = k.float().mean(dim=1).reshape(n // unit, unit, -1).mean(dim=1)
 
