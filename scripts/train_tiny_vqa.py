@@ -290,14 +290,6 @@ def evaluate(model, processor, samples) -> dict:
             "chance_majority": majority, "per_type": per_type, "per_lesion_class": per_class}
 
 
-def token_lesion_map(volume, tokens_per_side: int) -> np.ndarray:
-    """bool ``[D, T]``: the visual tokens (row-major ``tokens_per_side`` x ``tokens_per_side`` blocks of
-    the slice, the merged tokens' order) that hold at least one lesion voxel."""
-    mask = torch.from_numpy(volume.mask.astype(np.float32))[:, None]
-    blocks = torch.nn.functional.adaptive_max_pool2d(mask, tokens_per_side)
-    return blocks.reshape(volume.depth, -1).numpy() > 0
-
-
 def lesion_focus(model, processor, volumes, **prune) -> dict:
     """Prune each volume's presence question with ``apply_medpruner(model, record_tokens=True, **prune)``
     and compare what is kept on lesion tokens and on background tokens: over the whole volume (slices
@@ -323,7 +315,7 @@ def lesion_focus(model, processor, volumes, **prune) -> dict:
             encoded = [i for i, n in enumerate(per_slice) if n > 0]
             keep = stats.token_keep.numpy().reshape(len(encoded), -1)
             scores = stats.token_scores.numpy().reshape(len(encoded), -1)
-            lesion = token_lesion_map(volume, per_side)
+            lesion = volume.token_mask(per_side)
             full_keep = np.zeros_like(lesion)
             full_keep[encoded] = keep
             for name, where in (("lesion", lesion), ("background", ~lesion)):

@@ -224,3 +224,21 @@ def test_demo_volume_has_lesions_in_two_thirds():
     assert volume.split == "test"
     assert len({lesion.third(volume.depth) for lesion in volume.lesions}) >= 2
     assert volume.mask.any(axis=(1, 2)).sum() >= 2
+
+
+@pytest.mark.parametrize("per_side", [2, 3, 4])
+def test_token_mask_against_a_loop_reference(train_volumes, per_side):
+    """A token is marked when any voxel of its block is a lesion voxel (blocks as adaptive pooling cuts
+    them: rows floor(i*H/n) .. ceil((i+1)*H/n))."""
+    volume = next(v for v in train_volumes if len(v.lesions) >= 2)
+    got = volume.token_mask(per_side)
+    side = volume.data.shape[1]
+    expected = np.zeros((volume.depth, per_side * per_side), dtype=bool)
+    for s in range(volume.depth):
+        for i in range(per_side):
+            for j in range(per_side):
+                rows = slice(i * side // per_side, -(-(i + 1) * side // per_side))
+                cols = slice(j * side // per_side, -(-(j + 1) * side // per_side))
+                expected[s, i * per_side + j] = volume.mask[s, rows, cols].any()
+    np.testing.assert_array_equal(got, expected)
+    assert got.any() and not got.all()

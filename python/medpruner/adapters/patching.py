@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from medpruner_kernels._validation import raise_pending_errors
+
 _PATCH_ATTR = "_medpruner_patch"
 _PATCHED_NAMES = ("forward", "generate")
 # forward arguments that ask the vision tower for more outputs (returned with the image outputs)
@@ -108,7 +110,7 @@ def _patched_forward(model, *args, **kwargs):
     output = original(**pruned.call)
     # The request's deferred kernel checks (queued after its last host read) are raised here, after
     # the model's own work, so an error belongs to the request that caused it.
-    _raise_deferred_checks()
+    raise_pending_errors()
     _attach_record(_cache_of(output) or _cache_of(pruned.call), pruned.record)
     return output
 
@@ -148,7 +150,7 @@ def _patched_generate(model, inputs=None, *args, **kwargs):
     _translate_length_budget(model, call, pruned.original_input_ids.shape[1])
     with _generating(model):
         output = original(*args, **call)
-    _raise_deferred_checks()
+    raise_pending_errors()
     _attach_record(_cache_of(output) or _cache_of(call), pruned.record)
     return _restore_prompt(output, pruned.original_input_ids, pruned.pruned_length)
 
@@ -161,12 +163,6 @@ def unpatch(model) -> None:
     for name in (*_PATCHED_NAMES, _PATCH_ATTR, "medpruner_config", "medpruner_stats"):
         model.__dict__.pop(name, None)
     model.__dict__.update(state[2])
-
-
-def _raise_deferred_checks() -> None:
-    from medpruner_kernels import raise_pending_errors
-
-    raise_pending_errors()
 
 
 def _bind(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:

@@ -83,8 +83,6 @@ def lesion_focus(tokens: TokenResult, slice_keep, token_lesion: np.ndarray) -> d
 def _synthetic_demo(args, out_dir: Path, device):
     """The synthetic volume written to ``out_dir``, the checkpoint, its presence question, and the
     lesion tokens at the checkpoint's grid."""
-    import torch
-
     from medpruner.checkpoints import TINY_VQA_RESOLUTION
     from medpruner.synthetic import demo_volume, questions_for
 
@@ -94,10 +92,7 @@ def _synthetic_demo(args, out_dir: Path, device):
     np.save(source, volume.data)
     bundle = tiny_vqa(device)
     resolution = args.resolution or TINY_VQA_RESOLUTION
-    per_side = resolution // bundle.size_multiple
-    blocks = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(volume.mask.astype(np.float32))[:, None],
-                                                     per_side)
-    token_lesion = blocks.reshape(volume.depth, -1).numpy() > 0
+    token_lesion = volume.token_mask(resolution // bundle.size_multiple)
     if args.prompt is None:
         args.prompt = next(s for s in questions_for(volume) if s.category == "presence").question
     return source, bundle, resolution, token_lesion, volume

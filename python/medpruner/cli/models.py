@@ -103,6 +103,9 @@ def load_model(path: str, device) -> ModelBundle:
     return _bundle(model.to(device).eval(), processor, str(path))
 
 
+TINY_QWEN3_VL_NAME = "tiny random-weight Qwen3-VL (built from a config)"
+
+
 def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
     """A Qwen3-VL of a few hundred thousand random weights with a byte-level tokenizer, built from a
     config (no download): the real architecture and processor path, fast enough for a 2-core demo."""
@@ -113,7 +116,7 @@ def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
     tokenizer = qwen_tokenizer()
     processor = image_only_processor(Qwen3VLProcessor, qwen_image_processor(8), tokenizer)
     model = tiny_qwen3_vl_model(tokenizer, seed=seed, device=device)
-    return _bundle(model, processor, "tiny random-weight Qwen3-VL (built from a config)")
+    return _bundle(model, processor, TINY_QWEN3_VL_NAME)
 
 
 TINY_VQA_NAME = "tiny synthetic-VQA Qwen3-VL (medpruner.checkpoints.tiny_vqa)"

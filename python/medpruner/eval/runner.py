@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "load_failure",
     "plan_eval",
     "read_records",
+    "record_key",
     "record_files",
     "resolve_methods",
     "run_eval",
@@ -187,6 +189,11 @@ def record_files(out_dir) -> list[Path]:
     return ([base] if base.exists() else []) + [path for _, path in shards]
 
 
+def record_key(sample_id: str, method: str, settings_id: str) -> str:
+    """A record's resume key."""
+    return f"{sample_id}|{method}|{settings_id}"
+
+
 def _append(handle, record: dict) -> None:
     handle.write(json.dumps(record, allow_nan=False) + "\n")
     handle.flush()
@@ -248,7 +255,7 @@ def _record(sample: Sample, method: str, settings_id: str, generation: _Generati
         kept_slices = None
     kl = audit.first_token_kl(reference.first_logits, generation.first_logits)
     return {
-        "key": f"{sample.sample_id}|{method}|{settings_id}",
+        "key": record_key(sample.sample_id, method, settings_id),
         "settings_id": settings_id,
         "sample_id": sample.sample_id,
         "method": method,
@@ -301,7 +308,7 @@ class EvalPlan:
     unavailable: dict
 
     def keys(self, sample: Sample) -> dict[str, str]:
-        return {m: f"{sample.sample_id}|{m}|{self.settings_id}" for m in self.methods}
+        return {m: record_key(sample.sample_id, m, self.settings_id) for m in self.methods}
 
     def pending(self) -> list[tuple[int, Sample]]:
         """(index, sample) of the samples that miss a record; the index seeds the random selector."""
@@ -317,7 +324,7 @@ def plan_eval(dataset: Dataset, model_name: str, settings: EvalSettings, out_dir
     """Check the dataset and the methods, create ``out_dir`` and read its records of these settings."""
     methods, added = resolve_methods(settings.methods)
     ids = [s.sample_id for s in dataset.samples]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
     if duplicates:
         raise ValueError(f"{dataset.file}: sample ids must be unique, repeated: {duplicates[:5]}")
     out_dir = Path(out_dir)
@@ -343,7 +350,7 @@ def eval_sample(eval_model: EvalModel, sample: Sample, index: int, volume: np.nd
     reference runs every time (its logits are not stored); ``index`` seeds the random selector
     (``settings.seed + index``)."""
     existing = dict(existing)
-    keys = {m: f"{sample.sample_id}|{m}|{settings_id}" for m in methods}
+    keys = {m: record_key(sample.sample_id, m, settings_id) for m in methods}
     inputs = eval_model.make_inputs(volume, build_prompt(sample))
     reference = _run_method(eval_model, inputs, REFERENCE, settings, None, settings.seed + index)
     for method in methods:

@@ -36,6 +36,7 @@ from medpruner.eval.runner import (
     finish_eval,
     load_failure,
     plan_eval,
+    record_key,
 )
 
 __all__ = ["METHODS", "VllmModel", "load_vllm_model", "run_vllm_eval", "vllm_model"]
@@ -140,9 +141,9 @@ def _first_logits(completion):
     import torch
 
     step = completion.logprobs[0]
-    logits = torch.full((max(step) + 1,), float("-inf"))
-    for token, entry in step.items():
-        logits[token] = entry.logprob
+    ids = torch.tensor(list(step), dtype=torch.long)
+    logits = torch.full((int(ids.max()) + 1,), float("-inf"))
+    logits[ids] = torch.tensor([entry.logprob for entry in step.values()], dtype=logits.dtype)
     return logits
 
 
@@ -221,7 +222,7 @@ def run_vllm_eval(dataset: Dataset, model: VllmModel, settings: EvalSettings, bu
                 requests.append(_prepare(model, index, sample, volume, settings, budget))
             # the reference always runs: its first-token logits are not stored
             jobs = [(r, m) for r in requests for m in methods
-                    if m == REFERENCE or f"{r.sample.sample_id}|{m}|{plan.settings_id}" not in plan.done]
+                    if m == REFERENCE or record_key(r.sample.sample_id, m, plan.settings_id) not in plan.done]
             prompts = [{"prompt": r.text, "multi_modal_data": {"image": r.images},
                         "mm_processor_kwargs": {**_knobs(settings, budget)[m], "size": r.size}} for r, m in jobs]
             began = time.perf_counter()
@@ -237,7 +238,7 @@ def run_vllm_eval(dataset: Dataset, model: VllmModel, settings: EvalSettings, bu
             for request in requests:
                 reference = results[request.index, REFERENCE][0]
                 for method in methods:
-                    key = f"{request.sample.sample_id}|{method}|{plan.settings_id}"
+                    key = record_key(request.sample.sample_id, method, plan.settings_id)
                     if key in plan.done:
                         continue
                     generation, blocks = results[request.index, method]

@@ -78,6 +78,15 @@ class SyntheticVolume:
     def depth(self) -> int:
         return int(self.data.shape[0])
 
+    def token_mask(self, tokens_per_side: int) -> np.ndarray:
+        """bool ``[D, T]``: the visual tokens (row-major ``tokens_per_side`` x ``tokens_per_side``
+        blocks of each slice, a Qwen model's merged-token order) that hold at least one lesion voxel."""
+        import torch
+
+        mask = torch.from_numpy(self.mask.astype(np.float32))[:, None]
+        blocks = torch.nn.functional.adaptive_max_pool2d(mask, tokens_per_side)
+        return blocks.reshape(self.depth, -1).numpy() > 0
+
 
 @dataclass
 class VQASample:

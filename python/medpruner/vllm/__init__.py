@@ -20,12 +20,7 @@ def register() -> None:
     call more than once; vLLM calls it in every process it starts."""
     from vllm import ModelRegistry
 
-    for family, name in ARCHITECTURES.items():
+    # each architecture name is its model class's name in medpruner.vllm.models
+    for name in ARCHITECTURES.values():
         if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"medpruner.vllm.models:{_CLASSES[family]}")
-
-
-_CLASSES = {
-    "qwen3_vl": "MedPrunerQwen3VLForConditionalGeneration",
-    "qwen2_5_vl": "MedPrunerQwen2_5_VLForConditionalGeneration",
-}
+            ModelRegistry.register_model(name, f"medpruner.vllm.models:{name}")
