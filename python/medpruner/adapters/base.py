@@ -280,7 +280,7 @@ class Adapter:
             to_repack[self.type_ids_key] = (call[self.type_ids_key], 0)
         if labels is not None:
             to_repack["labels"] = (labels, IGNORE_INDEX)
-        repacked, _ = repack_sequences(seq_keep, counts, length, to_repack)
+        repacked = repack_sequences(seq_keep, counts, length, to_repack)
         new_mask = repacked.pop("attention_mask")
         pruned = {k: v for k, v in call.items() if k not in self.consumed_keys}
         pruned.update({k: v for k, v in repacked.items() if k not in positions})
@@ -496,13 +496,13 @@ def per_image_outputs(output, kept_counts: list[int]):
 
 def repack_sequences(
     keep: torch.Tensor, counts: torch.Tensor, length: int, tensors: dict[str, tuple[torch.Tensor, int]]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Left-pad the kept positions of each row to ``length``, without host syncs.
 
-    keep: bool ``[B, L]`` (padding of the input must already be False); counts: ``[B]`` kept per row
-    (device tensor, ``length`` = its max, read by the caller); tensors: name -> (tensor whose last
-    two dims are ``[B, L]``, fill value). Returns the repacked tensors and the new ``[B, length]``
-    attention mask (long).
+    keep: bool ``[B, L]`` (the positions to keep, in order); counts: ``[B]`` kept per row (device
+    tensor, ``length`` = its max, read by the caller); tensors: name -> (tensor whose last two dims
+    are ``[B, L]``, fill value). Returns the repacked tensors (the caller repacks its attention mask
+    with them, so a kept masked position stays masked).
     """
     batch, seq = keep.shape
     rank = torch.cumsum(keep, dim=1) - 1
@@ -516,9 +516,7 @@ def repack_sequences(
         target = torch.full((*lead, batch * (length + 1)), fill, dtype=tensor.dtype, device=tensor.device)
         target.scatter_(-1, slot.expand(*lead, -1), flat)
         out[name] = target.reshape(*lead, batch, length + 1)[..., :length]
-    columns = torch.arange(length, device=keep.device).unsqueeze(0)
-    attention_mask = (columns >= (length - counts).unsqueeze(1)).long()
-    return out, attention_mask
+    return out
 
 
 def recorded_tokens(scores: torch.Tensor, keep: torch.Tensor, config) -> dict[str, torch.Tensor | None]:
