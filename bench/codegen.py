@@ -121,6 +121,10 @@ def _case_nucleus(tokens):
     for fn in (nucleus_select, nucleus_indices):
         fn(scores, 0.9, temperature=temperature, cu_seqlens=cu, max_seqlen=tokens, backend="triton")
     nucleus_select(scores.view(STAND_IN_SEGMENTS, tokens), 0.9, backend="triton")
+    # the budget mode (HF budget= and the vLLM plugin): a fixed count per slice, the FIXED_COUNT variant
+    counts = torch.full((STAND_IN_SEGMENTS,), max(1, tokens // 4), dtype=torch.int32)
+    nucleus_select(scores, 0.9, temperature=temperature, cu_seqlens=cu, max_seqlen=tokens, counts=counts,
+                   backend="triton")
 
 
 def _case_merge(model, tokens, dtype):

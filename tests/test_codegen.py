@@ -134,4 +134,11 @@ def test_every_launch_compiles_without_spills(tmp_path):
     assert report["stack_allowance"] == []
     assert all(set(launch["results"]) == {"sm_80", "sm_90"} for launch in report["launches"])
     _check_importance_load_widths(report)
+    fixed_count = []
+    for launch in report["launches"]:
+        if launch["kernel"] == "_nucleus_kernel":
+            names = list(launch["signature"])
+            constexprs = dict((path[0], value) for path, value in launch["constexprs"])
+            fixed_count.append(bool(constexprs.get(names.index("FIXED_COUNT"))))
+    assert True in fixed_count and False in fixed_count, "the budget (FIXED_COUNT) nucleus variant must be compiled"
     assert run.returncode == 0, "\n".join(report["failures"])
