@@ -519,6 +519,18 @@ def repack_sequences(
     return out
 
 
+def block_scores(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, unit: int,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINS inputs of one tower call whose merged tokens are ``unit`` consecutive patches: the
+    attention each merged token receives (``attention_importance`` with ``group=unit``) and its key,
+    the float32 mean over heads and over its patches. q, k: ``[N, H, Dh]`` (post-RoPE)."""
+    from medpruner_kernels import attention_importance
+
+    scores = attention_importance(q, k, cu_seqlens=cu_seqlens, scale=scale, group=unit, backend=backend)
+    keys = k.float().mean(dim=1).reshape(k.shape[0] // unit, unit, -1).mean(dim=1)
+    return scores, keys
+
+
 def recorded_tokens(scores: torch.Tensor, keep: torch.Tensor, config) -> dict[str, torch.Tensor | None]:
     """The PruneStats token fields: CPU copies of the DINS scores and final keep mask when the config
     asks for them (two device-to-host copies, after the request's last read), nothing otherwise."""

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from medpruner.adapters.base import Adapter, Encoded, SliceLayout, to_device
+from medpruner.adapters.base import Adapter, Encoded, SliceLayout, block_scores, to_device
 
 
 class Gemma3Adapter(Adapter):
@@ -89,10 +89,7 @@ class Gemma3Adapter(Adapter):
             k = k.reshape(images * patches, attn.num_heads, -1)
             cu = torch.arange(images + 1, dtype=torch.int32, device=q.device) * patches
             if strip is not None:
-                captured["scores"] = attention_importance(
-                    q, k, cu_seqlens=cu, scale=attn.scale, group=strip, backend=config.backend
-                )
-                captured["keys"] = k.float().mean(dim=1).view(images * patches // strip, strip, -1).mean(dim=1)
+                captured["scores"], captured["keys"] = block_scores(q, k, cu, attn.scale, strip, config.backend)
                 return
             received = attention_importance(q, k, cu_seqlens=cu, scale=attn.scale, backend=config.backend)
             grid = received.view(images, 1, side, side)

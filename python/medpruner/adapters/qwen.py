@@ -16,7 +16,15 @@ from contextlib import contextmanager
 
 import torch
 
-from medpruner.adapters.base import TOWER_OUTPUT_FLAGS, Adapter, Encoded, SliceLayout, range_index, to_device
+from medpruner.adapters.base import (
+    TOWER_OUTPUT_FLAGS,
+    Adapter,
+    Encoded,
+    SliceLayout,
+    block_scores,
+    range_index,
+    to_device,
+)
 
 
 class QwenVLAdapter(Adapter):
@@ -125,8 +133,6 @@ class QwenVLAdapter(Adapter):
         """Score the tokens at block ``layer`` from its post-RoPE q/k while the block runs its own
         attention: a pre-hook takes the rotary tables and segment offsets, a hook on the qkv projection
         takes q/k as they are produced, so nothing of size N x N and no extra projection is computed."""
-        from medpruner_kernels import attention_importance
-
         attn = visual.blocks[layer].attn
         rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         state: dict = {}
@@ -145,10 +151,9 @@ class QwenVLAdapter(Adapter):
             n = output.shape[0]
             q, k, _ = output.reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = rope(q, k, *state["rope"])
-            captured["scores"] = attention_importance(
-                q, k, cu_seqlens=state["cu"].to(torch.int32), scale=attn.scaling, group=unit, backend=config.backend
+            captured["scores"], captured["keys"] = block_scores(
+                q, k, state["cu"].to(torch.int32), attn.scaling, unit, config.backend
             )
-            captured["keys"] = k.float().mean(dim=1).reshape(n // unit, unit, -1).mean(dim=1)
 
         handles = [
             attn.register_forward_pre_hook(take_inputs, with_kwargs=True),

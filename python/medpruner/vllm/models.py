@@ -33,7 +33,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.utils import copy_mm_embedding_modality
 
-from medpruner.adapters.base import Adapter, compact_indices, host_offsets, host_read, to_device
+from medpruner.adapters.base import Adapter, block_scores, compact_indices, host_offsets, host_read, to_device
 from medpruner.adapters.qwen2_5_vl import Qwen25VLAdapter
 from medpruner.adapters.qwen3_vl import Qwen3VLAdapter
 from medpruner.vllm.engine import serving_config
@@ -130,18 +130,12 @@ class MedPrunerModelMixin:
 
     @staticmethod
     def _score_hook(unit: int, captured: dict, backend: str):
-        from medpruner_kernels import attention_importance
-
         def hook(module, args, kwargs):
             q, k = kwargs["query"], kwargs["key"]
             q = q.reshape(-1, *q.shape[-2:])
             k = k.reshape(-1, *k.shape[-2:])
-            n = k.shape[0]
             cu = kwargs["cu_seqlens"].to(device=q.device, dtype=torch.int32)
-            captured["scores"] = attention_importance(
-                q, k, cu_seqlens=cu, scale=q.shape[-1] ** -0.5, group=unit, backend=backend
-            )
-            captured["keys"] = k.float().mean(dim=1).reshape(n // unit, unit, -1).mean(dim=1)
+            captured["scores"], captured["keys"] = block_scores(q, k, cu, q.shape[-1] ** -0.5, unit, backend)
 
         return hook
 
