@@ -96,24 +96,25 @@ def _source_stamp(path: Path) -> list[int] | None:
     return [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
 
 
-def _resume_state(results: Path, settings: dict) -> dict[str, list[int]]:
-    """Sources already done under ``settings``, with the stamp of the file they were done from. A
-    source's last line is its current one; a last line cut off by a crash is removed (atomically)
-    first."""
-    if not results.exists():
-        return {}
-    text = results.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        atomic_write_text(results, text)
+def _resume_state(files: list[Path], settings: dict) -> dict[str, list[int]]:
+    """Sources already done under ``settings`` according to the results ``files`` (in reading order;
+    missing ones are skipped), with the stamp of the file they were done from. A source's last line
+    across the files is its current one; a last line cut off by a crash is removed (atomically) first."""
     current = {}
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+    for path in files:
+        if not path.exists():
             continue
-        if isinstance(entry, dict) and "source" in entry:
-            current[entry["source"]] = entry
+        text = path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            atomic_write_text(path, text)
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and "source" in entry:
+                current[entry["source"]] = entry
     return {
         source: entry.get("source_stamp")
         for source, entry in current.items()
@@ -122,10 +123,14 @@ def _resume_state(results: Path, settings: dict) -> dict[str, list[int]]:
 
 
 def _append_line(results: Path, entry: dict) -> None:
-    # One write of one whole line on an O_APPEND descriptor: a crash leaves at most a cut-off last line,
-    # which the next run's _resume_state removes.
-    data = (to_json(entry, indent=None) + "\n").encode("utf-8")
-    descriptor = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    append_line(results, to_json(entry, indent=None))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` (no newline) to ``path`` as one fsynced write on an O_APPEND descriptor: a crash
+    leaves at most a cut-off last line, which the readers remove."""
+    data = (line + "\n").encode("utf-8")
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(descriptor, data)
         os.fsync(descriptor)
@@ -207,7 +212,7 @@ def prune_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / RESULTS_NAME
     settings = _batch_settings(gamma, window, slice_axis, frame, tokens)
-    done = _resume_state(results, settings)
+    done = _resume_state([results], settings)
     # Stamped before any read: an edit during the run makes the next run redo the volume.
     stamps = {path: _source_stamp(path) for path in paths}
     pending = [p for p in paths if done.get(str(p.resolve()), "not done") != stamps[p]]

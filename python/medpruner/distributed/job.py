@@ -40,7 +40,7 @@ from medpruner.cli.common import CommandError, pick_device
 from medpruner.cli.models import TINY_QWEN3_VL_NAME, TokenOptions, load_model, tiny_qwen3_vl
 from medpruner.cli.prune import prune_loaded
 from medpruner.distributed.shards import ShardWriter, shard_files
-from medpruner.report import atomic_write_text, to_json
+from medpruner.report import to_json
 
 __all__ = ["ModelRef", "ModelStage", "RayOptions", "connect", "prune_job", "read_manifest"]
 
@@ -133,32 +133,6 @@ def connect(options: RayOptions) -> bool:
     return True
 
 
-def _resume_all(results: Path, settings: dict) -> dict:
-    """The batch mode's resume state over ``results`` and its shards: a source's last line across the
-    files (in reading order) is its current one; a cut-off last line of any file is removed first."""
-    shards = shard_files(results.parent, results.stem)
-    if not shards:
-        return _resume_state(results, settings)
-    current = {}
-    for path in [results, *shards] if results.exists() else shards:
-        text = path.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-            atomic_write_text(path, text)
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and "source" in entry:
-                current[entry["source"]] = entry
-    return {
-        source: entry.get("source_stamp")
-        for source, entry in current.items()
-        if entry.get("status") == "ok" and entry.get("settings") == settings
-    }
-
-
 def _node_id() -> str:
     import ray
 
@@ -247,7 +221,7 @@ def prune_job(
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / RESULTS_NAME
     settings = _batch_settings(gamma, window, slice_axis, frame, tokens)
-    done = _resume_all(results, settings)
+    done = _resume_state([results, *shard_files(results.parent, results.stem)], settings)
     shards = None if shard_rows is None else ShardWriter(out_dir, results.stem, shard_rows)
     stamps = {path: _source_stamp(path) for path in paths}
     pending = [p for p in paths if done.get(str(p.resolve()), "not done") != stamps[p]]

@@ -3,9 +3,10 @@ no single file grows with the archive and finished shards can be moved or read w
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from medpruner.cli.batch import append_line
 
 __all__ = ["ShardWriter", "shard_files"]
 
@@ -43,11 +44,6 @@ class ShardWriter:
         if self.count >= self.rows:
             self.index, self.count = self.index + 1, 0
         path = self.path
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(descriptor, (line + "\n").encode("utf-8"))
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        append_line(path, line)
         self.count += 1
         return path
