@@ -13,6 +13,7 @@ from medpruner.cli.bench import cmd_bench
 from medpruner.cli.common import CommandError, pick_device
 from medpruner.cli.demo import cmd_demo
 from medpruner.cli.eval import add_parser as add_eval_parser
+from medpruner.cli.eval import unit_float
 from medpruner.cli.models import DEFAULT_PROMPT, MODEL_RESOLUTION, load_model, token_options
 from medpruner.cli.prune import prune_one, report_files, summary_text
 from medpruner.cli.ray_engine import add_engine_options, prune_ray, reject_ray_options
@@ -74,14 +75,7 @@ def _gamma(text: str) -> float:
     return value
 
 
-def _tau(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"tau must be a number, got {text!r}") from err
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"tau must be in (0, 1], got {text!r}")
-    return value
+_tau = unit_float("tau", low_open=True)
 
 
 def _window(text: str) -> str:

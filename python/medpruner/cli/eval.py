@@ -96,14 +96,16 @@ def _budget(text: str) -> float | int:
     try:
         value = int(text)
     except ValueError:
-        value = _unit_float("budget", True)(text)
+        value = unit_float("budget", low_open=True)(text)
     else:
         if value < 1:
             raise argparse.ArgumentTypeError(f"budget as an int must be >= 1, got {text!r}")
     return value
 
 
-def _unit_float(name: str, low_open: bool):
+def unit_float(name: str, *, low_open: bool):
+    """An argparse type: a float in (0, 1] (``low_open``) or [0, 1], named ``name`` in its errors."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -155,8 +157,9 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                         help="malformed rows: skip and count them (default) or stop at the first")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N samples")
-    parser.add_argument("--tau", type=_unit_float("tau", True), default=0.9, help="DINS nucleus mass (default 0.9)")
-    parser.add_argument("--context-frac", type=_unit_float("context-frac", False), default=0.05,
+    parser.add_argument("--tau", type=unit_float("tau", low_open=True), default=0.9,
+                        help="DINS nucleus mass (default 0.9)")
+    parser.add_argument("--context-frac", type=unit_float("context-frac", low_open=False), default=0.05,
                         help="contextual tokens per slice, as a fraction (default 0.05)")
     parser.add_argument("--no-merge", action="store_true", help="drop pruned tokens instead of merging them")
     parser.add_argument("--resolution", type=positive_int, default=None,
