@@ -101,6 +101,19 @@ def check_tensor(op: str, name: str, t, dtypes: tuple[torch.dtype, ...]) -> None
         raise TypeError(f"{op}: {name} has unsupported dtype {t.dtype}; expected one of {allowed}")
 
 
+def check_count_tensor(op: str, name: str, t, length: int, per: str, device: torch.device, on: str) -> None:
+    """``t``: an int32/int64 tensor of shape ``[length]`` (one count per ``per``) on ``device`` (that of
+    the argument named ``on``); TypeError/ValueError naming ``name`` otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be None or an int32/int64 tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+    if t.shape != (length,):
+        raise ValueError(f"{op}: {name} must have shape [{length}] (one per {per}), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {on} is on {device}")
+
+
 def check_finite(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype.is_floating_point and t.numel() > 0:
         # min/max propagate NaN and expose +-Inf in one reduction without allocating a mask

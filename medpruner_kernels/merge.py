@@ -391,19 +391,8 @@ def _validate(x, keys, keep, cu_seqlens, context_frac, num_targets):
         raise ValueError(f"{_OP}: context_frac must be finite and >= 0, got {context_frac}")
     cu_seqlens = _validation.check_cu_seqlens(_OP, cu_seqlens, num_tokens, x.device)
     if num_targets is not None:
-        segments = cu_seqlens.shape[0] - 1
-        if not isinstance(num_targets, torch.Tensor):
-            raise TypeError(
-                f"{_OP}: num_targets must be None or an int32/int64 tensor, got {type(num_targets).__name__}"
-            )
-        if num_targets.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{_OP}: num_targets must be int32 or int64, got {num_targets.dtype}")
-        if num_targets.shape != (segments,):
-            raise ValueError(
-                f"{_OP}: num_targets must have shape [{segments}] (one per segment), got {tuple(num_targets.shape)}"
-            )
-        if num_targets.device != x.device:
-            raise ValueError(f"{_OP}: num_targets is on {num_targets.device} but x is on {x.device}")
+        _validation.check_count_tensor(_OP, "num_targets", num_targets, cu_seqlens.shape[0] - 1, "segment",
+                                       x.device, "x")
         _validation.check_or_defer((num_targets < 0).any(), f"{_OP}: num_targets must be >= 0 in every segment")
     _validation.check_finite(_OP, "x", x)
     _validation.check_finite(_OP, "keys", keys)

@@ -495,17 +495,6 @@ def _scores_message(op: str, temperature) -> str:
     return f"{op}: scores contains NaN or Inf"
 
 
-def _check_counts_structure(op, counts, slices, device):
-    if not isinstance(counts, torch.Tensor):
-        raise TypeError(f"{op}: counts must be None or an int32/int64 tensor, got {type(counts).__name__}")
-    if counts.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: counts must be int32 or int64, got {counts.dtype}")
-    if counts.shape != (slices,):
-        raise ValueError(f"{op}: counts must have shape [{slices}] (one per slice), got {tuple(counts.shape)}")
-    if counts.device != device:
-        raise ValueError(f"{op}: counts is on {counts.device} but scores is on {device}")
-
-
 def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max_keep, backend, counts=None):
     """Validate every argument (ValueError/TypeError naming it) and pick the backend.
 
@@ -566,7 +555,7 @@ def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max
         if max_keep < min_keep:
             raise ValueError(f"{op}: max_keep ({max_keep}) must be >= min_keep ({min_keep})")
     if counts is not None:
-        _check_counts_structure(op, counts, slices, device)
+        _validation.check_count_tensor(op, "counts", counts, slices, "slice", device, "scores")
 
     resolved = _dispatch.resolve_backend(op, device, backend, cpp_ops=CPP_OPS)
     bound = None
