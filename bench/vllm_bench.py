@@ -50,9 +50,7 @@ def tiny_checkpoint(path: Path) -> Path:
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     tokenizer = _tiny.qwen_tokenizer()
-    config = _tiny.tiny_qwen3_vl_config(tokenizer, max_position_embeddings=32768)
-    config.text_config.head_dim = 32
-    config.text_config.rope_parameters["mrope_section"] = [8, 4, 4]
+    config = _tiny.tiny_qwen3_vl_config(tokenizer, head_dim=32)
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(config).eval()
     size = {"shortest_edge": 256, "longest_edge": 256 * 1024}

@@ -86,9 +86,7 @@ def _save_tiny(family, path):
     tokenizer = _tiny.qwen_tokenizer()
     generator_state = torch.random.get_rng_state()
     if family == "qwen3_vl":
-        config = _tiny.tiny_qwen3_vl_config(tokenizer, max_position_embeddings=4096)
-        config.text_config.head_dim = 32
-        config.text_config.rope_parameters["mrope_section"] = [8, 4, 4]
+        config = _tiny.tiny_qwen3_vl_config(tokenizer, max_position_embeddings=4096, head_dim=32)
         mean, std = [0.5] * 3, [0.5] * 3
         processor_class, video_class = Qwen3VLProcessor, Qwen3VLVideoProcessor
     else:
