@@ -135,17 +135,19 @@ def tiny_qwen3_vl_model(
     patch_size: int = 8,
     max_position_embeddings: int = 32768,
     restore_rng: bool = True,
+    config=None,
 ):
-    """The random-weight model of :func:`tiny_qwen3_vl_config`, initialised after
+    """The random-weight model of :func:`tiny_qwen3_vl_config` (or of ``config``), initialised after
     ``torch.manual_seed(seed)``, in eval mode, on ``device`` when given, with greedy generation that
     pads with ``<|endoftext|>`` and stops at ``<|im_end|>``. With ``restore_rng`` the global torch RNG
     state is put back afterwards; without it, it is left where the initialisation ended."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    config = tiny_qwen3_vl_config(
-        tokenizer, patch_size=patch_size, max_position_embeddings=max_position_embeddings
-    )
+    if config is None:
+        config = tiny_qwen3_vl_config(
+            tokenizer, patch_size=patch_size, max_position_embeddings=max_position_embeddings
+        )
     generator_state = torch.random.get_rng_state() if restore_rng else None
     torch.manual_seed(seed)
     try:

@@ -44,20 +44,11 @@ def tiny_vqa_config(tokenizer):
 
 def build_tiny_vqa(tokenizer, *, seed: int = 0):
     """The untrained model of :func:`tiny_vqa_config`, initialised after ``torch.manual_seed(seed)``
-    (the global RNG state is put back afterwards), with greedy generation that stops at ``<|im_end|>``."""
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    (the global RNG state is put back afterwards), in eval mode, with greedy generation that stops at
+    ``<|im_end|>``."""
+    from medpruner._tiny import tiny_qwen3_vl_model
 
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = Qwen3VLForConditionalGeneration(tiny_vqa_config(tokenizer))
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.do_sample = False
-    return model
+    return tiny_qwen3_vl_model(tokenizer, seed=seed, config=tiny_vqa_config(tokenizer))
 
 
 def load_tiny_vqa(device="cpu"):
