@@ -291,17 +291,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device, repeats: int) -> tuple[float, object]:
-    """Median wall seconds of ``fn`` over ``repeats`` runs (after one warm-up), and its last result."""
-    result = fn()
+def _timed(fn, device, repeats: int) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs (after one warm-up)."""
+    fn()
     _sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = fn()
+        fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+    return float(np.median(times))
 
 
 def decode_weight_bytes(model) -> int:
@@ -448,7 +448,7 @@ def measure(model, inputs: dict, variant: str, *, device, decode_tokens: int, re
             torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
-            prefill_s, _ = _timed(prefill, device, repeats)
+            prefill_s = _timed(prefill, device, repeats)
             stats = None if variant == "unpatched" else model.medpruner_stats
             if variant != "unpatched":
                 # A separate forward, so the wrappers cannot touch the timed prefills; the share is
