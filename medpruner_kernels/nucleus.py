@@ -34,8 +34,8 @@ CPP_OPS = ("nucleus_select_cpu",)
 MAX_TRITON_TOKENS = 8192
 
 # Columns of the Triton kernel's per-slice flag output.
-_FLAG_SCORES, _FLAG_TAU, _FLAG_SEGMENT = 0, 1, 2
-_NUM_FLAGS = 3
+_FLAG_SCORES, _FLAG_TAU, _FLAG_SEGMENT, _FLAG_COUNTS = 0, 1, 2, 3
+_NUM_FLAGS = 4
 
 if TRITON_AVAILABLE:
     import triton
@@ -164,11 +164,14 @@ if TRITON_AVAILABLE:
             tau_bad = ~(tau > 0.0)
         else:
             tau = tl.zeros([ROWS], dtype=tl.float32) + tau_scalar
+        counts_bad = tl.zeros([ROWS], dtype=tl.int1)
         if FIXED_COUNT:
             # Both masses (softmax, and scores / sum) increase strictly with the score, so ranking the
             # scores themselves ranks the exact masses: no fp32 underflow can tie distinct scores.
-            count = tl.load(counts_ptr + rows, mask=row_valid, other=0).to(tl.int64)
-            count = tl.minimum(tl.maximum(count, 0), n)
+            count_raw = tl.load(counts_ptr + rows, mask=row_valid, other=0).to(tl.int64)
+            # counts are validated by this flag on CUDA, and clamped so a bad one never addresses memory
+            count = tl.minimum(tl.maximum(count_raw, 0), n)
+            counts_bad = count != count_raw
             if KEY64:
                 key = _order_key(raw.to(tl.float64), True)
             else:
@@ -224,10 +227,11 @@ if TRITON_AVAILABLE:
             keep = _keep_top(bits, valid, count, False)
         tl.store(keep_ptr + start[:, None] + offs[None, :], keep, mask=valid)
 
-        flag_base = flags_ptr + rows * 3
+        flag_base = flags_ptr + rows * 4
         tl.store(flag_base + 0, scores_bad.to(tl.int8), mask=row_valid)
         tl.store(flag_base + 1, tau_bad.to(tl.int8), mask=row_valid)
         tl.store(flag_base + 2, segment_bad.to(tl.int8), mask=row_valid)
+        tl.store(flag_base + 3, counts_bad.to(tl.int8), mask=row_valid)
 
 
 def _triton_block(max_tokens: int) -> int:
@@ -264,8 +268,9 @@ def _launch_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernel through ``launcher`` (``wrap_triton`` inside the op, the plain kernel for tests).
 
-    Returns (keep in ``scores``' shape, flags ``[slices, 3]`` int8: scores invalid, tau invalid,
-    segment invalid (bad ``cu_seqlens`` or a segment longer than ``max_seqlen``))."""
+    Returns (keep in ``scores``' shape, flags ``[slices, 4]`` int8: scores invalid, tau invalid,
+    segment invalid (bad ``cu_seqlens`` or a segment longer than ``max_seqlen``), count outside
+    [0, n])."""
     varlen = cu_seqlens is not None
     slices = cu_seqlens.shape[0] - 1 if varlen else scores.shape[0]
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
@@ -487,6 +492,10 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _counts_message(op: str) -> str:
+    return f"{op}: counts must lie in [0, n] for every slice of n tokens"
+
+
 def _scores_message(op: str, temperature) -> str:
     if temperature is None:
         return (
@@ -598,17 +607,13 @@ def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max
             _validation.check_or_defer(
                 ~(tau_tensor > 0).all(), f"{op}: tau must be > 0 and not NaN in every slice"
             )
-    if counts is not None and slices:
-        # Checked on every path (deferred on CUDA: device ops only); the kernels clamp to [0, n] so a
-        # bad count queued for later can never address memory out of bounds.
-        if cu_seqlens is None:
-            lengths = scores.shape[1]
-        else:
-            lengths = cu_seqlens[1:].to(torch.int64) - cu_seqlens[:-1].to(torch.int64)
-        _validation.check_or_defer(
-            ((counts < 0) | (counts > lengths)).any(),
-            f"{op}: counts must lie in [0, n] for every slice of n tokens",
-        )
+        if counts is not None and slices:
+            # On CUDA the kernel's flags check the counts (no launches here); every path clamps to [0, n].
+            if cu_seqlens is None:
+                lengths = scores.shape[1]
+            else:
+                lengths = cu_seqlens[1:].to(torch.int64) - cu_seqlens[:-1].to(torch.int64)
+            _validation.check_or_defer(((counts < 0) | (counts > lengths)).any(), _counts_message(op))
     return dict(
         scores=scores,
         tau=tau_tensor,
@@ -648,6 +653,8 @@ def _run(args: dict) -> torch.Tensor:
                 f"{op}: cu_seqlens must start at 0, be non-decreasing, end at the number of tokens "
                 f"({args['scores'].shape[0]}) and have no segment longer than max_seqlen ({bound})",
             )
+        if args["counts"] is not None:
+            _validation.check_or_defer(bad[_FLAG_COUNTS], _counts_message(op))
     return keep
 
 

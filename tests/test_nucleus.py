@@ -597,11 +597,11 @@ def test_indices_match_mask(backend, ragged):
 def test_triton_kernel_flags():
     """On CUDA the kernel itself reports invalid values (no host sync): check every flag here."""
 
-    def launch(scores, tau=None, cu=None, max_seqlen=8, temperature=None):
+    def launch(scores, tau=None, cu=None, max_seqlen=8, temperature=None, counts=None, column=slice(0, 3)):
         _, flags = nucleus_module._launch_triton(
-            scores.to(DEVICE), tau, 0.9, cu, max_seqlen, temperature, 1, None, lambda kernel: kernel
+            scores.to(DEVICE), tau, 0.9, cu, max_seqlen, temperature, 1, None, lambda kernel: kernel, counts
         )
-        return flags.cpu().tolist()
+        return flags[:, column].cpu().tolist()
 
     good = torch.rand(3, 8)
     assert launch(good) == [[0, 0, 0]] * 3
@@ -622,6 +622,17 @@ def test_triton_kernel_flags():
         flags = launch(flat, cu=torch.tensor(offsets, dtype=torch.int32, device=DEVICE))
         assert flags[row][2] == 1, (offsets, flags)
     assert launch(flat, cu=torch.tensor([0, 2, 2, 24], dtype=torch.int32, device=DEVICE))[2][2] == 1
+    # the budget mode's counts: flagged outside [0, n] (column 3), in both layouts
+    counts = torch.tensor([0, 8, 3], dtype=torch.int32, device=DEVICE)
+    assert launch(good, counts=counts, column=slice(0, 4)) == [[0, 0, 0, 0]] * 3
+    assert launch(flat, cu=cu, counts=counts, column=3) == [0, 0, 0]
+    for bad_counts in ([-1, 8, 3], [0, 9, 3]):
+        bad_counts = torch.tensor(bad_counts, dtype=torch.int32, device=DEVICE)
+        expected = [int(c < 0 or c > 8) for c in bad_counts.tolist()]
+        assert launch(good, counts=bad_counts, column=3) == expected
+        assert launch(flat, cu=cu, counts=bad_counts, column=3) == expected
+    assert launch(flat, cu=torch.tensor([0, 8, 12, 24], dtype=torch.int32, device=DEVICE), counts=counts,
+                  column=3) == [0, 1, 0]  # 8 tokens asked of a 4-token segment
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton on CUDA or TRITON_INTERPRET=1")
