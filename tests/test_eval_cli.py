@@ -7,69 +7,57 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
+from _releases import (
+    M3D_HEADER,
+    Built,
+    amos_release,
+    m3d_release,
+    m3d_row,
+    medunieval_m3d,
+    rad_release,
+    tumor_release,
+    write_csv,
+)
 from medpruner.cli import main
 from medpruner.selectors import SELECTORS, get_selector
-from PIL import Image
-from test_eval_readers import M3D_HEADER, NIBABEL_ANATOMICAL, RAD_HEADER, ct_nifti, m3d_row, unit_volume, write_csv
+from test_eval_readers import NIBABEL_ANATOMICAL
 
 ALL = sorted(SELECTORS)
 
 
-def _m3d(root):
-    (root / "ct").mkdir()
-    np.save(root / "ct" / "0.npy", unit_volume(0, (1, 4, 16, 16)))
-    write_csv(root / "m3d.csv", [m3d_row("ct/0.npy")], M3D_HEADER)
-
-
-def _3drad(root):
-    ct_nifti(root / "a.nii.gz", 0)
-    write_csv(root / "rad.csv", [{
-        "Task": "Anomaly Detection", "Subtask": "nodule", "VolumeName": "a.nii.gz", "Question": "Is there a nodule?",
-        "Answer": "Yes", "QuestionType": "Closed", "AnswerChoice": "A", "Choice A": "Yes", "Choice B": "No",
-        "Choice C": "", "Choice D": ""}], RAD_HEADER)
-
-
-def _deeptumor(root):
-    ct_nifti(root / "BDMAP_1.nii.gz", 1)
-    (root / "dt.json").write_text(json.dumps([{
-        "qid": "q1", "image_id": "BDMAP_1", "question": "Which organ has the tumor?\nA. liver\nB. pancreas",
-        "answer": "pancreas", "correct_option": "B", "question_type": "organ"}]))
-
-
-def _hulumed(root):
-    (root / "case").mkdir()
-    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16), dtype=np.uint8)
-    for i, image in enumerate(pixels):
-        Image.fromarray(image).save(root / "case" / f"{i}.png")
-    (root / "hulu.json").write_text(json.dumps([{
-        "id": "h1", "image": "case", "category": "organ",
-        "conversations": [{"from": "human", "value": "<image>\nDescribe the organ."},
-                          {"from": "gpt", "value": "normal liver"}]}]))
-
-
 def _jsonl(root):
+    folder = root / "generic"
+    folder.mkdir()
     line = {"volume": str(NIBABEL_ANATOMICAL), "question": "Which plane?", "answer": "axial",
             "options": {"A": "axial", "B": "sagittal"}, "answer_letter": "A", "category": "plane", "id": "x1"}
-    (root / "d.jsonl").write_text(json.dumps(line) + "\n")
+    (folder / "d.jsonl").write_text(json.dumps(line) + "\n" + json.dumps({**line, "volume": "gone.nii"}) + "\n")
+    return Built(folder, ["x1"], {"missing volume": 1})
 
 
-BUILDERS = {"m3d": _m3d, "3drad": _3drad, "deeptumor": _deeptumor, "hulumed": _hulumed, "jsonl": _jsonl}
+BUILDERS = {"m3d": m3d_release, "3drad": rad_release, "deeptumor": tumor_release, "hulumed": medunieval_m3d,
+            "amos": amos_release, "jsonl": _jsonl}
 BASE = ["--resolution", "64", "--tau", "0.5", "--max-new-tokens", "1", "--bootstrap", "20", "--backend", "torch",
         "--device", "cpu", "--no-progress"]
 
 
-def _run(root, fmt, *extra):
-    return main(["eval", "--data", str(root / "data"), "--format", fmt, "--out", str(root / "out"), *BASE, *extra])
+def _run(root, fmt, *extra, built=None):
+    built = built or BUILDERS[fmt](root)
+    volumes = ["--volumes", str(built.volumes)] if built.volumes else []
+    return main(["eval", "--data", str(built.data), "--format", fmt, "--out", str(root / "out"), *volumes, *BASE,
+                 *extra])
 
 
 @pytest.mark.parametrize("fmt", sorted(BUILDERS))
 def test_every_format_and_every_method_at_matched_budgets(tmp_path, fmt, capsys):
-    (tmp_path / "data").mkdir()
-    BUILDERS[fmt](tmp_path / "data")
-    assert _run(tmp_path, fmt, "--methods", "all") == 0
+    built = BUILDERS[fmt](tmp_path)
+    assert _run(tmp_path, fmt, "--methods", "all", "--limit", "1", built=built) == 0
     printed = capsys.readouterr().out
+    # the counts come before the table and again after it
+    head, tail = printed.split("\nmethod ", 1)
+    assert f"rows       {len(built.ids) + sum(built.skipped.values())} read, {len(built.ids)} usable" in head
+    for reason, count in built.skipped.items():
+        assert f"  skipped  {count} {reason}: " in head and f"  skipped  {count} {reason}: " in tail
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == set(ALL) and summary["methods_added"] == ["none"]
@@ -90,7 +78,8 @@ def test_every_format_and_every_method_at_matched_budgets(tmp_path, fmt, capsys)
     page = (out / "report.html").read_text()
     assert "Audit: accuracy change per category" in page and "Audit: answers that flip" in page
     assert (out / "pareto.png").is_file()
-    assert summary["dataset"]["format"] == fmt and summary["dataset"]["skipped"] == 0
+    assert summary["dataset"]["format"] == fmt and summary["dataset"]["skipped_by_reason"] == built.skipped
+    assert records[0]["sample_id"] == built.ids[0]
     closed = records[0]["closed"]
     assert summary["methods"]["topk"]["primary_metric"] == ("accuracy" if closed else "token_f1")
     # open answers are scored by exact match as their accuracy, so the audit covers them too
@@ -99,36 +88,81 @@ def test_every_format_and_every_method_at_matched_budgets(tmp_path, fmt, capsys)
 
 
 def test_rerun_resumes_and_json_output(tmp_path, capsys):
-    (tmp_path / "data").mkdir()
-    _m3d(tmp_path / "data")
-    assert _run(tmp_path, "m3d", "--methods", "iaf", "--no-html") == 0
+    built = m3d_release(tmp_path)
+    assert _run(tmp_path, "m3d", "--methods", "iaf", "--no-html", built=built) == 0
     lines = (tmp_path / "out" / "samples.jsonl").read_text()
     assert not (tmp_path / "out" / "report.html").exists()
     capsys.readouterr()
-    assert _run(tmp_path, "m3d", "--methods", "iaf", "--json") == 0
-    summary = json.loads(capsys.readouterr().out)
+    assert _run(tmp_path, "m3d", "--methods", "iaf", "--json", built=built) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "rows       5 read, 2 usable" in captured.err  # with --json the counts go to stderr
     assert (tmp_path / "out" / "samples.jsonl").read_text() == lines
-    assert list(summary["methods"]) == ["none", "iaf"] and summary["methods"]["iaf"]["n"] == 1
+    assert list(summary["methods"]) == ["none", "iaf"] and summary["methods"]["iaf"]["n"] == 2
     assert (tmp_path / "out" / "report.html").is_file()
 
 
+def test_readme_m3d_command_on_the_release_folder(tmp_path, capsys):
+    """The README's ``medpruner eval --data M3D-VQA/ --format m3d`` from the data root, as the M3D code
+    lays it out (``Data/data``: the CSV folder beside M3D_Cap_npy), with --split and the counts."""
+    built = m3d_release(tmp_path)
+    assert _run(tmp_path, "m3d", "--methods", "medpruner", "--split", "val", "--json", built=built) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["dataset"]["split"] == "val" and summary["dataset"]["files"] == [str(built.data / "M3D_VQA_val.csv")]
+    assert "data       m3d (split val): " in captured.err and "categories 1: Location 1" in captured.err
+
+
+def test_amos_report_generation_with_the_paper_metrics(tmp_path, capsys):
+    built = amos_release(tmp_path)
+    args = [*(a for a in BASE if a not in ("--max-new-tokens", "1")), "--methods", "medpruner", "--metrics", "paper"]
+    assert main(["eval", "--data", str(built.data), "--format", "amos", "--out", str(tmp_path / "out"), *args,
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["settings"]["max_new_tokens"] == 512 and summary["settings"]["metrics"] == "paper"
+    entry = summary["methods"]["medpruner"]
+    assert entry["primary_metric"] == "bleu4"
+    assert set(entry["metrics"]["overall"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL"}
+    assert summary["methods"]["none"]["metrics"]["unavailable"]["meteor"].startswith("unavailable")
+    records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert all(r["report"] and r["correct"] is None for r in records)
+
+
+def test_3drad_subtask_filter_from_the_command_line(tmp_path, capsys):
+    built = rad_release(tmp_path)
+    assert _run(tmp_path, "3drad", "--methods", "iaf", "--subtask", "Task4", "--json", built=built) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["dataset"]["categories"] == {"Task4_Existence_Detection/Lung nodule": 1}
+    assert main(["eval", "--data", str(built.data), "--format", "m3d", "--subtask", "4", "--out",
+                 str(tmp_path / "o2")]) == 2
+    assert "--subtask: only the 3drad format" in capsys.readouterr().err
+
+
 def test_usage_errors(tmp_path, capsys):
-    (tmp_path / "data").mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def run(*extra):
+        return main(["eval", "--data", str(data), "--format", "m3d", "--out", str(tmp_path / "out"), *BASE, *extra])
+
     with pytest.raises(SystemExit) as exit_info:
-        _run(tmp_path, "m3d", "--methods", "iaf,fastv")
+        run("--methods", "iaf,fastv")
     assert exit_info.value.code == 2 and "unknown method(s) ['fastv']" in capsys.readouterr().err
-    assert _run(tmp_path, "m3d") == 2
-    assert "expected exactly one *.csv" in capsys.readouterr().err
-    write_csv(tmp_path / "data" / "m3d.csv", [m3d_row("missing.npy")], M3D_HEADER)
-    assert _run(tmp_path, "m3d") == 2
-    err = capsys.readouterr().err
-    assert "no usable samples (1 rows skipped" in err and "missing.npy" in err
-    assert _run(tmp_path, "m3d", "--on-error", "raise") == 2
-    assert "m3d.csv: row 2: volume 'missing.npy' not found" in capsys.readouterr().err
+    assert run() == 2
+    assert "no M3D-VQA test split here: expected M3D_VQA_test.csv" in capsys.readouterr().err
+    write_csv(data / "M3D_VQA_test.csv", [m3d_row("M3D_Cap_npy/ct_case/1/missing.npy")], M3D_HEADER)
+    assert run() == 2
+    captured = capsys.readouterr()
+    assert "no usable samples (1 rows skipped; see above)" in captured.err
+    assert "  skipped  1 missing volume: M3D_VQA_test.csv row 2: " in captured.out and "missing.npy" in captured.out
+    assert run("--on-error", "raise") == 2
+    assert "M3D_VQA_test.csv: row 2: missing volume: " in capsys.readouterr().err
+    assert run("--split", "dev") == 2
+    assert "split: M3D-VQA ships test, val" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        _run(tmp_path, "m3d", "--tau", "0")
-    assert "tau must be in (0, 1]" in capsys.readouterr().err
-    assert main(["eval", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 2
+        run("--tau", "0")
+    assert "tau must be" in capsys.readouterr().err
+    assert main(["eval", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
     assert "--data needs --format" in capsys.readouterr().err
     assert main(["eval", "--format", "m3d", "--out", str(tmp_path / "out")]) == 2
     assert "--format m3d needs --data" in capsys.readouterr().err

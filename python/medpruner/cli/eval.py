@@ -1,7 +1,8 @@
 """``medpruner eval``: a local 3D VQA dataset through a VLM, unpruned and under each selection method at
 matched budgets (see :mod:`medpruner.eval.runner`), with the pruning-impact audit in the report.
 
-    medpruner eval --data DIR --format m3d|3drad|deeptumor|hulumed|jsonl --out DIR
+    medpruner eval --data RELEASE --format m3d|3drad|deeptumor|hulumed|amos|jsonl --out DIR
+                   [--split test] [--subtask T] [--metrics default|paper]
                    [--methods medpruner,topk,...] [--model CKPT] [--limit N] [--tau 0.9] ...
     medpruner eval --out DIR        # the offline default: the synthetic test split, the shipped checkpoint
     medpruner eval --engine vllm --model CKPT --budget B [--methods none,medpruner_budget] [--max-model-len N]
@@ -15,7 +16,7 @@ which prunes to a fixed budget only: it runs ``none`` and ``medpruner_budget`` a
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 from medpruner.cli.common import CommandError, pick_device
@@ -26,6 +27,8 @@ DEFAULT_METHODS = (
 )
 
 
+ANSWER_TOKENS = 8
+REPORT_TOKENS = 512
 SYNTHETIC_DIR = "synthetic-test"
 SYNTHETIC_VOLUMES = 200
 
@@ -121,7 +124,8 @@ def unit_float(name: str, *, low_open: bool):
 def add_parser(commands, add_run_options, positive_int) -> None:
     """Register ``eval`` on the subcommand set (the shared option parsers come from :mod:`.args`)."""
     from medpruner.cli.ray_engine import add_engine_options
-    from medpruner.eval.readers import FORMATS
+    from medpruner.eval.metrics import METRIC_SETS
+    from medpruner.eval.readers import DEFAULT_SPLIT, FORMATS
 
     parser = commands.add_parser(
         "eval",
@@ -132,9 +136,22 @@ def add_parser(commands, add_run_options, positive_int) -> None:
         "the plots. Rerunning with the same settings resumes: finished samples are skipped.",
     )
     parser.add_argument("--data", default=None,
-                        help="the dataset file, or a folder holding exactly one (default: the synthetic 3D VQA "
+                        help="the release folder as published (M3D-VQA's CSVs, 3D-RAD's 3DRAD, DeepTumorVQA's "
+                             "root, a MedUniEval dataset folder) or one data file (default: the synthetic 3D VQA "
                              "test split, written to OUT/synthetic-test)")
-    parser.add_argument("--format", default=None, choices=FORMATS, help="dataset format (needed with --data)")
+    parser.add_argument("--format", default=None, choices=FORMATS,
+                        help="dataset format (needed with --data): m3d (M3D-VQA), 3drad (3D-RAD), deeptumor "
+                             "(DeepTumorVQA), hulumed (the MedPruner / Hulu-Med evaluation JSON), amos (AMOS-MM "
+                             "report generation), jsonl")
+    parser.add_argument("--split", default=DEFAULT_SPLIT,
+                        help="which split a release folder gives (default test; M3D-VQA: test, val, train, "
+                             "test5k, yn_train; 3D-RAD: test, train)")
+    parser.add_argument("--subtask", default=None,
+                        help="3D-RAD: comma-separated tasks or subtasks to keep (Task4, 4, "
+                             "Task4_Existence_Detection, 'Lung nodule'); default all, each subtask a category")
+    parser.add_argument("--metrics", choices=METRIC_SETS, default="default",
+                        help="open answers: default (exact match, token F1, BLEU, ROUGE-L) or paper (the published "
+                             "evaluation's per-sample BLEU-1..4, ROUGE-1/2/L F and METEOR when available)")
     parser.add_argument("--synthetic-volumes", type=positive_int, default=SYNTHETIC_VOLUMES,
                         help=f"without --data: test volumes of the synthetic split (default {SYNTHETIC_VOLUMES}, "
                              "about 590 questions)")
@@ -165,7 +182,8 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--resolution", type=positive_int, default=None,
                         help="longer slice side fed to the model (default 224; 64 for the default checkpoint)")
     parser.add_argument("--window", default="auto", help="CT window for volumes in HU (see medpruner prune)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer length (default 8)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help=f"answer length (default {ANSWER_TOKENS}; {REPORT_TOKENS} for report generation)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random method (default 0)")
     parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--no-html", action="store_true", help="write the JSON files only")
@@ -180,7 +198,7 @@ def add_parser(commands, add_run_options, positive_int) -> None:
 
 def cmd_eval(args) -> int:
     from medpruner.cli.ray_engine import eval_ray, reject_ray_options
-    from medpruner.eval.readers import DatasetError, read_dataset
+    from medpruner.eval.readers import FORMATS, DatasetError, read_dataset
     from medpruner.eval.runner import EvalSettings, run_eval
     from medpruner.report import to_json
 
@@ -199,20 +217,24 @@ def cmd_eval(args) -> int:
             raise CommandError(f"--format {args.format} needs --data (without --data the synthetic split is jsonl)")
         args.data, args.format = str(synthetic_dataset(Path(args.out), args.synthetic_volumes)), "jsonl"
     elif args.format is None:
-        raise CommandError("--data needs --format (one of m3d, 3drad, deeptumor, hulumed, jsonl)")
+        raise CommandError(f"--data needs --format (one of {', '.join(FORMATS)})")
+    if args.subtask is not None and args.format != "3drad":
+        raise CommandError(f"--subtask: only the 3drad format has subtasks (got --format {args.format})")
     try:
-        dataset = read_dataset(args.data, args.format, volumes=args.volumes, on_error=args.on_error,
-                               mode=args.question_mode)
-    except DatasetError as err:
+        dataset = read_dataset(args.data, args.format, split=args.split, subtask=args.subtask, volumes=args.volumes,
+                               on_error=args.on_error, mode=args.question_mode)
+    except (DatasetError, ValueError) as err:
         raise CommandError(str(err)) from err
+    counts = dataset_counts(dataset.summary(), args.limit)
+    print(counts, file=sys.stderr if args.json else sys.stdout, flush=True)
     if not dataset.samples:
-        raise CommandError(f"{dataset.file}: no usable samples ({len(dataset.skipped)} rows skipped: "
-                           f"{json.dumps(dataset.summary()['skipped_rows'][:3])})")
+        raise CommandError(f"{dataset.file}: no usable samples ({len(dataset.skipped)} rows skipped; see above)")
     resolution = args.resolution or default_resolution(args.model)
+    max_new_tokens = args.max_new_tokens or (REPORT_TOKENS if any(s.report for s in dataset) else ANSWER_TOKENS)
     settings = EvalSettings(
         methods=tuple(args.methods), gamma=args.gamma, tau=args.tau, merge=not args.no_merge,
-        context_frac=args.context_frac, backend=args.backend, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        window=args.window, resolution=resolution, limit=args.limit, bootstrap=args.bootstrap,
+        context_frac=args.context_frac, backend=args.backend, max_new_tokens=max_new_tokens, seed=args.seed,
+        window=args.window, resolution=resolution, limit=args.limit, bootstrap=args.bootstrap, metrics=args.metrics,
     )
     try:
         if args.engine == "ray":
@@ -228,6 +250,7 @@ def cmd_eval(args) -> int:
         print(to_json(summary))
     else:
         print(summary_text(summary, Path(args.out)))
+        print(counts)
     return 0
 
 
@@ -263,6 +286,28 @@ def _eval_vllm(args, dataset, settings) -> dict:
     model = load_vllm_model(args.model, config, **engine)
     return run_vllm_eval(dataset, model, settings, args.budget, Path(args.out), progress=not args.no_progress,
                          html=not args.no_html)
+
+
+def dataset_counts(dataset: dict, limit: int | None = None) -> str:
+    """What was read, before any model runs (and again at the end): the files, rows read, rows skipped
+    by reason with the first few, and samples per category."""
+    files = dataset.get("files") or [dataset["file"]]
+    split = f" (split {dataset['split']})" if dataset.get("split") else ""
+    shown = files if len(files) <= 3 else [*files[:2], f"... {len(files) - 2} more"]
+    lines = [f"data       {dataset['format']}{split}: {', '.join(map(str, shown))}",
+             f"rows       {dataset['rows']} read, {dataset['samples']} usable ({dataset['closed']} closed, "
+             f"{dataset['open']} open), {dataset['skipped']} skipped"]
+    for reason, count in dataset.get("skipped_by_reason", {}).items():
+        examples = [r for r in dataset["skipped_rows"] if r["reason"].startswith(reason)][:2]
+        lines.append(f"  skipped  {count} {reason}: " + "; ".join(
+            f"{Path(r['file']).name} {r['row']}: {r['reason'][len(reason) + 2:][:160]}" for r in examples))
+    categories = dataset.get("categories", {})
+    listed = ", ".join(f"{name} {count}" for name, count in list(categories.items())[:12])
+    more = f", ... {len(categories) - 12} more" if len(categories) > 12 else ""
+    lines.append(f"categories {len(categories)}: {listed}{more}")
+    if limit is not None and limit < dataset["samples"]:
+        lines.append(f"limit      the first {limit} of {dataset['samples']} samples are run")
+    return "\n".join(lines)
 
 
 def summary_text(summary: dict, out_dir: Path) -> str:

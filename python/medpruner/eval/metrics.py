@@ -38,6 +38,7 @@ import numpy as np
 
 __all__ = [
     "CLOSED_METRICS",
+    "METRIC_SETS",
     "OPEN_METRICS",
     "bleu",
     "bootstrap_ci",
@@ -195,12 +196,27 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], model: s
     return [float(v) for v in f1]
 
 
+METRIC_SETS = ("default", "paper")
+
+
 def score_answer(prediction: str, *, answer: str, options: Mapping[str, str] | None = None,
-                 answer_letter: str | None = None, meteor_available: bool = False) -> dict[str, float]:
+                 answer_letter: str | None = None, meteor_available: bool = False, metric_set: str = "default",
+                 report: bool = False) -> dict[str, float]:
     """Per-sample metrics: ``accuracy`` for a closed question (options or a gold letter given), the open
-    metrics otherwise, ``accuracy`` among them as the exact match (plus ``meteor`` when available)."""
+    metrics otherwise, ``accuracy`` among them as the exact match (plus ``meteor`` when available).
+
+    ``metric_set="paper"``: an open answer gets the published evaluation's report metrics instead
+    (:mod:`medpruner.eval.paper_metrics`: BLEU-1..4, ROUGE-1/2/L, METEOR when available), with the exact
+    match as ``accuracy`` unless ``report`` (a generated report has no exact answer)."""
+    if metric_set not in METRIC_SETS:
+        raise ValueError(f"metric_set must be one of {METRIC_SETS}, got {metric_set!r}")
     if options or answer_letter:
         return {"accuracy": closed_accuracy(prediction, options or {}, answer_letter, answer)}
+    if metric_set == "paper":
+        from medpruner.eval.paper_metrics import paper_scores
+
+        scores = paper_scores(prediction, answer, meteor_available=meteor_available)
+        return scores if report else {"accuracy": exact_match(prediction, answer), **scores}
     matched = exact_match(prediction, answer)
     scores = {
         "accuracy": matched,

@@ -89,7 +89,8 @@ class EvalSettings:
     kernel backend; max_new_tokens: greedy answer length; seed: the random selector's seed (per sample
     ``seed + index``); window: CT window for volumes in Hounsfield units; resolution: the slice size the
     caller resized to (recorded only); limit: the first N samples; bootstrap: resamples of the
-    confidence intervals."""
+    confidence intervals; metrics: "default" or "paper" (the published evaluation's report metrics for
+    open answers, see :func:`medpruner.eval.metrics.score_answer`)."""
 
     methods: tuple[str, ...]
     gamma: float = 0.05
@@ -103,6 +104,7 @@ class EvalSettings:
     resolution: int | None = None
     limit: int | None = None
     bootstrap: int = 1000
+    metrics: str = "default"
 
     def selector_settings(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "tau": self.tau, "merge": self.merge, "context_frac": self.context_frac}
@@ -132,7 +134,7 @@ def resolve_methods(methods: Sequence[str]) -> tuple[list[str], list[str]]:
     return needed + [name for name in asked if name not in needed], added
 
 
-_OPTION_LINE = re.compile(r"^\s*\(?([A-H])[.):]\s+\S")
+_OPTION_LINE = re.compile(r"^\s*\(?([A-H])[.):]\s*\S")
 _INSTRUCTION_LINE = re.compile(r"^\s*answer with\b", re.IGNORECASE)
 
 
@@ -243,9 +245,10 @@ def _run_method(eval_model: EvalModel, inputs, method: str, settings: EvalSettin
 
 
 def _record(sample: Sample, method: str, settings_id: str, generation: _Generation, reference: _Generation,
-            budget, unavailable: dict) -> dict:
+            budget, unavailable: dict, metric_set: str = "default") -> dict:
     metrics = score_answer(generation.prediction, answer=sample.answer, options=sample.options,
-                           answer_letter=sample.answer_letter, meteor_available=unavailable.get("meteor") is None)
+                           answer_letter=sample.answer_letter, meteor_available=unavailable.get("meteor") is None,
+                           metric_set=metric_set, report=sample.report)
     if generation.selections:
         stages = generation.selections[0].stages
         kept_slices = generation.selections[0].kept_slices
@@ -261,12 +264,13 @@ def _record(sample: Sample, method: str, settings_id: str, generation: _Generati
         "method": method,
         "category": sample.category,
         "closed": sample.closed,
+        "report": sample.report,
         "question": sample.question,
         "answer": sample.answer,
         "answer_letter": sample.answer_letter,
         "prediction": generation.prediction,
         "metrics": metrics,
-        "correct": metrics["accuracy"],
+        "correct": metrics.get("accuracy"),
         "budget": budget,
         "kept_slices": kept_slices,
         **stages,
@@ -279,10 +283,10 @@ def _record(sample: Sample, method: str, settings_id: str, generation: _Generati
     }
 
 
-def _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable) -> dict:
+def _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable, metric_set) -> dict:
     from medpruner.adapters import adapter_for
 
-    record = _record(sample, REFERENCE, settings_id, reference, reference, None, unavailable)
+    record = _record(sample, REFERENCE, settings_id, reference, reference, None, unavailable, metric_set)
     layout = adapter_for(eval_model.model).layout(eval_model.model, dict(inputs))
     tokens = int(layout.token_offsets[-1])
     record.update(slices_total=layout.num_images, slices_kept=layout.num_images,
@@ -357,12 +361,14 @@ def eval_sample(eval_model: EvalModel, sample: Sample, index: int, volume: np.nd
         if keys[method] in existing:
             continue
         if method == REFERENCE:
-            record = _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable)
+            record = _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable,
+                                       settings.metrics)
         else:
             # medpruner runs before every budgeted method, so its record is there by now
             budget = existing[keys[BUDGET_SOURCE]]["tokens_kept"] if _budgeted(method) else None
             generation = _run_method(eval_model, inputs, method, settings, budget, settings.seed + index)
-            record = _record(sample, method, settings_id, generation, reference, budget, unavailable)
+            record = _record(sample, method, settings_id, generation, reference, budget, unavailable,
+                             settings.metrics)
         existing[record["key"]] = record
         yield record
 
@@ -448,6 +454,14 @@ def _fidelity(pairs: list[tuple[dict, dict]]) -> dict:
     return result
 
 
+def primary_metric(records: Sequence[dict]) -> str:
+    """The headline metric: accuracy when any question is closed, else BLEU-4 under the paper's
+    metrics, else token F1."""
+    if any(r["closed"] for r in records):
+        return "accuracy"
+    return "bleu4" if any("bleu4" in r["metrics"] for r in records) else "token_f1"
+
+
 def summarize_records(records: Sequence[dict], methods: Sequence[str], *, bootstrap: int = 1000,
                       unavailable: dict | None = None) -> dict:
     """Per method: metrics (mean and bootstrap interval, overall and per category), retention (both
@@ -459,7 +473,7 @@ def summarize_records(records: Sequence[dict], methods: Sequence[str], *, bootst
     for record in records:
         by_method.setdefault(record["method"], []).append(record)
     reference = {r["sample_id"]: r for r in by_method.get(REFERENCE, [])}
-    primary = "accuracy" if any(r["closed"] for r in records) else "token_f1"
+    primary = primary_metric(records)
     out = {}
     for method in methods:
         rows = by_method.get(method, [])

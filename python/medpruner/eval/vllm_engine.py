@@ -247,7 +247,7 @@ def run_vllm_eval(dataset: Dataset, model: VllmModel, settings: EvalSettings, bu
                     if method == BUDGETED:
                         tokens = sum(budget_split(budget, counts["slices_kept"], request.full[0]))
                     record = _record(request.sample, method, plan.settings_id, generation, reference, tokens,
-                                     plan.unavailable)
+                                     plan.unavailable, settings.metrics)
                     record.update(counts)
                     plan.done[key] = record
                     _append(handle, record)
