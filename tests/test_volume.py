@@ -146,7 +146,7 @@ def test_truncated_nifti_gz_is_a_clear_error(tmp_path, cut):
 def test_truncated_uncompressed_nifti_is_a_clear_error(tmp_path):
     path = tmp_path / "cut.nii"
     path.write_bytes(ANATOMICAL.read_bytes()[:1000])
-    with pytest.raises(VolumeError, match=r"cut\.nii: cannot read the voxel data"):
+    with pytest.raises(VolumeError, match=r"cut\.nii: truncated or corrupt: the header claims"):
         load_volume(path)
 
 
@@ -598,3 +598,115 @@ def test_nilearn_mni_template_loads_offline_along_its_axial_axis():
     slices, window = vol.normalize(v)
     assert window.kind == "percentile" and slices.dtype == np.float32
     assert slices.min() == 0.0 and slices.max() == 1.0
+
+
+# ------------------------------------------------------------------------------------ issue 25
+def _claiming(path: Path, shape, data_bytes: bytes) -> Path:
+    header = nib.Nifti1Header()
+    header["magic"] = b"n+1"
+    header.set_data_offset(352)
+    header.set_data_dtype(np.float32)
+    header.set_data_shape(shape)
+    raw = header.binaryblock + b"\0" * 4 + data_bytes
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+def test_a_header_claiming_more_voxels_than_the_file_can_hold_is_refused(tmp_path, name):
+    path = _claiming(tmp_path / name, (30000, 30000, 30000), bytes(256))
+    with pytest.raises(VolumeError, match=rf"{name.replace('.', '[.]')}: .*\(108,000,000,000,[0-9]{{3}} bytes\)"):
+        load_volume(path)
+
+
+def test_the_claimed_size_check_passes_exact_files_and_refuses_one_byte_short(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.float32)
+    exact = _claiming(tmp_path / "exact.nii", (4, 5, 6), data.tobytes())
+    assert load_volume(exact).shape == (6, 5, 4)
+    short = _claiming(tmp_path / "short.nii", (4, 5, 6), data.tobytes()[:-1])
+    with pytest.raises(VolumeError, match=r"short\.nii: truncated or corrupt: .* \(832 bytes\), the file holds 831"):
+        load_volume(short)
+    packed = _claiming(tmp_path / "ok.nii.gz", (4, 5, 6), data.tobytes())
+    np.testing.assert_array_equal(load_volume(packed).data, load_volume(exact).data)
+    np.testing.assert_array_equal(np.asarray(nib.load(packed).dataobj), data.reshape((4, 5, 6), order="F"))
+
+
+def test_the_claimed_size_check_refuses_what_memory_cannot_hold(tmp_path, monkeypatch):
+    from medpruner.volume import nifti
+
+    path = _claiming(tmp_path / "v.nii", (4, 5, 6), bytes(480))
+    monkeypatch.setattr(nifti, "available_memory", lambda: 100)
+    with pytest.raises(VolumeError, match=r"v\.nii: the volume needs 480 bytes, more than the 100 bytes"):
+        load_volume(path)
+
+
+def test_nonfinite_voxels_are_replaced_by_the_policy_and_counted(tmp_path):
+    data = np.linspace(-5, 20, 3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    data[0, 0, 0], data[1, 1, 1], data[2, 2, 2], data[2, 3, 3] = np.nan, np.inf, -np.inf, np.nan
+    finite = data[np.isfinite(data)]
+    low_side = np.isnan(data) | np.isneginf(data)
+    expected = np.where(low_side, finite.min(), np.where(np.isposinf(data), finite.max(), data))
+    volume = load_volume(data)
+    slices, window = vol.normalize(volume, "percentile")
+    np.testing.assert_array_equal(slices, vol.normalize(load_volume(expected), "percentile")[0])
+    assert volume.nonfinite == {
+        "nan": 2, "posinf": 1, "neginf": 1, "voxels": 48, "policy": vol.NONFINITE_POLICY,
+        "finite_min": float(finite.min()), "finite_max": float(finite.max()),
+    }
+    assert volume.describe()["nonfinite"] == volume.nonfinite and volume.constant_value is None
+    clean = load_volume(expected)
+    vol.normalize(clean)
+    assert clean.nonfinite is None
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf, -np.inf])
+def test_a_volume_without_a_finite_voxel_is_refused(tmp_path, fill):
+    path = tmp_path / "empty.npy"
+    np.save(path, np.full((2, 3, 3), fill, dtype=np.float32))
+    with pytest.raises(VolumeError, match=r"empty\.npy: no finite voxel value: all 18 voxels are NaN or Inf"):
+        vol.normalize(load_volume(path))
+
+
+def test_a_constant_volume_is_recorded_not_refused():
+    volume = load_volume(np.full((3, 4, 4), 2, dtype=np.int16))
+    slices, _ = vol.normalize(volume)
+    assert volume.constant_value == 2.0 and volume.describe()["constant"] is True
+    assert not slices.any()
+
+
+def test_an_inf_slice_does_not_make_a_volume_ct():
+    data = np.random.default_rng(0).random((6, 8, 8)).astype(np.float32) * 300
+    assert load_volume(data).modality == "MR"
+    data[2] = -np.inf
+    assert load_volume(data).modality == "MR"
+    data[3] = -1000.0
+    assert load_volume(data).modality == "CT"
+
+
+def test_guessed_metadata_is_listed_as_assumed(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 3), np.float32))
+    assert load_volume(tmp_path / "a.npy").assumed == ["modality", "spacing", "orientation"]
+    assert load_volume(np.zeros((2, 3, 3)), spacing=(2, 1, 1)).assumed == ["modality"]
+    assert load_volume(np.zeros((2, 3, 3)), spacing=(2, 1, 1), modality="CT").assumed == []
+    assert load_volume(ANATOMICAL).assumed == ["modality"]
+    assert load_volume(CT5N).assumed == []
+
+
+def test_a_pickled_npy_is_refused_without_numpy_advice(tmp_path):
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for bad in (path, tmp_path / "text.npy"):
+        if bad.name == "text.npy":
+            bad.write_bytes(b"plain text, not numpy")
+        with pytest.raises(VolumeError) as info:
+            load_volume(bad)
+        assert str(info.value) == f"{bad}: not a numeric array: the file holds Python objects (pickled data), " \
+            "which are never loaded"
+        assert "allow_pickle" not in str(info.value)
+
+
+def test_the_unit_window_keeps_unit_values():
+    data = np.array([[[-0.5, 0.0], [0.25, 1.5]]], dtype=np.float32)
+    slices, window = vol.normalize(load_volume(data), "unit")
+    assert window.describe() == {"kind": "unit", "name": "unit"}
+    np.testing.assert_array_equal(slices, [[[0.0, 0.0], [0.25, 1.0]]])

@@ -41,6 +41,8 @@ from medpruner.volume.windowing import (
     window_ct,
 )
 from medpruner.volume.windowing import DEFAULT_PERCENTILES as DEFAULT_PERCENTILES
+from medpruner.volume.windowing import NONFINITE_POLICY as NONFINITE_POLICY
+from medpruner.volume.windowing import replace_nonfinite as replace_nonfinite
 
 __all__ = [
     "CT_WINDOWS",

@@ -52,6 +52,13 @@ class Volume:
     slice_axis_reason: str = "given"
     window_hint: tuple[float, float] | None = None
     notes: list[str] = field(default_factory=list)
+    # What the file does not record and the loader filled in ("modality" guessed from the intensities,
+    # "spacing" and "orientation" of an array taken as 1 mm RAS): reports show these as assumed.
+    assumed: list[str] = field(default_factory=list)
+    # Set by :func:`medpruner.volume.normalize`: the NaN/Inf voxels it replaced and how (None: none).
+    nonfinite: dict | None = None
+    # Set by :func:`medpruner.volume.normalize`: the single value of a constant volume (None otherwise).
+    constant_value: float | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -85,6 +92,9 @@ class Volume:
             "slice_axis_reason": self.slice_axis_reason,
             "window_hint": None if self.window_hint is None else list(self.window_hint),
             "notes": list(self.notes),
+            "assumed": list(self.assumed),
+            "nonfinite": self.nonfinite,
+            "constant": self.constant_value is not None,
         }
 
 
@@ -149,9 +159,12 @@ def sample_voxels(data: np.ndarray) -> np.ndarray:
 
 
 def guess_modality(data: np.ndarray) -> str:
-    """ "CT" when at least 1% of the voxels are at or below -900 (air in Hounsfield units), else "MR"."""
+    """ "CT" when at least 1% of the finite voxels are at or below -900 (air in Hounsfield units), else
+    "MR". NaN and Inf are left out: a -Inf slice does not make a volume look like CT."""
     sample = sample_voxels(data)
     signed = np.issubdtype(sample.dtype, np.signedinteger) or np.issubdtype(sample.dtype, np.floating)
+    if np.issubdtype(sample.dtype, np.floating):
+        sample = sample[np.isfinite(sample)]
     if sample.size == 0 or not signed:
         return "MR"
     return "CT" if np.count_nonzero(sample <= _CT_AIR_HU) >= _CT_AIR_FRACTION * sample.size else "MR"
@@ -184,6 +197,7 @@ def finish_volume(
     dtype,
     window_hint=None,
     notes=(),
+    assumed=(),
 ) -> Volume:
     if array.ndim != 3:
         raise VolumeError(source, f"expected a 3D volume, got an array of shape {tuple(array.shape)}")
@@ -206,6 +220,7 @@ def finish_volume(
         spacing=_spacing_from_affine(new_affine),
         affine=new_affine,
         modality=modality or guess_modality(data),
+        assumed=[*([] if modality else ["modality"]), *assumed],
         source=None if source is None else str(source),
         slice_axis=axis,
         slice_axis_reason=reason,
@@ -214,14 +229,20 @@ def finish_volume(
     )
 
 
+def frame_message(frames: int, shape: tuple) -> str:
+    """The error of a 4D image read without a frame: names the CLI option and the Python argument."""
+    return (
+        f"4D image with {frames} frames (shape {shape}): choose one with --frame N "
+        f"(Python: load_volume(..., frame=N)), N in 0..{frames - 1}"
+    )
+
+
 def select_frame(path, array: np.ndarray, frame: int | None, frame_axis: int) -> np.ndarray:
     frames = array.shape[frame_axis]
     if frame is None:
         if frames == 1:
             return np.take(array, 0, axis=frame_axis)
-        raise VolumeError(
-            path, f"4D image with {frames} frames (shape {tuple(array.shape)}): pass frame=0..{frames - 1}"
-        )
+        raise VolumeError(path, frame_message(frames, tuple(array.shape)))
     if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or not 0 <= frame < frames:
         raise VolumeError(path, f"frame must be an int in [0, {frames}), got {frame!r}")
     return np.take(array, int(frame), axis=frame_axis)

@@ -47,9 +47,17 @@ def from_array(source, array: np.ndarray, slice_axis, spacing, modality, dtype) 
         default_axis=0,
         default_reason="axis 0 (arrays are taken as [D, H, W])",
         reverse_in_plane=False,
+        assumed=() if spacing is not None else ("spacing", "orientation"),
         modality=modality,
         dtype=dtype,
     )
+
+
+def _pickled(err: Exception) -> bool:
+    """numpy's refusal of a file that is pickled (or holds object arrays): its message advises
+    ``allow_pickle``, which a volume reader must never use on a file it was handed."""
+    text = str(err)
+    return "pickle" in text or "Python objects" in text
 
 
 def load_numpy(path: Path, slice_axis, spacing, modality, dtype, key) -> Volume:
@@ -68,7 +76,11 @@ def load_numpy(path: Path, slice_axis, spacing, modality, dtype, key) -> Volume:
                 else:
                     preferred = [n for n in ("volume", "image", "data") if n in names]
                     if not preferred:
-                        raise VolumeError(path, f"holds several arrays {names}: pass key=")
+                        raise VolumeError(
+                            path,
+                            f"holds several arrays {names} and none is named volume, image or data: "
+                            "choose one with --key NAME (Python: load_volume(..., key=NAME))",
+                        )
                     chosen = preferred[0]
                 array = archive[chosen]
     except VolumeError:
@@ -76,5 +88,9 @@ def load_numpy(path: Path, slice_axis, spacing, modality, dtype, key) -> Volume:
     except MemoryError:
         raise
     except Exception as err:
+        if _pickled(err):
+            raise VolumeError(
+                path, "not a numeric array: the file holds Python objects (pickled data), which are never loaded"
+            ) from err
         raise read_error(path, "numpy data", err) from err
     return from_array(path, array, slice_axis, spacing, modality, dtype)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medpruner.volume.base import Volume, sample_voxels
+from medpruner.volume.base import Volume, VolumeError, sample_voxels
 
 # Standard (level, width) pairs in Hounsfield units, as used on radiology workstations.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -39,9 +39,23 @@ class Window:
         out = {"kind": self.kind, "name": self.name}
         if self.kind == "ct":
             out.update(level=self.level, width=self.width)
-        else:
+        elif self.kind == "percentile":
             out.update(low_percentile=self.low, high_percentile=self.high)
         return out
+
+    def text(self) -> str:
+        """One line for people: what the window did."""
+        if self.kind == "ct":
+            return f"{self.name} (level {self.level:g}, width {self.width:g} HU)"
+        if self.kind == "unit":
+            return "none: intensities already in [0, 1] (clipped to it)"
+        return f"percentiles {self.low:g}..{self.high:g}"
+
+
+UNIT_WINDOW = Window("unit", "unit")
+
+# The policy for NaN/Inf voxels in a volume that has finite ones, applied before any windowing.
+NONFINITE_POLICY = "NaN -> the finite minimum, +Inf -> the finite maximum, -Inf -> the finite minimum"
 
 
 def _ct_window(name: str, level: float, width: float) -> Window:
@@ -54,7 +68,8 @@ def resolve_window(window, volume: Volume | None = None) -> Window:
     """Turn a window spec into a :class:`Window`.
 
     ``window``: a preset name (``abdomen``, ``lung``, ``bone``, ``brain``, ``mediastinum``), ``"L,W"``
-    or a ``(level, width)`` pair in HU, ``"percentile"`` (MRI-style, 0.5..99.5), or ``"auto"``: for CT
+    or a ``(level, width)`` pair in HU, ``"percentile"`` (MRI-style, 0.5..99.5), ``"unit"`` (intensities
+    already in [0, 1], e.g. synthetic volumes: only clipped), or ``"auto"``: for CT
     the window recorded in the DICOM file when there is one, else ``abdomen``; percentiles otherwise.
     """
     if isinstance(window, Window):
@@ -71,6 +86,8 @@ def resolve_window(window, volume: Volume | None = None) -> Window:
     spec = window.strip().lower()
     if spec in CT_WINDOWS:
         return _ct_window(spec, *CT_WINDOWS[spec])
+    if spec == "unit":
+        return UNIT_WINDOW
     if spec == "percentile":
         return Window("percentile", "percentile", low=DEFAULT_PERCENTILES[0], high=DEFAULT_PERCENTILES[1])
     if spec == "auto":
@@ -87,7 +104,7 @@ def resolve_window(window, volume: Volume | None = None) -> Window:
             raise ValueError(f"window: expected 'LEVEL,WIDTH' (two numbers), got {window!r}") from err
         return _ct_window(f"{level:g},{width:g}", level, width)
     raise ValueError(
-        f"window: unknown {window!r}; use one of {sorted(CT_WINDOWS)}, 'L,W' (HU), 'percentile' or 'auto'"
+        f"window: unknown {window!r}; use one of {sorted(CT_WINDOWS)}, 'L,W' (HU), 'percentile', 'unit' or 'auto'"
     )
 
 
@@ -131,19 +148,64 @@ def scale_percentile(
 def apply_window(data, window: Window) -> np.ndarray:
     if window.kind == "ct":
         return window_ct(data, window.level, window.width)
+    if window.kind == "unit":
+        out = np.clip(np.asarray(data, dtype=np.float32), 0.0, 1.0)
+        return np.nan_to_num(out, copy=False, nan=0.0)
     return scale_percentile(data, window.low, window.high)
+
+
+def replace_nonfinite(data, source=None) -> tuple[np.ndarray, dict | None, float | None]:
+    """Apply :data:`NONFINITE_POLICY` -> ``(data, nonfinite, constant_value)``.
+
+    ``nonfinite``: None when every voxel is finite, else the counts replaced (``nan``, ``posinf``,
+    ``neginf``), the policy and the finite range used. ``constant_value``: the one finite value of a
+    constant volume, else None. A volume with no finite voxel is a :class:`VolumeError`: nothing in it
+    can be windowed or compared. ``data`` is returned as it is (no copy) when nothing is replaced."""
+    array = np.asarray(data)
+    if not np.issubdtype(array.dtype, np.floating):
+        if array.size == 0:
+            return array, None, None
+        low, high = array.min(), array.max()
+        return array, None, (float(low) if low == high else None)
+    finite = np.isfinite(array)
+    finite_count = int(np.count_nonzero(finite))
+    if finite_count == 0:
+        raise VolumeError(source, f"no finite voxel value: all {array.size} voxels are NaN or Inf")
+    low = float(array.min(where=finite, initial=np.inf))
+    high = float(array.max(where=finite, initial=-np.inf))
+    constant = low if low == high else None
+    if finite_count == array.size:
+        return array, None, constant
+    nan = int(np.count_nonzero(np.isnan(array)))
+    posinf = int(np.count_nonzero(np.isposinf(array)))
+    info = {
+        "nan": nan,
+        "posinf": posinf,
+        "neginf": array.size - finite_count - nan - posinf,
+        "voxels": int(array.size),
+        "policy": NONFINITE_POLICY,
+        "finite_min": low,
+        "finite_max": high,
+    }
+    replaced = np.nan_to_num(array, copy=True, nan=low, posinf=high, neginf=low)
+    return replaced, info, constant
 
 
 def normalize(volume, window="auto") -> tuple[np.ndarray, Window]:
     """A volume's slices in [0, 1] (float32 ``[D, H, W]``) and the window that was used.
 
-    ``volume``: a :class:`Volume` (``auto`` then looks at its modality) or an array.
+    ``volume``: a :class:`Volume` (``auto`` then looks at its modality) or an array. NaN/Inf voxels
+    are first replaced by :data:`NONFINITE_POLICY`; on a :class:`Volume` the counts are recorded in
+    ``volume.nonfinite`` and a constant volume's value in ``volume.constant_value``. A volume without
+    any finite voxel is a :class:`VolumeError`.
     """
     if isinstance(volume, Volume):
+        data, volume.nonfinite, volume.constant_value = replace_nonfinite(volume.data, volume.source)
         chosen = resolve_window(window, volume)
-        return apply_window(volume.data, chosen), chosen
+        return apply_window(data, chosen), chosen
     chosen = resolve_window(window, None)
-    return apply_window(volume, chosen), chosen
+    data, _, _ = replace_nonfinite(volume)
+    return apply_window(data, chosen), chosen
 
 
 def to_model_range(unit):
