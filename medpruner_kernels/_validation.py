@@ -10,6 +10,7 @@ too, so the CUDA error path can be tested on a machine without a GPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 
@@ -162,3 +163,17 @@ def check_gamma(op: str, gamma) -> float:
     if gamma != gamma:
         raise ValueError(f"{op}: gamma must not be NaN (a negative gamma keeps every slice)")
     return gamma
+
+
+def check_tau(op: str | None, tau) -> float:
+    """The one rule for a scalar ``tau`` (DINS nucleus mass), shared by the API and the command line:
+    a real number, finite and > 0; ``tau >= 1`` keeps every token (pruning off). Returns it as a float;
+    TypeError/ValueError naming ``op`` (when given) otherwise. (A per-slice tau tensor is checked by
+    value in the op.)"""
+    prefix = f"{op}: " if op else ""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"{prefix}tau must be a float, got {type(tau).__name__}")
+    value = float(tau)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{prefix}tau must be a finite number > 0 (tau >= 1 keeps every token), got {tau!r}")
+    return value

@@ -123,3 +123,41 @@ def test_environment_names_the_installed_dicom_decoders():
     packages = report.environment(device="cpu", backend="torch")["packages"]
     for name in ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"):
         assert packages[name] == metadata.version(name)
+
+
+def _table_cells(page: str) -> dict[str, str]:
+    """The summary table's rows as {header: cell text} (tags removed, entities decoded)."""
+    import html
+    import re
+
+    table = page.split("<figure")[0].split("<body>")[1]
+    rows = [segment.split("</th>", 1) for segment in table.split("<tr><th>")[1:]]
+    return {html.unescape(name): " ".join(html.unescape(re.sub(r"<[^>]+>", " ", cell)).split()) for name, cell in rows}
+
+
+def test_html_shows_window_timings_guesses_and_nonfinite_as_text():
+    record = {
+        "config": {"gamma": 0.1, "window": {"kind": "ct", "name": "lung", "level": -600.0, "width": 1500.0}},
+        "volume": {
+            "source": "/data/a.npy", "shape": [6, 20, 24], "spacing_mm": [1.0, 1.0, 1.0], "orientation": "RAS",
+            "modality": "MR", "assumed": ["modality", "spacing", "orientation"], "constant": True,
+            "nonfinite": {"nan": 2, "posinf": 0, "neginf": 1, "voxels": 2880, "policy": "NaN -> min",
+                          "finite_min": -3.0, "finite_max": 7.5},
+        },
+        "result": {"kept": 3, "num_slices": 6},
+        "timings_s": {"load": 0.0012, "iaf": 0.25},
+    }
+    cells = _table_cells(report.render_html(record, {}))
+    assert cells["window"] == "CT lung: level -600 HU, width 1500 HU"
+    assert cells["timings"] == "load 1.2 ms iaf 250.0 ms"
+    assert cells["modality"] == "MR (assumed: not recorded in the file)"
+    assert cells["spacing (mm)"] == "1 x 1 x 1 (assumed: not recorded in the file)"
+    assert cells["non-finite voxels"] == "2 NaN, 1 -Inf of 2880 voxels replaced before windowing: NaN -> min " \
+        "(finite range -3 .. 7.5)"
+    assert cells["warning"].startswith("constant volume")
+    record["config"]["window"] = {"kind": "percentile", "name": "percentile", "low_percentile": 0.5,
+                                  "high_percentile": 99.5}
+    record["volume"]["assumed"] = []
+    cells = _table_cells(report.render_html(record, {}))
+    assert cells["window"] == "percentile scaling 0.5% .. 99.5% to [0, 1]" and cells["modality"] == "MR"
+    assert "{" not in "".join(cells.values())

@@ -319,17 +319,70 @@ def _base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _assumed(volume: dict, name: str, value) -> str:
+    """``value`` as text, marked when the loader assumed it (``volume["assumed"]``)."""
+    if isinstance(value, (list, tuple)):
+        text = " x ".join(f"{v:g}" for v in value)
+    else:
+        text = str(value)
+    return f"{text} (assumed: not recorded in the file)" if name in volume.get("assumed", ()) else text
+
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else "?"
+
+
+def window_html_text(window) -> str:
+    """A window's description (``Window.describe()``) as text, not Python dict syntax."""
+    if not isinstance(window, dict):
+        return str(window)
+    kind = window.get("kind")
+    if kind == "ct":
+        level, width = _number(window.get("level")), _number(window.get("width"))
+        return f"CT {window.get('name')}: level {level} HU, width {width} HU"
+    if kind == "percentile":
+        low, high = _number(window.get("low_percentile")), _number(window.get("high_percentile"))
+        return f"percentile scaling {low}% .. {high}% to [0, 1]"
+    if kind == "unit":
+        return "none: intensities already in [0, 1] (clipped to it)"
+    return ", ".join(f"{k} {v}" for k, v in window.items())
+
+
+def _timings_table(timings: dict) -> str:
+    cells = "".join(
+        f"<tr><td>{html.escape(str(name))}</td><td class='num'>{1000.0 * float(seconds):.1f} ms</td></tr>"
+        for name, seconds in timings.items()
+    )
+    return f"<table class='inner'>{cells}</table>"
+
+
+def _nonfinite_html(nonfinite: dict) -> str:
+    counts = ", ".join(
+        f"{nonfinite.get(key, 0)} {label}" for key, label in (("nan", "NaN"), ("posinf", "+Inf"), ("neginf", "-Inf"))
+        if nonfinite.get(key)
+    )
+    return (f"{counts} of {nonfinite.get('voxels')} voxels replaced before windowing: {nonfinite.get('policy')} "
+            f"(finite range {nonfinite.get('finite_min'):g} .. {nonfinite.get('finite_max'):g})")
+
+
 def render_html(report: dict, images: dict[str, bytes]) -> str:
     """A single HTML page with the summary table and the figures embedded as base64 PNGs."""
     result = report.get("result", {})
     volume = report.get("volume", {})
     rows = [
         ("source", volume.get("source")),
-        ("shape [D, H, W]", volume.get("shape")),
-        ("spacing (mm)", volume.get("spacing_mm")),
-        ("modality", volume.get("modality")),
+        ("shape [D, H, W]", " x ".join(str(n) for n in volume.get("shape", ()))),
+        ("spacing (mm)", _assumed(volume, "spacing", volume.get("spacing_mm", ()))),
+        ("orientation", _assumed(volume, "orientation", volume.get("orientation"))),
+        ("modality", _assumed(volume, "modality", volume.get("modality"))),
         ("slice axis", f"{volume.get('slice_axis')} ({volume.get('slice_axis_reason')})"),
-        ("window", report.get("config", {}).get("window")),
+    ]
+    if volume.get("nonfinite"):
+        rows.append(("non-finite voxels", _nonfinite_html(volume["nonfinite"])))
+    if volume.get("constant"):
+        rows.append(("warning", "constant volume (every voxel has one value): IAF keeps only the first slice"))
+    rows += [
+        ("window", window_html_text(report.get("config", {}).get("window"))),
         ("gamma ([-1, 1] scale)", report.get("config", {}).get("gamma")),
         ("slices kept", f"{result.get('kept')}/{result.get('num_slices')}"),
         ("retention", result.get("retention")),
@@ -344,7 +397,6 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
             ("tokens per slice", tokens.get("tokens_per_slice")),
         ]
     rows += [
-        ("timings (s)", report.get("timings_s")),
         ("backend", report.get("environment", {}).get("backend")),
         ("device", report.get("environment", {}).get("device")),
     ]
@@ -352,6 +404,8 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
         f"<tr><th>{html.escape(str(name))}</th><td>{html.escape(str(value))}</td></tr>"
         for name, value in rows
     )
+    # Already HTML (escaped cell by cell): the timings as a table of their own.
+    table += f"\n<tr><th>timings</th><td>{_timings_table(report.get('timings_s', {}))}</td></tr>"
     figures = "\n".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{_base64(data)}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>"
@@ -360,7 +414,8 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>MedPruner report</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%}</style>"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%}"
+        "table.inner td{border:none;padding:0 8px 0 0}td.num{text-align:right}</style>"
         f"</head><body><h1>MedPruner report</h1><table>{table}</table>{figures}</body></html>\n"
     )
 

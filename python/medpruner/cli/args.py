@@ -10,11 +10,10 @@ from pathlib import Path
 
 from medpruner.cli.batch import expand_inputs, prune_batch
 from medpruner.cli.bench import cmd_bench
-from medpruner.cli.common import CommandError, pick_device
+from medpruner.cli.common import CommandError, Interrupted, check_backend, check_output_dir, pick_device
 from medpruner.cli.demo import cmd_demo
 from medpruner.cli.eval import add_parser as add_eval_parser
-from medpruner.cli.eval import unit_float
-from medpruner.cli.models import DEFAULT_PROMPT, MODEL_RESOLUTION, load_model, token_options
+from medpruner.cli.models import DEFAULT_PROMPT, MODEL_RESOLUTION, SHIPPED_MODELS, load_model, token_options
 from medpruner.cli.prune import prune_one, report_files, summary_text
 from medpruner.cli.ray_engine import add_engine_options, prune_ray, reject_ray_options
 from medpruner.report import to_json
@@ -27,7 +26,11 @@ _TOKEN_ONLY = ("tau", "mode", "no_merge", "resolution")
 
 
 def cmd_prune(args) -> int:
+    if args.out is not None:
+        check_output_dir(args.out)
     if args.engine == "ray":
+        if args.key is not None:
+            raise CommandError("--key: not supported with --engine ray (save the array alone in a .npy)")
         return prune_ray(args)
     reject_ray_options(args)
     paths, batch = expand_inputs(args.volumes)
@@ -36,12 +39,15 @@ def cmd_prune(args) -> int:
             raise CommandError("several volumes need --out DIR (results.jsonl is written there)")
         if not paths:
             raise CommandError(f"no volumes found in {' '.join(args.volumes)}")
+    elif args.retry_failed:
+        raise CommandError("--retry-failed: only a batch (several volumes) keeps failures to retry")
     if args.model is None:
         token_only = [
             f"--{name.replace('_', '-')}" for name in _TOKEN_ONLY if getattr(args, name) not in (None, False)
         ]
         if token_only:
             raise CommandError(f"{', '.join(token_only)}: token-level options need --model")
+    check_backend(args.backend, pick_device(args.device))
     tokens = None
     if args.model is not None:
         tokens = token_options(args, load_model(args.model, pick_device(args.device)), MODEL_RESOLUTION)
@@ -50,12 +56,16 @@ def cmd_prune(args) -> int:
         window=args.window,
         slice_axis=args.slice_axis,
         frame=args.frame,
+        key=args.key,
         backend=args.backend,
         device=args.device,
         tokens=tokens,
     )
     if batch:
-        return prune_batch(paths, out_dir=Path(args.out), workers=args.workers, as_json=args.json, **common)
+        return prune_batch(
+            paths, out_dir=Path(args.out), workers=args.workers, as_json=args.json,
+            retry_failed=args.retry_failed, **common,
+        )
     out_dir = None if args.out is None else Path(args.out)
     record = prune_one(paths[0], out_dir=out_dir, html_page=not args.no_html, **common)
     print(to_json(record) if args.json else summary_text(record))
@@ -65,17 +75,36 @@ def cmd_prune(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ parser
+# Mean |difference| of two slices on the [-1, 1] scale lies in [0, 2]: a gamma outside it is a typo
+# (below 0 keeps every slice, above 2 drops every slice but the first).
+GAMMA_RANGE = (0.0, 2.0)
+
+
 def _gamma(text: str) -> float:
     try:
         value = float(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"gamma must be a number, got {text!r}") from err
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"gamma must be finite, got {text!r}")
+    if not (math.isfinite(value) and GAMMA_RANGE[0] <= value <= GAMMA_RANGE[1]):
+        raise argparse.ArgumentTypeError(
+            f"gamma must be in [0, 2] (a mean |difference| on the [-1, 1] scale), got {text!r}"
+        )
     return value
 
 
-_tau = unit_float("tau", low_open=True)
+def tau_option(text: str) -> float:
+    """The argparse type of ``--tau``: exactly the values the API's ``nucleus_select`` accepts
+    (:func:`medpruner_kernels._validation.check_tau`: finite and > 0; >= 1 keeps every token)."""
+    from medpruner_kernels._validation import check_tau
+
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"tau must be a number, got {text!r}") from err
+    try:
+        return check_tau(None, value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _window(text: str) -> str:
@@ -111,7 +140,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--gamma",
         type=_gamma,
         default=DEFAULT_GAMMA,
-        help="IAF threshold: mean |slice difference| on the models' [-1, 1] scale (default 0.05, as in the paper)",
+        help="IAF threshold in [0, 2]: mean |slice difference| on the models' [-1, 1] scale (default 0.05, "
+        "as in the paper)",
     )
     parser.add_argument(
         "--backend",
@@ -126,9 +156,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
-    parser.add_argument("--model", default=None, help=model_help)
+    parser.add_argument("--model", default=None, help=f"{model_help}; {' or '.join(SHIPPED_MODELS)}: the "
+                        "shipped synthetic-VQA checkpoint (offline)")
     parser.add_argument(
-        "--tau", type=_tau, default=None, help="DINS nucleus mass kept per slice, in (0, 1] (default 0.9)"
+        "--tau", type=tau_option, default=None,
+        help="DINS nucleus mass kept per slice, > 0; 1 or more keeps every token (default 0.9)"
     )
     parser.add_argument(
         "--mode",
@@ -153,15 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpruner", description="Training-free visual-token pruning for 3D medical volumes (MedPruner)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     prune = commands.add_parser(
         "prune",
         help="drop near-duplicate slices (IAF) of one volume or many",
         description="One volume: prints a summary (or --json) and writes a report with --out. Several "
-        "volumes (a folder of volumes, a glob or several paths): needs --out, appends one JSON line per "
-        "volume to OUT/results.jsonl, resumes where it stopped (a volume recorded under other settings, "
-        "or edited since, is done again), and goes on past bad files.",
+        "volumes (a folder of volumes, a glob or several paths): needs --out, keeps one JSON line per "
+        "volume in OUT/results.jsonl, resumes where it stopped (a volume recorded under other settings, "
+        "or edited since, is done again; one that failed is tried again only when its file changed or "
+        "with --retry-failed), and goes on past bad files.",
     )
     prune.add_argument(
         "volumes",
@@ -175,11 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_window,
         default="auto",
         help=f"CT window: {'|'.join(CT_WINDOWS)}, LEVEL,WIDTH in HU (a negative level as "
-        "--window=-600,1500), 'percentile' (MRI), or auto (default: the DICOM's window or abdomen for CT, "
+        "--window=-600,1500), 'percentile' (MRI), 'unit' (values already in [0, 1]), or "
+        "auto (default: the DICOM's window or abdomen for CT, "
         "percentiles otherwise)",
     )
     prune.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=None, help="axis to slice along")
     prune.add_argument("--frame", type=int, default=None, help="frame of a 4D image")
+    prune.add_argument("--key", default=None, help="array of an .npz holding several (default: the only one, "
+                       "else volume, image or data)")
+    prune.add_argument("--retry-failed", action="store_true",
+                       help="batch: try again the volumes that failed before, even when unchanged")
     prune.add_argument("--out", default=None, help="report folder (one volume) or results folder (batch)")
     prune.add_argument("--no-html", action="store_true", help="skip the self-contained report.html")
     prune.add_argument(
@@ -215,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("medpruner-kernels")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # pytest options for ``bench`` start with "-", which argparse would take for its own.
@@ -231,3 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     except VolumeError as err:
         print(f"medpruner: error: {err}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        print(f"medpruner: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if args.command in ("prune", "demo"):
+            # A batch reports what it saved through Interrupted; one volume's report is written whole or not.
+            print(f"medpruner: interrupted: nothing of this {args.command} was saved (a report is written "
+                  "only when complete); rerun the same command", file=sys.stderr)
+        else:
+            print(f"medpruner: {args.command} interrupted", file=sys.stderr)
+        return 130

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from medpruner.cli.common import CommandError
+from medpruner.cli.common import CommandError, Interrupted
 from medpruner.cli.models import TokenOptions
 from medpruner.cli.prune import prune_loaded, window_volume
 from medpruner.report import atomic_write_text, to_json
@@ -73,10 +73,12 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], bool]:
     return volumes, batch
 
 
-def _batch_settings(gamma: float, window, slice_axis, frame, tokens: TokenOptions | None) -> dict:
+def _batch_settings(gamma: float, window, slice_axis, frame, tokens: TokenOptions | None, key=None) -> dict:
     """Everything a results line depends on besides its file, in its JSON form: a line recorded under
     other settings is not reused."""
     settings = {"gamma": gamma, "window": window, "slice_axis": slice_axis, "frame": frame}
+    if key is not None:
+        settings["key"] = key
     if tokens is not None:
         settings["tokens"] = {
             "model": tokens.bundle.name,
@@ -96,10 +98,10 @@ def _source_stamp(path: Path) -> list[int] | None:
     return [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
 
 
-def _resume_state(files: list[Path], settings: dict) -> dict[str, list[int]]:
-    """Sources already done under ``settings`` according to the results ``files`` (in reading order;
-    missing ones are skipped), with the stamp of the file they were done from. A source's last line
-    across the files is its current one; a last line cut off by a crash is removed (atomically) first."""
+def _current_entries(files: list[Path]) -> dict[str, dict]:
+    """The current line of each source in the results ``files`` (in reading order; missing ones are
+    skipped): a source's last line across the files. A last line cut off by a crash is removed
+    (atomically) first."""
     current = {}
     for path in files:
         if not path.exists():
@@ -115,11 +117,36 @@ def _resume_state(files: list[Path], settings: dict) -> dict[str, list[int]]:
                 continue
             if isinstance(entry, dict) and "source" in entry:
                 current[entry["source"]] = entry
+    return current
+
+
+def _resume_state(files: list[Path], settings: dict) -> dict[str, list[int]]:
+    """Sources already done under ``settings`` according to the results ``files`` (see
+    :func:`_current_entries`), with the stamp of the file they were done from."""
     return {
         source: entry.get("source_stamp")
-        for source, entry in current.items()
+        for source, entry in _current_entries(files).items()
         if entry.get("status") == "ok" and entry.get("settings") == settings
     }
+
+
+def _failed_state(current: dict[str, dict], settings: dict) -> dict[str, list[int]]:
+    """Sources whose current line is an error recorded under ``settings`` from a file with a known
+    stamp: not tried again while the file is unchanged (unless ``--retry-failed``)."""
+    return {
+        source: entry["source_stamp"]
+        for source, entry in current.items()
+        if entry.get("status") == "error" and entry.get("settings") == settings and entry.get("source_stamp")
+    }
+
+
+def compact_results(results: Path) -> int:
+    """Rewrite ``results`` with exactly one line per source, its current (last) one, in the order the
+    sources first appear; atomically (a temporary file and ``os.replace``). Returns the line count."""
+    current = _current_entries([results])
+    if results.exists():
+        atomic_write_text(results, "".join(to_json(e, indent=None) + "\n" for e in current.values()))
+    return len(current)
 
 
 def _append_line(results: Path, entry: dict) -> None:
@@ -148,7 +175,8 @@ def _progress(total: int):
     return tqdm(total=total, unit="volume", file=sys.stderr)
 
 
-# What a volume's failure may raise: the volume is recorded as an error line and the batch goes on.
+# What a volume's failure may raise in the Ray job: the volume is recorded as an error line and the job
+# goes on. The batch mode records any exception of a volume (MemoryError included) as its error line.
 ROW_ERRORS = (VolumeError, ValueError, TypeError, RuntimeError, OSError)
 
 
@@ -164,6 +192,9 @@ def batch_entry(source: str, stamp, settings: dict, gamma: float, record: dict, 
         "shape": record["volume"]["shape"],
         "spacing_mm": record["volume"]["spacing_mm"],
         "modality": record["volume"]["modality"],
+        "assumed": record["volume"]["assumed"],
+        "nonfinite": record["volume"]["nonfinite"],
+        "constant": record["volume"]["constant"],
         "slice_axis": record["volume"]["slice_axis"],
         "gamma": gamma,
         "window": record["config"]["window"],
@@ -176,15 +207,26 @@ def batch_entry(source: str, stamp, settings: dict, gamma: float, record: dict, 
     return entry
 
 
-def error_entry(path: Path, source: str, err: Exception) -> dict:
-    """The results line of a volume that failed, naming the file and the reason."""
-    message = str(err) if isinstance(err, VolumeError) else f"{path}: {type(err).__name__}: {err}"
-    return {"source": source, "status": "error", "error": message}
+def error_entry(path: Path, source: str, err: Exception, stamp=None, settings: dict | None = None) -> dict:
+    """The results line of a volume that failed, naming the file and the reason; with the file's
+    ``stamp`` and the run's ``settings`` a rerun leaves it alone until the file changes."""
+    if isinstance(err, VolumeError):
+        message = str(err)
+    elif isinstance(err, MemoryError):
+        message = f"{path}: out of memory while reading or pruning it (MemoryError)"
+    else:
+        message = f"{path}: {type(err).__name__}: {err}"
+    entry = {"source": source, "status": "error", "error": message}
+    if stamp is not None:
+        entry["source_stamp"] = stamp
+    if settings is not None:
+        entry["settings"] = settings
+    return entry
 
 
-def _read_and_window(path: Path, window, slice_axis, frame):
+def _read_and_window(path: Path, window, slice_axis, frame, key=None):
     start = time.perf_counter()
-    volume = load_volume(path, slice_axis=slice_axis, frame=frame)
+    volume = load_volume(path, slice_axis=slice_axis, frame=frame, key=key)
     load_seconds = time.perf_counter() - start
     slices, chosen, window_seconds = window_volume(volume, window)
     return volume, slices, chosen, {"load": load_seconds, "window": window_seconds}
@@ -203,32 +245,43 @@ def prune_batch(
     workers: int,
     as_json: bool,
     tokens: TokenOptions | None = None,
+    key: str | None = None,
+    retry_failed: bool = False,
 ) -> int:
     """Read and window on a thread pool (file decoding and numpy release the GIL), run IAF in this
-    thread, append one JSON line per volume to ``results.jsonl``. Volumes already recorded as ``ok``
-    under the same settings, from a file unchanged since, are skipped; a failing volume is recorded
-    with its error and the run goes on (status 1 at the end). When a source appears several times in
-    the file, its last line is the current one."""
+    thread, append one JSON line per volume to ``results.jsonl`` as it is done (a crash loses at most
+    that volume), and at the end (or on Ctrl-C) rewrite the file with exactly one current line per
+    source. Volumes already recorded as ``ok`` under the same settings, from a file unchanged since,
+    are skipped; so are volumes that failed under the same settings from a file unchanged since,
+    unless ``retry_failed``. Any exception of one volume is recorded as its error line and the run
+    goes on (status 1 when a volume of this run has a current error line)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / RESULTS_NAME
-    settings = _batch_settings(gamma, window, slice_axis, frame, tokens)
+    settings = _batch_settings(gamma, window, slice_axis, frame, tokens, key)
+    current = _current_entries([results])
     done = _resume_state([results], settings)
+    failed_before = {} if retry_failed else _failed_state(current, settings)
     # Stamped before any read: an edit during the run makes the next run redo the volume.
     stamps = {path: _source_stamp(path) for path in paths}
-    pending = [p for p in paths if done.get(str(p.resolve()), "not done") != stamps[p]]
-    skipped = len(paths) - len(pending)
+
+    def unchanged(state: dict, path: Path) -> bool:
+        return stamps[path] is not None and state.get(str(path.resolve()), "not done") == stamps[path]
+
+    not_retried = [p for p in paths if not unchanged(done, p) and unchanged(failed_before, p)]
+    pending = [p for p in paths if not unchanged(done, p) and not unchanged(failed_before, p)]
+    skipped = len(paths) - len(pending) - len(not_retried)
     failures: list[tuple[str, str]] = []
     processed = 0
     bar = _progress(len(pending))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         # A bounded window of reads in flight keeps memory at a few volumes, whatever the batch size.
         ahead = max(2, 2 * workers)
-        futures = [pool.submit(_read_and_window, p, window, slice_axis, frame) for p in pending[:ahead]]
+        read = (window, slice_axis, frame, key)
+        futures = [pool.submit(_read_and_window, p, *read) for p in pending[:ahead]]
         for position, path in enumerate(pending):
             if position + ahead < len(pending):
-                futures.append(
-                    pool.submit(_read_and_window, pending[position + ahead], window, slice_axis, frame)
-                )
+                futures.append(pool.submit(_read_and_window, pending[position + ahead], *read))
             source = str(path.resolve())
             try:
                 volume, slices, chosen, timings = futures[position].result()
@@ -245,16 +298,35 @@ def prune_batch(
                 )
                 entry = batch_entry(source, stamps[path], settings, gamma, record, result)
                 processed += 1
-            except ROW_ERRORS as err:
+            except CommandError:
+                # A problem of the run (the model refuses the settings), not of this volume.
+                raise
+            except Exception as err:
                 futures[position] = None
-                entry = error_entry(path, source, err)
+                entry = error_entry(path, source, err, stamps[path], settings)
                 failures.append((source, entry["error"]))
                 print(f"medpruner: skipping {entry['error']}", file=sys.stderr)
             _append_line(results, entry)
             if bar is not None:
                 bar.update(1)
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+        lines = compact_results(results)
+        saved = processed + len(failures)
+        raise Interrupted(
+            f"interrupted: {saved} volume(s) of this run saved ({lines} line(s) in {results}); "
+            f"{len(pending) - saved} not done; rerun the same command to resume"
+        ) from None
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     if bar is not None:
         bar.close()
+    compact_results(results)
+    old_failures = [(str(p.resolve()), current[str(p.resolve())]["error"]) for p in not_retried]
     summary = {
         "results": str(results),
         "volumes": len(paths),
@@ -262,6 +334,8 @@ def prune_batch(
         "already_done": skipped,
         "failed": len(failures),
         "failures": [{"source": s, "error": e} for s, e in failures],
+        "failed_before": len(old_failures),
+        "failures_before": [{"source": s, "error": e} for s, e in old_failures],
     }
     if as_json:
         print(to_json(summary, indent=None))
@@ -270,4 +344,9 @@ def prune_batch(
             f"{processed} volume(s) processed, {skipped} already in {results}, {len(failures)} failed"
             + "".join(f"\n  failed: {message}" for _, message in failures)
         )
-    return 1 if failures else 0
+        if old_failures:
+            print(
+                f"{len(old_failures)} volume(s) failed before and are unchanged since: not tried again "
+                "(--retry-failed tries them)" + "".join(f"\n  failed before: {m}" for _, m in old_failures)
+            )
+    return 1 if failures or old_failures else 0

@@ -1,10 +1,41 @@
-"""What every subcommand shares: the usage error and the device choice."""
+"""What every subcommand shares: the usage error, the output-folder check, the device and backend
+choice, and the one-line report of an interrupted run."""
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 
 class CommandError(Exception):
     """A usage problem reported as ``error: ...`` with exit status 2."""
+
+
+def check_output_dir(path, option: str = "--out") -> Path:
+    """Check at start-up, before any work, that ``path`` is a folder this run can write its results to:
+    an existing writable folder, or a new one under a writable folder. Creates nothing (a run that
+    fails later leaves no empty folder behind). Returns ``path`` as a :class:`Path`; a
+    :class:`CommandError` naming ``option`` otherwise."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"{option} {out}: exists and is not a folder (name a folder for the results)")
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"{option} {out}: cannot create the folder ({existing} is a file)")
+    try:
+        # The only reliable test (permissions, read-only mounts, ACLs, root): write a file there.
+        handle, probe = tempfile.mkstemp(prefix=".medpruner-write-test.", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        what = "write to the folder" if existing == out else f"create the folder (in {existing})"
+        raise CommandError(f"{option} {out}: cannot {what}: {err.strerror or err}") from err
+    return out
 
 
 def pick_device(name: str):
@@ -18,8 +49,24 @@ def pick_device(name: str):
     return device
 
 
+def check_backend(backend: str, device) -> None:
+    """A forced ``--backend`` that cannot run here is a :class:`CommandError` saying what it needs
+    (before any volume is read), instead of a traceback from the first kernel call."""
+    from medpruner_kernels import _dispatch
+
+    try:
+        _dispatch.resolve_backend("iaf_select", device, backend, cpp_ops=("iaf_select",))
+    except (RuntimeError, ValueError, ImportError) as err:
+        raise CommandError(f"--backend {backend}: {err}") from err
+
+
 def synchronize(device) -> None:
     if device.type == "cuda":
         import torch
 
         torch.cuda.synchronize(device)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run, turned into the one line ``main`` prints (what is saved, how to go on);
+    exit status 130."""

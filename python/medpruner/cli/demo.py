@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medpruner.cli.common import CommandError, pick_device
+from medpruner.cli.common import CommandError, check_backend, check_output_dir, pick_device
 from medpruner.cli.models import MODEL_RESOLUTION, TokenResult, load_model, tiny_vqa, token_options
 from medpruner.cli.prune import prune_and_report, report_files, summary_text
 from medpruner.report import atomic_write_text, to_json
@@ -17,8 +17,10 @@ from medpruner.report import atomic_write_text, to_json
 MNI_TEMPLATE = ("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 NIBABEL_SAMPLE = ("nibabel", "tests/data/anatomical.nii")
 DEMO_VOLUME_NAME = "synthetic-volume.npy"
-# The synthetic volume is already in [0, 1]: level 0.5, width 1 maps it onto itself.
-IDENTITY_WINDOW = (0.5, 1.0)
+# The synthetic volume is already in [0, 1]: no Hounsfield window, its values are used as they are.
+IDENTITY_WINDOW = "unit"
+# What the synthetic volume is: CT-like anatomy drawn directly in [0, 1], not Hounsfield units.
+DEMO_MODALITY = "synthetic (CT-like, intensities in [0, 1])"
 
 
 def _package_file(package: str, relative: str) -> Path | None:
@@ -101,12 +103,15 @@ def _synthetic_demo(args, out_dir: Path, device):
 def cmd_demo(args) -> int:
     from medpruner.cli.models import DEFAULT_PROMPT
 
-    out_dir = Path(args.out)
+    out_dir = check_output_dir(args.out)
     device = pick_device(args.device)
+    check_backend(args.backend, device)
     token_lesion = None
+    modality = None
     if args.model is None:
         source, bundle, resolution, token_lesion, volume = _synthetic_demo(args, out_dir, device)
         window, extra = IDENTITY_WINDOW, {"demo": True, "synthetic_volume": volume.volume_id}
+        modality = DEMO_MODALITY
         heatmap_slices = tuple(int(s) for s in np.flatnonzero(token_lesion.any(axis=1)))
     else:
         source, bundle, resolution = demo_volume_path(), load_model(args.model, device), MODEL_RESOLUTION
@@ -126,6 +131,7 @@ def cmd_demo(args) -> int:
         tokens=tokens,
         extra_config=extra,
         html_page=not args.no_html,
+        modality=modality,
     )
     if token_lesion is not None:
         record["lesion_focus"] = dict(lesion_focus(token_result, record["result"]["keep"], token_lesion),

@@ -44,6 +44,8 @@ class ModelBundle:
     size_multiple: int
     merge_size: int
     name: str
+    # The slice side the model was trained at (the shipped checkpoint's 64), else None (MODEL_RESOLUTION).
+    resolution: int | None = None
 
 
 def _size_multiple(processor) -> tuple[int, int]:
@@ -73,11 +75,19 @@ _IMAGE_ONLY_PROCESSORS = {
 }
 
 
+# ``--model`` names of the checkpoints that ship with the package (no folder, no download).
+SHIPPED_MODELS = ("tiny-vqa",)
+
+
 def load_model(path: str, device) -> ModelBundle:
-    """A local Hugging Face checkpoint (model + processor); nothing is downloaded."""
+    """A local Hugging Face checkpoint (model + processor), or ``tiny-vqa``: the shipped synthetic-VQA
+    checkpoint (:func:`tiny_vqa`); nothing is downloaded."""
+    if str(path) == "tiny-vqa" and not Path(path).exists():
+        return tiny_vqa(device)
     if not Path(path).is_dir():
         raise CommandError(
-            f"--model {path}: not a folder (pass a local checkpoint saved with save_pretrained)"
+            f"--model {path}: not a folder (pass a local checkpoint saved with save_pretrained, or "
+            f"{' / '.join(SHIPPED_MODELS)} for the shipped checkpoint)"
         )
     import transformers
 
@@ -125,10 +135,15 @@ TINY_VQA_NAME = "tiny synthetic-VQA Qwen3-VL (medpruner.checkpoints.tiny_vqa)"
 def tiny_vqa(device) -> ModelBundle:
     """The shipped checkpoint trained on the synthetic 3D VQA task (:mod:`medpruner.checkpoints`):
     real, lesion-focused attention, offline. Feed it slices of ``TINY_VQA_RESOLUTION`` pixels."""
-    from medpruner.checkpoints import load_tiny_vqa
+    from medpruner.checkpoints import TINY_VQA_RESOLUTION, load_tiny_vqa
 
-    model, processor = load_tiny_vqa(device)
-    return _bundle(model, processor, TINY_VQA_NAME)
+    try:
+        model, processor = load_tiny_vqa(device)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"--model tiny-vqa: cannot load the shipped checkpoint ({err})") from err
+    bundle = _bundle(model, processor, TINY_VQA_NAME)
+    bundle.resolution = TINY_VQA_RESOLUTION
+    return bundle
 
 
 def model_slices(slices: np.ndarray, resolution: int, multiple: int) -> np.ndarray:
@@ -200,7 +215,10 @@ def run_model(
     device = next(model.parameters()).device
     timings = {}
     try:
-        apply_medpruner(model, gamma=gamma, tau=tau, mode=mode, merge=merge, backend=backend, record_tokens=True)
+        # tau >= 1 keeps every token (medpruner_kernels._validation.check_tau): 1 is the same selection.
+        apply_medpruner(
+            model, gamma=gamma, tau=min(tau, 1.0), mode=mode, merge=merge, backend=backend, record_tokens=True
+        )
     except (TypeError, ValueError) as err:
         raise CommandError(f"--model {bundle.name}: {err}") from err
     start = time.perf_counter()
@@ -274,6 +292,7 @@ def token_options(args, bundle: ModelBundle, resolution: int) -> TokenOptions:
         mode=args.mode or "fast",
         merge=not args.no_merge,
         prompt=args.prompt,
-        resolution=args.resolution or resolution,
+        # The bundle is None in the Ray job's driver (each actor loads its own model).
+        resolution=args.resolution or getattr(bundle, "resolution", None) or resolution,
         max_new_tokens=args.max_new_tokens,
     )

@@ -130,21 +130,60 @@ def result_record(result: PruneResult, gamma: float, extra_config: dict | None =
     }
 
 
+def window_text(window: dict) -> str:
+    """A window's JSON description (:meth:`Window.describe`) as one line for people."""
+    if window["kind"] == "ct":
+        return f"{window['name']} (level {window['level']:g}, width {window['width']:g} HU)"
+    if window["kind"] == "unit":
+        return "none: intensities already in [0, 1] (clipped to it)"
+    return f"percentiles {window['low_percentile']:g}..{window['high_percentile']:g}"
+
+
+def _marked(volume: dict, name: str, text: str) -> str:
+    return f"{text} (assumed)" if name in volume.get("assumed", ()) else text
+
+
+def geometry_text(volume: dict) -> str:
+    """Modality, shape, spacing and orientation of a record's volume, each guess marked "(assumed)"."""
+    return (
+        f"{_marked(volume, 'modality', volume['modality'])} {'x'.join(map(str, volume['shape']))} "
+        f"(D x H x W), spacing "
+        f"{_marked(volume, 'spacing', 'x'.join(f'{s:g}' for s in volume['spacing_mm']) + ' mm')}, "
+        f"orientation {_marked(volume, 'orientation', volume['orientation'])}"
+    )
+
+
+def nonfinite_text(nonfinite: dict) -> str:
+    """The NaN/Inf voxels replaced in a volume and the policy, as one line."""
+    counts = ", ".join(
+        f"{nonfinite[key]} {label}" for key, label in (("nan", "NaN"), ("posinf", "+Inf"), ("neginf", "-Inf"))
+        if nonfinite[key]
+    )
+    return (
+        f"{counts} of {nonfinite['voxels']} voxels replaced before windowing: {nonfinite['policy']} "
+        f"({nonfinite['finite_min']:g}..{nonfinite['finite_max']:g})"
+    )
+
+
+def value_warnings(volume: dict) -> list[str]:
+    """The summary lines about a volume's values: replaced NaN/Inf voxels, a constant volume."""
+    lines = []
+    if volume.get("nonfinite"):
+        lines.append(f"warning    {nonfinite_text(volume['nonfinite'])}")
+    if volume.get("constant"):
+        lines.append("warning    constant volume (every voxel has one value): IAF keeps only the first slice")
+    return lines
+
+
 def summary_text(record: dict) -> str:
     result, volume, config = record["result"], record["volume"], record["config"]
-    window = config["window"]
-    window_text = (
-        f"{window['name']} (level {window['level']:g}, width {window['width']:g} HU)"
-        if window["kind"] == "ct"
-        else f"percentiles {window['low_percentile']:g}..{window['high_percentile']:g}"
-    )
     timings = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in record["timings_s"].items())
     lines = [
         f"volume     {volume['source']}",
-        f"           {volume['modality']} {'x'.join(map(str, volume['shape']))} (D x H x W), "
-        f"spacing {'x'.join(f'{s:g}' for s in volume['spacing_mm'])} mm, orientation {volume['orientation']}",
+        f"           {geometry_text(volume)}",
         f"           slice axis {volume['slice_axis']}: {volume['slice_axis_reason']}",
-        f"window     {window_text}",
+        *value_warnings(volume),
+        f"window     {window_text(config['window'])}",
         f"IAF        gamma {config['gamma']:g} on [-1, 1]: "
         f"kept {result['kept']}/{result['num_slices']} slices (retention {100.0 * result['retention']:.1f}%)",
         f"backend    {record['environment']['backend']} on {record['environment']['device']}",
@@ -245,12 +284,14 @@ def prune_and_report(
     tokens: TokenOptions | None = None,
     extra_config: dict | None = None,
     html_page: bool = True,
+    key: str | None = None,
+    modality: str | None = None,
 ) -> tuple[dict, TokenResult | None]:
     """One volume: load, window, IAF (and the model with ``tokens``), the report in ``out_dir``.
     Returns the record and the model run's :class:`TokenResult` (its heatmap arrays; None without
-    ``tokens``)."""
+    ``tokens``). ``key``: the array of an ``.npz``; ``modality``: what the volume is (not guessed)."""
     start = time.perf_counter()
-    volume = load_volume(source, slice_axis=slice_axis, frame=frame)
+    volume = load_volume(source, slice_axis=slice_axis, frame=frame, key=key, modality=modality)
     load_seconds = time.perf_counter() - start
     slices, chosen, window_seconds = window_volume(volume, window)
     record, result, token_result = prune_loaded(
@@ -286,6 +327,3 @@ def prune_and_report(
 def report_files(out_dir: Path) -> str:
     names = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
     return f"{out_dir}: {', '.join(names)}"
-
-
-# Options that only a model run uses (None/False when not given).

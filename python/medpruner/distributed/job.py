@@ -155,7 +155,8 @@ def load_stage(row: dict, *, window, slice_axis, frame, gamma, backend, device, 
             entry = batch_entry(row["source"], json.loads(row["stamp"]), settings, gamma, record, result)
             out["entry"] = to_json(entry, indent=None)
     except ROW_ERRORS as err:
-        out["entry"] = to_json(error_entry(path, row["source"], err), indent=None)
+        entry = error_entry(path, row["source"], err, json.loads(row["stamp"]), settings)
+        out["entry"] = to_json(entry, indent=None)
     return out
 
 
@@ -187,7 +188,7 @@ class ModelStage:
                 tokens=self.tokens,
             )
         except ROW_ERRORS as err:
-            return error_entry(Path(path), source, err)
+            return error_entry(Path(path), source, err, stamp, self.settings)
         return batch_entry(source, stamp, self.settings, self.gamma, record, result)
 
 
