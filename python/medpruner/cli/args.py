@@ -10,7 +10,14 @@ from pathlib import Path
 
 from medpruner.cli.batch import expand_inputs, prune_batch
 from medpruner.cli.bench import cmd_bench
-from medpruner.cli.common import CommandError, Interrupted, check_backend, check_output_dir, pick_device
+from medpruner.cli.common import (
+    CommandError,
+    Interrupted,
+    check_backend,
+    check_output_dir,
+    pick_device,
+    tau_option,
+)
 from medpruner.cli.demo import cmd_demo
 from medpruner.cli.eval import add_parser as add_eval_parser
 from medpruner.cli.models import DEFAULT_PROMPT, MODEL_RESOLUTION, SHIPPED_MODELS, load_model, token_options
@@ -90,21 +97,6 @@ def _gamma(text: str) -> float:
             f"gamma must be in [0, 2] (a mean |difference| on the [-1, 1] scale), got {text!r}"
         )
     return value
-
-
-def tau_option(text: str) -> float:
-    """The argparse type of ``--tau``: exactly the values the API's ``nucleus_select`` accepts
-    (:func:`medpruner_kernels._validation.check_tau`: finite and > 0; >= 1 keeps every token)."""
-    from medpruner_kernels._validation import check_tau
-
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"tau must be a number, got {text!r}") from err
-    try:
-        return check_tau(None, value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _window(text: str) -> str:

@@ -3,6 +3,7 @@ choice, and the one-line report of an interrupted run."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -36,6 +37,21 @@ def check_output_dir(path, option: str = "--out") -> Path:
         what = "write to the folder" if existing == out else f"create the folder (in {existing})"
         raise CommandError(f"{option} {out}: cannot {what}: {err.strerror or err}") from err
     return out
+
+
+def tau_option(text: str) -> float:
+    """The argparse type of ``--tau``: exactly the values the API's ``nucleus_select`` accepts
+    (:func:`medpruner_kernels._validation.check_tau`: finite and > 0; >= 1 keeps every token)."""
+    from medpruner_kernels._validation import check_tau
+
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"tau must be a number, got {text!r}") from err
+    try:
+        return check_tau(None, value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def pick_device(name: str):
