@@ -208,26 +208,36 @@ class _Generation:
     seconds: float
     stats: Any = None
     selections: list = field(default_factory=list)
+    timing: dict | None = None
 
 
-def _generate(eval_model: EvalModel, inputs, max_new_tokens: int) -> _Generation:
+def _generate(eval_model: EvalModel, inputs, max_new_tokens: int, deployed_tower: str = "all") -> _Generation:
     import torch
 
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = eval_model.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )
-    seconds = time.perf_counter() - start
+    from medpruner.eval.cost import PrefillTimer, tower_module
+
+    timer = PrefillTimer(tower_module(eval_model.model))
+    try:
+        start = time.perf_counter()
+        timer.start()
+        with torch.inference_mode():
+            output = eval_model.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, streamer=timer,
+            )
+        seconds = time.perf_counter() - start
+    finally:
+        timer.close()
     new_tokens = output.sequences[0, inputs["input_ids"].shape[1]:]
     text = eval_model.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    return _Generation(text, output.logits[0][0].detach().float().cpu(), seconds)
+    return _Generation(text, output.logits[0][0].detach().float().cpu(), seconds,
+                       timing=timer.split(deployed_tower=deployed_tower))
 
 
 def _run_method(eval_model: EvalModel, inputs, method: str, settings: EvalSettings, budget, seed: int) -> _Generation:
     from medpruner import MedPrunerConfig, remove_medpruner
     from medpruner.eval.model_hook import patch_with_selector
+    from medpruner.selectors import get_selector
 
     model = eval_model.model
     if method == REFERENCE:
@@ -236,8 +246,10 @@ def _run_method(eval_model: EvalModel, inputs, method: str, settings: EvalSettin
                              context_frac=settings.context_frac, backend=settings.backend)
     adapter = patch_with_selector(model, method, budgets=None if budget is None else [budget],
                                   settings=settings.selector_settings(), config=config, seed=seed)
+    # a slice-stage method decides on pixels: deployed, it encodes only its kept slices (the last call)
+    deployed = "last" if get_selector(method).slice_stage else "all"
     try:
-        result = _generate(eval_model, inputs, settings.max_new_tokens)
+        result = _generate(eval_model, inputs, settings.max_new_tokens, deployed)
         result.stats, result.selections = model.medpruner_stats, list(adapter.selections)
     finally:
         remove_medpruner(model)
@@ -283,11 +295,34 @@ def _record(sample: Sample, method: str, settings_id: str, generation: _Generati
     }
 
 
-def _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable, metric_set) -> dict:
-    from medpruner.adapters import adapter_for
+def add_cost(record: dict, model, volume_shape, text_tokens: int, timing: dict | None) -> None:
+    """A record's cost fields: slices through the tower as the method would run deployed (a slice-stage
+    method encodes only its kept slices), the LLM tokens, the measured seconds (``seconds_split``: tower,
+    pruning, LLM prefill; None where not measured), the modelled prefill of the published
+    configurations at this volume's size (``modelled``) and the model's own modelled FLOPs
+    (``modelled_flops``, for :func:`cost_check`)."""
+    from medpruner.eval.cost import ModelShape, published_costs
+    from medpruner.selectors import get_selector
 
+    record["slices_encoded"] = record["slices_kept"] if get_selector(record["method"]).slice_stage \
+        else record["slices_total"]
+    record["text_tokens"] = text_tokens
+    record["volume_shape"] = [int(v) for v in volume_shape]
+    record["seconds_split"] = timing
+    record["modelled"] = published_costs(record, volume_shape, text_tokens)
+    try:
+        shape = ModelShape.from_config(model.config)
+    except (ValueError, AttributeError, TypeError):
+        record["modelled_flops"] = None
+        return
+    per_slice = record["tokens_total"] // max(record["slices_total"], 1) * shape.merge**2
+    dropped = record["slices_total"] - record["slices_kept"]
+    llm_tokens = text_tokens - shape.wrapper_tokens * dropped + record["tokens_kept"]
+    record["modelled_flops"] = record["slices_encoded"] * shape.tower_flops(per_slice) + shape.prefill_flops(llm_tokens)
+
+
+def _reference_record(sample, settings_id, reference, layout, unavailable, metric_set) -> dict:
     record = _record(sample, REFERENCE, settings_id, reference, reference, None, unavailable, metric_set)
-    layout = adapter_for(eval_model.model).layout(eval_model.model, dict(inputs))
     tokens = int(layout.token_offsets[-1])
     record.update(slices_total=layout.num_images, slices_kept=layout.num_images,
                   kept_slices=list(range(layout.num_images)), tokens_total=tokens, tokens_after_slice_stage=tokens,
@@ -353,22 +388,27 @@ def eval_sample(eval_model: EvalModel, sample: Sample, index: int, volume: np.nd
     writes each before the next method runs); ``existing``: its records already made, by key. The
     reference runs every time (its logits are not stored); ``index`` seeds the random selector
     (``settings.seed + index``)."""
+    from medpruner.adapters import adapter_for
+
     existing = dict(existing)
     keys = {m: record_key(sample.sample_id, m, settings_id) for m in methods}
     inputs = eval_model.make_inputs(volume, build_prompt(sample))
+    layout = adapter_for(eval_model.model).layout(eval_model.model, dict(inputs))
+    text_tokens = int(inputs["input_ids"].shape[1]) - int(layout.token_offsets[-1])
     reference = _run_method(eval_model, inputs, REFERENCE, settings, None, settings.seed + index)
     for method in methods:
         if keys[method] in existing:
             continue
         if method == REFERENCE:
-            record = _reference_record(eval_model, sample, settings_id, reference, inputs, unavailable,
-                                       settings.metrics)
+            record = _reference_record(sample, settings_id, reference, layout, unavailable, settings.metrics)
+            generation = reference
         else:
             # medpruner runs before every budgeted method, so its record is there by now
             budget = existing[keys[BUDGET_SOURCE]]["tokens_kept"] if _budgeted(method) else None
             generation = _run_method(eval_model, inputs, method, settings, budget, settings.seed + index)
             record = _record(sample, method, settings_id, generation, reference, budget, unavailable,
                              settings.metrics)
+        add_cost(record, eval_model.model, volume.shape, text_tokens, generation.timing)
         existing[record["key"]] = record
         yield record
 
@@ -512,5 +552,59 @@ def summarize_records(records: Sequence[dict], methods: Sequence[str], *, bootst
                 "answer_flips": audit.answer_flips(mine, theirs),
                 "fidelity": _fidelity(paired),
             }
+        entry["cost"] = _cost_summary(rows)
         out[method] = entry
-    return {"version": SUMMARY_VERSION, "methods": out}
+    return {"version": SUMMARY_VERSION, "methods": out, "cost_check": cost_check(by_method, methods)}
+
+
+def _median(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+_PARTS = ("tower", "pruning", "llm_prefill")
+
+
+def _cost_summary(rows: list[dict]) -> dict:
+    """Per method: mean slices encoded and LLM visual tokens, the median measured seconds per part
+    (and of their sum), and the mean modelled prefill of each published configuration."""
+    timed = [r["seconds_split"] for r in rows if r.get("seconds_split")]
+    seconds = {part: _median(t[part] for t in timed) for part in _PARTS}
+    seconds["total"] = _median(sum(t[part] for part in _PARTS) for t in timed)
+    modelled: dict[str, dict] = {}
+    for record in rows:
+        for config, cost in (record.get("modelled") or {}).items():
+            modelled.setdefault(config, []).append(cost)
+    return {
+        "slices_encoded": _mean(r.get("slices_encoded") for r in rows),
+        "visual_tokens": _mean(r.get("tokens_kept") for r in rows),
+        "seconds_median": seconds,
+        "modelled": {config: {key: _mean(c[key] for c in costs) for key in ("ms", "tower_tflops", "llm_tflops")}
+                     for config, costs in modelled.items()},
+    }
+
+
+def cost_check(by_method: dict[str, list[dict]], methods: Sequence[str], tolerance: float = 0.2) -> dict:
+    """The cost model against this run's measurements: per method, the ratio to ``none`` of the model's
+    own modelled FLOPs and of the measured seconds (tower + LLM prefill, and with the pruning), over
+    the samples both have; ``agrees`` when the measured ratio is within ``tolerance`` of the modelled one."""
+    reference = {r["sample_id"]: r for r in by_method.get(REFERENCE, [])}
+    out = {}
+    for method in methods:
+        pairs = [(r, reference[r["sample_id"]]) for r in by_method.get(method, [])
+                 if r["sample_id"] in reference and r.get("modelled_flops") and r.get("seconds_split")
+                 and reference[r["sample_id"]].get("seconds_split")]
+        if method == REFERENCE or not pairs:
+            continue
+
+        def compute(record):
+            return record["seconds_split"]["tower"] + record["seconds_split"]["llm_prefill"]
+
+        modelled = sum(m["modelled_flops"] for m, _ in pairs) / sum(r["modelled_flops"] for _, r in pairs)
+        measured = sum(compute(m) for m, _ in pairs) / sum(compute(r) for _, r in pairs)
+        with_pruning = (sum(compute(m) + m["seconds_split"]["pruning"] for m, _ in pairs)
+                        / sum(compute(r) + r["seconds_split"]["pruning"] for _, r in pairs))
+        out[method] = {"n": len(pairs), "modelled_ratio": modelled, "measured_ratio": measured,
+                       "measured_ratio_with_pruning": with_pruning,
+                       "agrees": abs(measured / modelled - 1) <= tolerance if modelled else None}
+    return {"tolerance": tolerance, "methods": out}
