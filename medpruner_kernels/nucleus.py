@@ -542,9 +542,7 @@ def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max
             raise ValueError(f"{op}: tau is on {tau.device} but scores is on {device}")
         tau_tensor = tau.reshape(1).expand(slices).contiguous() if tau.dim() == 0 else tau.contiguous()
     elif _is_real(tau):
-        tau_scalar = float(tau)
-        if not tau_scalar > 0.0:
-            raise ValueError(f"{op}: tau must be > 0 (tau >= 1 keeps every token), got {tau!r}")
+        tau_scalar = _validation.check_tau(op, tau)
     else:
         raise TypeError(f"{op}: tau must be a float or a tensor, got {type(tau).__name__}")
 

@@ -76,7 +76,7 @@ def _every_slice_within_its_image_tokens(model, stats):
 
 QWEN_BAD_CONFIGS = [
     ({"tau": 0.0}, "tau"),
-    ({"tau": 1.5}, "tau"),
+    ({"tau": float("inf")}, "tau"),
     ({"mode": "slow"}, "mode"),
     ({"temperature": -1.0}, "temperature"),
     ({"context_frac": 2.0}, "context_frac"),

@@ -966,9 +966,6 @@ def test_cli_tau_accepts_exactly_what_the_api_accepts(text):
         command = True
     except SystemExit:
         command = False
-    if text == "inf":
-        # The API's current check (nucleus.py) still lets inf through; the shared rule refuses it.
-        pytest.xfail("nucleus_select does not call _validation.check_tau yet")
     assert command == api
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from medpruner_kernels._dispatch import BACKENDS
+from medpruner_kernels._validation import check_tau
 
 MODES = ("fast", "paper")
 
@@ -41,7 +42,7 @@ class MedPrunerConfig:
         paper's [-1, 1] pixel scale (mean = std = 0.5); families whose processor normalises otherwise
         (Qwen2.5-VL: the CLIP mean/std) are brought to that scale first, so one gamma means the same
         for every family. A negative gamma keeps every slice.
-    tau: DINS nucleus mass kept per slice, in (0, 1]; 1 keeps every token.
+    tau: DINS nucleus mass kept per slice, > 0; tau >= 1 keeps every token (the rule of nucleus_select).
     merge: merge the pruned tokens into contextual tokens (VisionZip-style) instead of dropping them.
     mode: "fast" runs IAF on the pixels before the vision tower (dropped slices are never encoded);
         "paper" encodes every slice and keeps the first token of each dropped slice, as the paper's code.
@@ -80,8 +81,7 @@ class MedPrunerConfig:
         if not math.isfinite(float(self.gamma)):
             raise ValueError(f"MedPrunerConfig.gamma must be finite, got {self.gamma!r}")
         _check_real("tau", self.tau)
-        if not 0.0 < float(self.tau) <= 1.0:
-            raise ValueError(f"MedPrunerConfig.tau must be in (0, 1], got {self.tau!r}")
+        check_tau("MedPrunerConfig", self.tau)
         if not isinstance(self.merge, bool):
             raise TypeError(f"MedPrunerConfig.merge must be a bool, got {type(self.merge).__name__}")
         if not isinstance(self.record_tokens, bool):

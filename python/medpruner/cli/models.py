@@ -215,9 +215,8 @@ def run_model(
     device = next(model.parameters()).device
     timings = {}
     try:
-        # tau >= 1 keeps every token (medpruner_kernels._validation.check_tau): 1 is the same selection.
         apply_medpruner(
-            model, gamma=gamma, tau=min(tau, 1.0), mode=mode, merge=merge, backend=backend, record_tokens=True
+            model, gamma=gamma, tau=tau, mode=mode, merge=merge, backend=backend, record_tokens=True
         )
     except (TypeError, ValueError) as err:
         raise CommandError(f"--model {bundle.name}: {err}") from err
