@@ -228,3 +228,61 @@ def test_vllm_engine_usage_errors(tmp_path, capsys, monkeypatch):
     assert main([*out, "--engine", "vllm", *model, "--budget", "0.5"]) == 2
     assert "--engine vllm needs vLLM: pip install vllm" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_used_folder_refuses_other_settings_unless_asked(tmp_path, capsys):
+    built = m3d_release(tmp_path)
+    assert _run(tmp_path, "m3d", "--methods", "iaf", "--no-html", built=built) == 0
+    records = (tmp_path / "out" / "samples.jsonl").read_text()
+    capsys.readouterr()
+    assert _run(tmp_path, "m3d", "--methods", "iaf", "--no-html", "--gamma", "0.1", built=built) == 2
+    err = capsys.readouterr().err
+    assert "holds records of other settings" in err and "gamma 0.05 -> 0.1" in err and "--allow-other-settings" in err
+    assert (tmp_path / "out" / "samples.jsonl").read_text() == records  # nothing appended
+    assert _run(tmp_path, "m3d", "--methods", "iaf", "--no-html", "--gamma", "0.1", "--allow-other-settings",
+                "--json", built=built) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["settings"]["gamma"] == 0.1 and summary["methods"]["iaf"]["n"] == 2
+    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 2 * len(records.splitlines())
+
+
+def test_out_is_checked_before_any_work_and_ctrl_c_says_what_is_saved(tmp_path, capsys, monkeypatch):
+    built = m3d_release(tmp_path)
+    (tmp_path / "out").write_text("a file")
+    assert _run(tmp_path, "m3d", "--methods", "iaf", built=built) == 2
+    captured = capsys.readouterr()
+    assert "--out" in captured.err and "rows " not in captured.out  # refused before the data was read
+    (tmp_path / "out").unlink()
+
+    import medpruner.eval.runner as runner
+
+    original = runner.eval_sample
+
+    def interrupt_after_the_first_sample(*args, **kwargs):
+        if (tmp_path / "out" / "samples.jsonl").stat().st_size:
+            raise KeyboardInterrupt
+        yield from original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "eval_sample", interrupt_after_the_first_sample)
+    assert _run(tmp_path, "m3d", "--methods", "iaf", built=built) == 130
+    assert "interrupted: 2 record(s) of this run saved" in capsys.readouterr().err  # none and iaf of sample 1
+    monkeypatch.setattr(runner, "eval_sample", original)
+    assert _run(tmp_path, "m3d", "--methods", "iaf", "--json", built=built) == 0
+    assert json.loads(capsys.readouterr().out)["methods"]["iaf"]["n"] == 2
+
+
+def test_the_progress_bar_counts_only_the_work_left(tmp_path, capsys, monkeypatch):
+    import tqdm.auto
+
+    built = m3d_release(tmp_path)
+    assert _run(tmp_path, "m3d", "--methods", "iaf", "--no-html", "--limit", "1", built=built) == 0
+    totals = []
+    real = tqdm.auto.tqdm
+
+    def spy(*args, **kwargs):
+        totals.append(kwargs.get("total"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    assert _run(tmp_path, "m3d", "--methods", "iaf", "--no-html", built=built) == 0
+    assert totals == [1]  # one of the two samples is left

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medpruner.cli.common import CommandError, pick_device
+from medpruner.cli.common import CommandError, Interrupted, check_output_dir, pick_device, tau_option
 
 DEFAULT_METHODS = (
     "medpruner", "medpruner_budget", "iaf", "dins", "uniform_slices", "random", "topk", "visionzip", "divprune",
@@ -155,7 +155,12 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--synthetic-volumes", type=positive_int, default=SYNTHETIC_VOLUMES,
                         help=f"without --data: test volumes of the synthetic split (default {SYNTHETIC_VOLUMES}, "
                              "about 590 questions)")
-    parser.add_argument("--out", required=True, help="output folder (created; resumed when it holds a run)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (created; a rerun with the same settings resumes; records of other "
+                             "settings there are refused unless --allow-other-settings)")
+    parser.add_argument("--allow-other-settings", action="store_true",
+                        help="run in an --out that holds records of other settings (they stay in samples.jsonl; "
+                             "the summary and report cover this run)")
     parser.add_argument(
         "--methods", type=_methods, default=None,
         help="comma-separated selectors, or 'all' (default: all; with --engine vllm: none,medpruner_budget); "
@@ -174,7 +179,7 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                         help="malformed rows: skip and count them (default) or stop at the first")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N samples")
-    parser.add_argument("--tau", type=unit_float("tau", low_open=True), default=0.9,
+    parser.add_argument("--tau", type=tau_option, default=0.9,
                         help="DINS nucleus mass (default 0.9)")
     parser.add_argument("--context-frac", type=unit_float("context-frac", low_open=False), default=0.05,
                         help="contextual tokens per slice, as a fraction (default 0.05)")
@@ -202,6 +207,7 @@ def cmd_eval(args) -> int:
     from medpruner.eval.runner import EvalSettings, run_eval
     from medpruner.report import to_json
 
+    out_dir = check_output_dir(args.out)
     if args.engine != "ray":
         reject_ray_options(args)
     if args.engine == "vllm":
@@ -235,7 +241,9 @@ def cmd_eval(args) -> int:
         methods=tuple(args.methods), gamma=args.gamma, tau=args.tau, merge=not args.no_merge,
         context_frac=args.context_frac, backend=args.backend, max_new_tokens=max_new_tokens, seed=args.seed,
         window=args.window, resolution=resolution, limit=args.limit, bootstrap=args.bootstrap, metrics=args.metrics,
+        allow_other_settings=args.allow_other_settings,
     )
+    saved_before = _records_saved(out_dir)
     try:
         if args.engine == "ray":
             summary = eval_ray(args, dataset, settings, resolution)
@@ -246,6 +254,10 @@ def cmd_eval(args) -> int:
                                Path(args.out), progress=not args.no_progress, html=not args.no_html)
     except ValueError as err:
         raise CommandError(str(err)) from err
+    except KeyboardInterrupt:
+        saved = _records_saved(out_dir) - saved_before
+        raise Interrupted(f"interrupted: {saved} record(s) of this run saved in {out_dir / 'samples.jsonl'}; "
+                          "rerun the same command to resume (finished samples are skipped)") from None
     if args.json:
         print(to_json(summary))
     else:
@@ -288,6 +300,16 @@ def _eval_vllm(args, dataset, settings) -> dict:
                          html=not args.no_html)
 
 
+def _records_saved(out_dir: Path) -> int:
+    from medpruner.eval.runner import record_files
+
+    total = 0
+    for path in record_files(out_dir) if out_dir.is_dir() else []:
+        with open(path, "rb") as handle:
+            total += sum(1 for line in handle if line.endswith(b"\n"))
+    return total
+
+
 def dataset_counts(dataset: dict, limit: int | None = None) -> str:
     """What was read, before any model runs (and again at the end): the files, rows read, rows skipped
     by reason with the first few, and samples per category."""
@@ -311,7 +333,8 @@ def dataset_counts(dataset: dict, limit: int | None = None) -> str:
 
 
 def summary_text(summary: dict, out_dir: Path) -> str:
-    lines = [f"{'method':<18}{'n':>5}  {'score':>7}  {'retention':>9}  {'agreement':>9}  {'KL':>8}"]
+    primary = next(iter(summary["methods"].values()))["primary_metric"]
+    lines = [f"{'method':<18}{'n':>5}  {primary:>9}  {'retention':>9}  {'agreement':>9}  {'KL':>8}"]
     for name, entry in summary["methods"].items():
         stats = entry["metrics"]["overall"].get(entry["primary_metric"], {})
         fidelity = entry.get("audit", {}).get("fidelity", {})
@@ -319,9 +342,8 @@ def summary_text(summary: dict, out_dir: Path) -> str:
         def cell(value, width):
             return f"{value:>{width}.3f}" if isinstance(value, float) else f"{'-':>{width}}"
 
-        lines.append(f"{name:<18}{entry['n']:>5}  {cell(stats.get('mean'), 7)}  "
+        lines.append(f"{name:<18}{entry['n']:>5}  {cell(stats.get('mean'), 9)}  "
                      f"{cell(entry['retention']['overall'], 9)}  {cell(fidelity.get('answer_agreement'), 9)}  "
                      f"{cell(fidelity.get('first_token_kl'), 8)}")
-    primary = next(iter(summary["methods"].values()))["primary_metric"]
-    lines.append(f"score: {primary}; report {out_dir / 'report.html'}, records {out_dir / 'samples.jsonl'}")
+    lines.append(f"report {out_dir / 'report.html'}, records {out_dir / 'samples.jsonl'}")
     return "\n".join(lines)

@@ -90,7 +90,9 @@ class EvalSettings:
     ``seed + index``); window: CT window for volumes in Hounsfield units; resolution: the slice size the
     caller resized to (recorded only); limit: the first N samples; bootstrap: resamples of the
     confidence intervals; metrics: "default" or "paper" (the published evaluation's report metrics for
-    open answers, see :func:`medpruner.eval.metrics.score_answer`)."""
+    open answers, see :func:`medpruner.eval.metrics.score_answer`); allow_other_settings: run in a
+    folder that holds records of other settings (refused otherwise: the summary and report would
+    describe this run while the folder mixes runs)."""
 
     methods: tuple[str, ...]
     gamma: float = 0.05
@@ -105,6 +107,7 @@ class EvalSettings:
     limit: int | None = None
     bootstrap: int = 1000
     metrics: str = "default"
+    allow_other_settings: bool = False
 
     def selector_settings(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "tau": self.tau, "merge": self.merge, "context_frac": self.context_frac}
@@ -112,7 +115,7 @@ class EvalSettings:
     def settings_id(self, model_name: str) -> str:
         """A short hash of everything that changes a record's content (not ``methods``, ``limit`` or
         ``bootstrap``, which only choose what is run or summarised)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("methods", "limit", "bootstrap")}
+        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_CONTENT}
         text = json.dumps({"model": model_name, "prompt": PROMPT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -359,6 +362,34 @@ class EvalPlan:
         return {key: self.done[key] for key in self.keys(sample).values() if key in self.done}
 
 
+_NOT_CONTENT = ("methods", "limit", "bootstrap", "allow_other_settings")
+SETTINGS_NAME = "settings.json"
+
+
+def _guard_settings(out_dir: Path, records: list[dict], settings_id: str, settings: EvalSettings,
+                    model_name: str) -> None:
+    """Refuse a folder holding records of other settings unless ``settings.allow_other_settings``;
+    remember this run's settings (by id) in ``settings.json`` to name what differs next time."""
+    from medpruner.report import atomic_write_text
+
+    path = out_dir / SETTINGS_NAME
+    known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    mine = {"model": model_name, **{k: v for k, v in asdict(settings).items() if k not in _NOT_CONTENT}}
+    others = sorted({r.get("settings_id") for r in records} - {settings_id, None})
+    if others and not settings.allow_other_settings:
+        differences = []
+        for other in others[:3]:
+            theirs = known.get(other)
+            changed = ("unknown settings" if theirs is None else
+                       ", ".join(f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v))
+            differences.append(f"{other}: {changed}")
+        raise ValueError(f"{out_dir} holds records of other settings ({'; '.join(differences)}); give another --out, "
+                         "or --allow-other-settings to add this run beside them (the summary and report then cover "
+                         "this run only)")
+    if known.get(settings_id) != mine:
+        atomic_write_text(path, json.dumps({**known, settings_id: mine}, indent=1, sort_keys=True) + "\n")
+
+
 def plan_eval(dataset: Dataset, model_name: str, settings: EvalSettings, out_dir) -> EvalPlan:
     """Check the dataset and the methods, create ``out_dir`` and read its records of these settings."""
     methods, added = resolve_methods(settings.methods)
@@ -370,8 +401,9 @@ def plan_eval(dataset: Dataset, model_name: str, settings: EvalSettings, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / RECORDS_NAME
     settings_id = settings.settings_id(model_name)
-    done = {r["key"]: r for path in record_files(out_dir) for r in read_records(path)
-            if r.get("settings_id") == settings_id}
+    records = [r for path in record_files(out_dir) for r in read_records(path)]
+    _guard_settings(out_dir, records, settings_id, settings, model_name)
+    done = {r["key"]: r for r in records if r.get("settings_id") == settings_id}
     samples = dataset.samples if settings.limit is None else dataset.samples[: settings.limit]
     return EvalPlan(methods, added, settings_id, records_path, done, samples, optional_metrics())
 
@@ -446,7 +478,7 @@ def run_eval(dataset: Dataset, eval_model: EvalModel, settings: EvalSettings, ou
     pending = dict(plan.pending())
     failed = []
     with open(plan.records_path, "a", encoding="utf-8") as handle, tqdm(
-        total=len(plan.samples), disable=not progress, unit="sample", desc="medpruner eval"
+        total=len(pending), disable=not progress, unit="sample", desc="medpruner eval"
     ) as bar:
         for index, sample in enumerate(plan.samples):
             if index in pending:
@@ -460,7 +492,7 @@ def run_eval(dataset: Dataset, eval_model: EvalModel, settings: EvalSettings, ou
                                           plan.settings_id, plan.existing(sample), plan.unavailable):
                     plan.done[record["key"]] = record
                     _append(handle, record)
-            bar.update()
+                bar.update()
     return finish_eval(plan, dataset, eval_model.name, settings, out_dir, failed, html=html)
 
 
