@@ -85,6 +85,14 @@ def test_every_format_and_every_method_at_matched_budgets(tmp_path, fmt, capsys)
     # open answers are scored by exact match as their accuracy, so the audit covers them too
     assert (out / "category_deltas.png").is_file()
     assert all(r["correct"] == r["metrics"]["accuracy"] for r in records)
+    # cost: a slice-stage method is charged the slices it keeps, the others every slice
+    for record in records:
+        slice_stage = get_selector(record["method"]).slice_stage
+        assert record["slices_encoded"] == record["slices_kept" if slice_stage else "slices_total"]
+        assert set(record["seconds_split"]) == {"tower", "pruning", "llm_prefill"}
+        assert set(record["modelled"]) == {"qwen3-vl-8b", "qwen2.5-vl-7b", "medgemma-4b"}
+    assert (out / "cost.png").is_file() and set(summary["pareto_cost"]) == set(ALL)
+    assert "qwen3-vl-8b ms" in printed
 
 
 def test_rerun_resumes_and_json_output(tmp_path, capsys):

@@ -394,8 +394,13 @@ def test_resume_skips_finished_samples_and_repairs_a_cut_line(tiny, tmp_path):
     run_eval(dataset, eval_model, _settings(methods), out, progress=False, html=False)
     assert counter.calls == 0 and len(read_records(out / RECORDS_NAME)) == 9
 
-    # other settings: new records beside the old ones, and only the new ones are summarised
-    summary = run_eval(dataset, eval_model, _settings(methods, tau=0.7, limit=1), out, progress=False, html=False)
+    # other settings are refused, nothing written; asked for, new records go beside the old ones, and only
+    # the new ones are summarised
+    with pytest.raises(ValueError, match="holds records of other settings .*tau 0.5 -> 0.7"):
+        run_eval(dataset, eval_model, _settings(methods, tau=0.7, limit=1), out, progress=False, html=False)
+    assert len(read_records(out / RECORDS_NAME)) == 9
+    summary = run_eval(dataset, eval_model, _settings(methods, tau=0.7, limit=1, allow_other_settings=True), out,
+                       progress=False, html=False)
     records = read_records(out / RECORDS_NAME)
     assert len(records) == 12 and len({r["settings_id"] for r in records}) == 2
     assert all(entry["n"] == 1 for entry in summary["methods"].values())

@@ -333,17 +333,23 @@ def dataset_counts(dataset: dict, limit: int | None = None) -> str:
 
 
 def summary_text(summary: dict, out_dir: Path) -> str:
+    from medpruner.eval.cost_report import DEFAULT_CONFIG
+
     primary = next(iter(summary["methods"].values()))["primary_metric"]
-    lines = [f"{'method':<18}{'n':>5}  {primary:>9}  {'retention':>9}  {'agreement':>9}  {'KL':>8}"]
+    lines = [f"{'method':<18}{'n':>5}  {primary:>9}  {'retention':>9}  {'agreement':>9}  {'KL':>8}  "
+             f"{'encoded':>7}  {'measured s':>10}  {DEFAULT_CONFIG + ' ms':>16}"]
     for name, entry in summary["methods"].items():
         stats = entry["metrics"]["overall"].get(entry["primary_metric"], {})
         fidelity = entry.get("audit", {}).get("fidelity", {})
+        cost = entry.get("cost") or {}
 
-        def cell(value, width):
-            return f"{value:>{width}.3f}" if isinstance(value, float) else f"{'-':>{width}}"
+        def cell(value, width, digits=3):
+            return f"{value:>{width}.{digits}f}" if isinstance(value, float) else f"{'-':>{width}}"
 
         lines.append(f"{name:<18}{entry['n']:>5}  {cell(stats.get('mean'), 9)}  "
                      f"{cell(entry['retention']['overall'], 9)}  {cell(fidelity.get('answer_agreement'), 9)}  "
-                     f"{cell(fidelity.get('first_token_kl'), 8)}")
+                     f"{cell(fidelity.get('first_token_kl'), 8)}  {cell(cost.get('slices_encoded'), 7, 1)}  "
+                     f"{cell(cost.get('seconds_median', {}).get('total'), 10)}  "
+                     f"{cell(cost.get('modelled', {}).get(DEFAULT_CONFIG, {}).get('ms'), 16, 2)}")
     lines.append(f"report {out_dir / 'report.html'}, records {out_dir / 'samples.jsonl'}")
     return "\n".join(lines)

@@ -448,6 +448,7 @@ def eval_sample(eval_model: EvalModel, sample: Sample, index: int, volume: np.nd
 def finish_eval(plan: EvalPlan, dataset: Dataset, model_name: str, settings: EvalSettings, out_dir,
                 failed: list[dict], *, html: bool = True) -> dict:
     """The summary of the plan's samples over the records in ``plan.done``, written with the report."""
+    from medpruner.eval.cost_report import cost_table, plot_cost
     from medpruner.eval.report import write_report
 
     records = [plan.done[key] for s in plan.samples for key in plan.keys(s).values() if key in plan.done]
@@ -464,6 +465,10 @@ def finish_eval(plan: EvalPlan, dataset: Dataset, model_name: str, settings: Eva
                                                           if p.name != RECORDS_NAME],
                "summary": SUMMARY_NAME, "report": "report.html" if html else None},
     )
+    cost_plot = plot_cost(summary, out_dir) if html else None
+    summary["files"]["cost_plot"] = None if cost_plot is None else cost_plot.name
+    summary["pareto_cost"] = {row["method"]: {"modelled": row["pareto_modelled"], "measured": row["pareto_measured"]}
+                              for row in cost_table(summary)}
     write_report(Path(out_dir), summary, html=html)
     return summary
 
@@ -617,9 +622,10 @@ def _cost_summary(rows: list[dict]) -> dict:
 
 
 def cost_check(by_method: dict[str, list[dict]], methods: Sequence[str], tolerance: float = 0.2) -> dict:
-    """The cost model against this run's measurements: per method, the ratio to ``none`` of the model's
-    own modelled FLOPs and of the measured seconds (tower + LLM prefill, and with the pruning), over
-    the samples both have; ``agrees`` when the measured ratio is within ``tolerance`` of the modelled one."""
+    """The cost model against this run's measurements: per method, the median over the samples both
+    have of the per-sample ratio to ``none`` of the model's own modelled FLOPs and of the measured
+    seconds (tower + LLM prefill, and with the pruning); ``agrees`` when the measured ratio is within
+    ``tolerance`` of the modelled one."""
     reference = {r["sample_id"]: r for r in by_method.get(REFERENCE, [])}
     out = {}
     for method in methods:
@@ -629,13 +635,15 @@ def cost_check(by_method: dict[str, list[dict]], methods: Sequence[str], toleran
         if method == REFERENCE or not pairs:
             continue
 
-        def compute(record):
-            return record["seconds_split"]["tower"] + record["seconds_split"]["llm_prefill"]
+        def compute(record, pruning=False):
+            split = record["seconds_split"]
+            return split["tower"] + split["llm_prefill"] + (split["pruning"] if pruning else 0.0)
 
-        modelled = sum(m["modelled_flops"] for m, _ in pairs) / sum(r["modelled_flops"] for _, r in pairs)
-        measured = sum(compute(m) for m, _ in pairs) / sum(compute(r) for _, r in pairs)
-        with_pruning = (sum(compute(m) + m["seconds_split"]["pruning"] for m, _ in pairs)
-                        / sum(compute(r) + r["seconds_split"]["pruning"] for _, r in pairs))
+        # medians of per-sample ratios: one slow call (a busy neighbour, the first call's warm-up) moves
+        # a ratio of sums, not a median
+        modelled = _median(m["modelled_flops"] / r["modelled_flops"] for m, r in pairs)
+        measured = _median(compute(m) / compute(r) for m, r in pairs)
+        with_pruning = _median(compute(m, True) / compute(r, True) for m, r in pairs)
         out[method] = {"n": len(pairs), "modelled_ratio": modelled, "measured_ratio": measured,
                        "measured_ratio_with_pruning": with_pruning,
                        "agrees": abs(measured / modelled - 1) <= tolerance if modelled else None}
