@@ -75,8 +75,9 @@ def _hf_class(family):
     }[family]
 
 
-def _save_tiny(family, path):
-    """A tiny random model of ``family`` with text head dim 32 and its processor, saved to ``path``."""
+def _save_tiny(family, path, stats=None):
+    """A tiny random model of ``family`` with text head dim 32 and its processor, saved to ``path``;
+    ``stats``: the processor's (image_mean, image_std) instead of the family's published ones."""
     from medpruner import _tiny
     from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -95,6 +96,8 @@ def _save_tiny(family, path):
         config.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
         mean, std = CLIP_MEAN, CLIP_STD
         processor_class, video_class = Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+    if stats is not None:
+        mean, std = stats
     torch.manual_seed(0)
     model = _hf_class(family)(config).eval()
     torch.random.set_rng_state(generator_state)
@@ -111,6 +114,75 @@ def _save_tiny(family, path):
     )
     model.save_pretrained(path)
     processor.save_pretrained(path)
+
+
+def _kept_slices(items) -> list[bool]:
+    """The IAF mask of one request from the processor's kept items (a dropped slice leaves the request;
+    the kept slice before it counts it in ``medpruner_counts[3]``)."""
+    mask = []
+    for item in items:
+        kept, _, _, skipped = item["medpruner_counts"].data.tolist()
+        mask += [kept > 0] + [False] * skipped
+    return mask
+
+
+@pytest.mark.parametrize("device_normalize", [True, False])
+def test_gamma_is_on_the_checkpoints_own_scale(tmp_path, device_normalize):
+    """Qwen2.5-VL checkpoints normalised with the CLIP mean/std and with mean = std = 0.5 keep the same
+    slices of one volume at every gamma, in the vLLM processor (the tower normalising on the device or
+    the processor itself) and through HF ``apply_medpruner`` on the model loaded from each folder: the
+    slices IAF keeps on the paper's [-1, 1] scale. Among the gammas is one where rescaling the 0.5
+    checkpoint's pixels by the CLIP std (what the adapter did whatever the processor used) decides
+    otherwise."""
+    import medpruner.vllm as mv
+    from medpruner import apply_medpruner
+    from transformers import AutoProcessor
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing.context import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    from medpruner_kernels import reference
+
+    depth = 8
+    images = _images(synthetic_volume(depth, 64, seed=11, repeat_every=3))
+    prompt = PROMPT.replace("<|vision_start|><|image_pad|><|vision_end|>" * SLICES,
+                            "<|vision_start|><|image_pad|><|vision_end|>" * depth)
+    mv.register()
+    checkpoints = {"clip": (CLIP_MEAN, CLIP_STD), "half": ([0.5] * 3, [0.5] * 3)}
+    processors, models, inputs = {}, {}, {}
+    for name, stats in checkpoints.items():
+        path = tmp_path / name
+        _save_tiny("qwen2_5_vl", path, stats=stats)
+        served = mv.llm_kwargs(path, budget=BUDGET, gamma=GAMMA)
+        config = ModelConfig(model=served["model"], hf_overrides=served["hf_overrides"], dtype="float32",
+                             limit_mm_per_prompt={"image": depth}, mm_device_do_normalize=device_normalize)
+        processors[name] = MULTIMODAL_REGISTRY.create_processor(config)
+        models[name] = _hf_class("qwen2_5_vl").from_pretrained(path, dtype=torch.float32).eval()
+        inputs[name] = AutoProcessor.from_pretrained(path)(text=[prompt], images=[images], return_tensors="pt")
+    token_ids = processors["half"].info.get_tokenizer().encode(prompt)
+
+    cu = torch.tensor([0, depth])
+    paper = inputs["half"]["pixel_values"].double().reshape(depth, -1)  # mean = std = 0.5: the paper's scale
+    clip_std = torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1)
+    half_as_clip = (paper.reshape(paper.shape[0], 3, -1) * clip_std / 0.5).reshape(depth, -1)
+    consecutive = (paper[1:] - paper[:-1]).abs().mean(1).sort().values.tolist()
+    differs = 0
+    for gamma in [(a + b) / 2 for a, b in zip(consecutive[:-1], consecutive[1:], strict=True)]:
+        expected = reference.iaf_select(paper, gamma, cu)[0].tolist()
+        for name in checkpoints:
+            out = processors[name].apply(
+                ProcessorInputs(prompt=token_ids, mm_data_items=processors[name].info.parse_mm_data({"image": images}),
+                                hf_processor_mm_kwargs={"gamma": gamma}),
+                TimingContext(enabled=False),
+            )
+            assert _kept_slices(out["mm_kwargs"]["image"]) == expected, (name, gamma)
+            apply_medpruner(models[name], gamma=gamma, budget=BUDGET)
+            with torch.no_grad():
+                models[name](**inputs[name])
+            assert [n > 0 for n in models[name].medpruner_stats.tokens_per_slice[0]] == expected, (name, gamma)
+        differs += reference.iaf_select(half_as_clip, gamma, cu)[0].tolist() != expected
+    assert differs > 0, "no gamma tells the checkpoint's std from the CLIP std: the test proves nothing"
 
 
 @pytest.fixture(scope="module")

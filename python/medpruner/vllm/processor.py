@@ -10,7 +10,9 @@ Pixel scale. vLLM may leave normalisation to the tower (``mm_device_do_normalize
 Qwen-VL): the processor then returns raw ``uint8`` patches and the tower's first module rescales and
 normalises them. IAF's gamma is defined on the normalised pixels the HF processor returns, so the raw
 patches get the same affine map the tower applies (fp32, the processor config's mean/std/rescale)
-before IAF; on raw bytes a near-duplicate slice is ~255/2 times farther from its anchor.
+before IAF; on raw bytes a near-duplicate slice is ~255/2 times farther from its anchor. An adapter that
+rescales by the processor's std (Qwen2.5-VL) gets the checkpoint's, resolved from the same config, so a
+checkpoint normalised with mean = std = 0.5 keeps the slices a CLIP-normalised one keeps.
 
 Caching. The counts depend on the whole volume, so each image's hash (the processor and encoder cache
 key) covers the hashes of all the request's images and the image's index, on top of the request's
@@ -20,6 +22,7 @@ the cache, the whole request is processed again: IAF needs every slice's pixels.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
@@ -93,14 +96,28 @@ class MedPrunerProcessorMixin:
         return request_config(self._medpruner_engine_config(), {k: merged[k] for k in REQUEST_KNOBS if k in merged})
 
     @cached_property
+    def _medpruner_norm_params(self):
+        """The checkpoint's (image_mean, image_std, rescale_factor), resolved from its processor config
+        as the tower's input normalisation resolves them; read once (vLLM reads the processor config
+        files on each call)."""
+        return _load_norm_params(self.info.ctx.model_config)
+
+    @cached_property
     def _medpruner_norm(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per channel (scale, shift) of the tower's input normalisation, None when the processor
-        normalises itself; read once (vLLM reads the processor config files on each call)."""
+        normalises itself."""
         if not self.info.ctx.get_mm_config().mm_device_do_normalize:
             return None
-        params = _load_norm_params(self.info.ctx.model_config)
+        params = self._medpruner_norm_params
         std = torch.tensor(params.image_std, dtype=torch.float32)
         return params.rescale_factor / std, -torch.tensor(params.image_mean, dtype=torch.float32) / std
+
+    def _medpruner_adapter(self) -> Adapter:
+        """The family's adapter; one whose IAF rescales by the processor's std (Qwen2.5-VL) gets the
+        checkpoint's, so gamma stays on the paper's scale whatever the checkpoint normalises with."""
+        if "image_std" in inspect.signature(self.adapter_class).parameters:
+            return self.adapter_class(image_std=self._medpruner_norm_params.image_std)
+        return self.adapter_class()
 
     def _medpruner_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``pixel_values`` on the scale the HF processor returns (what the tower normalises to)."""
@@ -119,7 +136,7 @@ class MedPrunerProcessorMixin:
         if grid is not None and len(grid) > 0:
             merge = self.info.get_hf_config().vision_config.spatial_merge_size
             pixels = self._medpruner_pixels(data["pixel_values"])
-            data[COUNTS_KEY] = slice_counts(self.adapter_class(), pixels, grid, merge, config)
+            data[COUNTS_KEY] = slice_counts(self._medpruner_adapter(), pixels, grid, merge, config)
         return data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
