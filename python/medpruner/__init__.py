@@ -11,6 +11,7 @@ import importlib
 _LAZY = {
     "apply_medpruner": "medpruner.pipeline",
     "remove_medpruner": "medpruner.pipeline",
+    "prune_inputs": "medpruner.pipeline",
     "MedPrunerConfig": "medpruner.config",
     "PruneStats": "medpruner.config",
     "FAMILIES": "medpruner.config",

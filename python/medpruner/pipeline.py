@@ -10,6 +10,7 @@ its images are that volume's slices, in acquisition order.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "PruneStats",
     "apply_medpruner",
     "ct_windows_to_rgb",
+    "prune_inputs",
     "remove_medpruner",
     "volume_to_inputs",
 ]
@@ -107,6 +109,58 @@ def apply_medpruner(
     adapter.check_config(model, config)
     adapter.patch(model, config)
     return model
+
+
+def prune_inputs(model, inputs, *, config: MedPrunerConfig | None = None, return_stats: bool = False, **knobs):
+    """The core of the package: a processor's outputs in, pruned inputs out that the *unpatched*
+    model's own ``forward`` and ``generate`` accept, giving the tokens ``apply_medpruner(model, **knobs)``
+    gives on ``inputs`` (greedy decoding).
+
+    Args:
+        model: a loaded Qwen3-VL, Qwen2.5-VL or Gemma3 (MedGemma) model, patched or not.
+        inputs: the processor's outputs (``input_ids``, ``attention_mask``, the pixels and grids...),
+            one volume per row, its slices as the row's images in acquisition order.
+        config / knobs: a :class:`MedPrunerConfig`, or its fields as keywords (``gamma``, ``tau``,
+            ``mode``, ``budget``, ...; the defaults are the paper's).
+        return_stats: also return the request's :class:`PruneStats`.
+
+    Returns:
+        a dict: the pruned ``input_ids`` and ``attention_mask`` (rows keep the caller's padding side),
+        the positions (Qwen's M-RoPE ids keep each kept token's (t, h, w)), ``mm_token_type_ids``, the
+        kept visual features as precomputed encoder outputs (``mm_encoder_outputs``), and every other
+        key of ``inputs`` the model still needs; ``(dict, PruneStats)`` with ``return_stats``. Inputs
+        without images come back unchanged (stats None).
+
+    The selection takes no gradient. Qwen models keep the M-RoPE delta of their last request on the
+    model (``model.model.rope_deltas``, transformers' own state, which its ``generate`` reads while
+    decoding): prepare a request right before generating it. A request pruning cannot apply to
+    (``inputs_embeds``, videos) is a ValueError naming the reason; kernel checks deferred on CUDA are
+    raised here."""
+    from medpruner.adapters.patching import TOWER_OUTPUT_FLAGS
+    from medpruner_kernels._validation import raise_pending_errors
+
+    if config is None:
+        config = MedPrunerConfig(**knobs)
+    elif knobs:
+        raise TypeError(f"prune_inputs: pass either config or knobs, not both (got {sorted(knobs)})")
+    elif not isinstance(config, MedPrunerConfig):
+        raise TypeError(f"config must be a MedPrunerConfig, got {type(config).__name__}")
+    else:
+        config.validate()
+    adapter = adapter_for(model)
+    adapter.check_config(model, config)
+    call = dict(inputs)
+    if not adapter.wants_pruning(call):
+        return (call, None) if return_stats else call
+    reason = adapter.unprunable(call)
+    if reason is not None:
+        raise ValueError(f"prune_inputs: this request cannot be pruned: {reason}")
+    start = time.perf_counter()
+    with torch.no_grad():
+        pruned = adapter.prune(model, config, {k: v for k, v in call.items() if k not in TOWER_OUTPUT_FLAGS})
+    raise_pending_errors()
+    pruned.stats.prune_seconds = time.perf_counter() - start
+    return (pruned.call, pruned.stats) if return_stats else pruned.call
 
 
 def remove_medpruner(model):
