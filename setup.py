@@ -16,12 +16,25 @@ Environment:
 import glob
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
 
 def _log(msg):
     print(f"[medpruner setup] {msg}", file=sys.stderr)
+
+
+def _parallel_compile(compile_one_by_one):
+    """setuptools' compile, one source per worker (MAX_JOBS, as torch's ninja build reads it, else every core)."""
+    jobs = int(os.environ.get("MAX_JOBS", "0")) or os.cpu_count() or 1
+
+    def compile_sources(sources, *args, **kwargs):
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            per_source = pool.map(lambda source: compile_one_by_one([source], *args, **kwargs), sources)
+            return [obj for objects in per_source for obj in objects]
+
+    return compile_sources
 
 
 def _extension_kwargs():
@@ -40,15 +53,26 @@ def _extension_kwargs():
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # No -std flag: torch picks the standard its headers need (C++20 for torch 2.13); our sources are C++17.
+    # -g0 overrides the -g of Python's own CFLAGS: debug info for torch's templates was a third of the
+    # compile time, and nobody steps through an installed wheel's kernels.
     ext = CppExtension(
         "medpruner_kernels._C",
         cpp_sources,
-        extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-g0"]},
         extra_link_args=["-fopenmp"],
     )
 
     class OptionalBuildExtension(BuildExtension):
-        """Never fail the install over the extension: the package works through Triton/torch."""
+        """Never fail the install over the extension: the package works through Triton/torch.
+
+        With ninja (torch's default) the sources compile in parallel already. Without it torch falls back
+        to setuptools, which compiles them one after another; then each source goes to a thread pool.
+        """
+
+        def build_extension(self, ext):
+            if not self.use_ninja and len(ext.sources) > 1:
+                self.compiler.compile = _parallel_compile(self.compiler.compile)
+            super().build_extension(ext)
 
         def run(self):
             try:

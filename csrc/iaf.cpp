@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -352,7 +353,7 @@ void scan_segment_parallel(const T* x, int64_t row_stride, int64_t cols, int64_t
 }
 
 template <typename T>
-void iaf_impl(const torch::Tensor& slices, const int32_t* cu, int64_t segments, double gamma, bool* keep,
+void iaf_impl(const at::Tensor& slices, const int32_t* cu, int64_t segments, double gamma, bool* keep,
               float* dist) {
   const T* x = slices.data_ptr<T>();
   const int64_t row_stride = slices.stride(0);
@@ -368,7 +369,7 @@ void iaf_impl(const torch::Tensor& slices, const int32_t* cu, int64_t segments, 
 }
 
 template <typename T>
-void anchor_distance_impl(const torch::Tensor& slices, const int64_t* anchor, float* dist) {
+void anchor_distance_impl(const at::Tensor& slices, const int64_t* anchor, float* dist) {
   const T* x = slices.data_ptr<T>();
   const int64_t row_stride = slices.stride(0);
   const int64_t rows = slices.size(0);
@@ -381,7 +382,7 @@ void anchor_distance_impl(const torch::Tensor& slices, const int64_t* anchor, fl
   }
 }
 
-void check_slices(const torch::Tensor& slices) {
+void check_slices(const at::Tensor& slices) {
   TORCH_CHECK(slices.device().is_cpu(), "slices must be a CPU tensor");
   TORCH_CHECK(slices.dim() == 2, "slices must be [rows, cols]");
   // A single column has no column stride to speak of (a transposed [1, D] volume has stride D there).
@@ -416,7 +417,7 @@ bool row_is_finite(const T* row, int64_t cols) {
   return acc == 0.f;
 }
 
-void check_finite(const char* op, const torch::Tensor& slices, const float* dist,
+void check_finite(const char* op, const at::Tensor& slices, const float* dist,
                   const std::vector<int64_t>& lone_rows) {
   if (!at::isFloatingType(slices.scalar_type())) return;
   bool finite = true;
@@ -438,7 +439,7 @@ void check_finite(const char* op, const torch::Tensor& slices, const float* dist
 // Segment offsets: the given cu_seqlens, or volumes of seqlen rows each (a single volume or a
 // [B, D] batch, for which the caller builds no offsets tensor). Checked here because the outputs are
 // allocated uninitialised and every row must belong to exactly one segment.
-std::vector<int32_t> segment_offsets(const c10::optional<torch::Tensor>& cu_seqlens, int64_t seqlen,
+std::vector<int32_t> segment_offsets(const std::optional<at::Tensor>& cu_seqlens, int64_t seqlen,
                                      int64_t rows) {
   std::vector<int32_t> cu;
   if (cu_seqlens.has_value()) {
@@ -457,8 +458,8 @@ std::vector<int32_t> segment_offsets(const c10::optional<torch::Tensor>& cu_seql
   return cu;
 }
 
-std::tuple<torch::Tensor, torch::Tensor> iaf_select_cpu(const torch::Tensor& slices,
-                                                       const c10::optional<torch::Tensor>& cu_seqlens,
+std::tuple<at::Tensor, at::Tensor> iaf_select_cpu(const at::Tensor& slices,
+                                                       const std::optional<at::Tensor>& cu_seqlens,
                                                        int64_t seqlen, double gamma) {
   check_slices(slices);
   const int64_t rows = slices.size(0);
@@ -466,8 +467,8 @@ std::tuple<torch::Tensor, torch::Tensor> iaf_select_cpu(const torch::Tensor& sli
   const int64_t segments = static_cast<int64_t>(cu.size()) - 1;
   // Every row is written by the scan of its segment; zero-filling first would be a second pass over
   // the outputs, each a torch op whose code is cold after the volume has streamed through the caches.
-  auto keep = torch::empty({rows}, slices.options().dtype(at::kBool));
-  auto dist = torch::empty({rows}, slices.options().dtype(at::kFloat));
+  auto keep = at::empty({rows}, slices.options().dtype(at::kBool));
+  auto dist = at::empty({rows}, slices.options().dtype(at::kFloat));
   dispatch_volume_dtype(slices.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     iaf_impl<T>(slices, cu.data(), segments, gamma, keep.data_ptr<bool>(), dist.data_ptr<float>());
@@ -479,14 +480,14 @@ std::tuple<torch::Tensor, torch::Tensor> iaf_select_cpu(const torch::Tensor& sli
   return {keep, dist};
 }
 
-torch::Tensor anchor_distances_cpu(const torch::Tensor& slices, const torch::Tensor& anchor) {
+at::Tensor anchor_distances_cpu(const at::Tensor& slices, const at::Tensor& anchor) {
   check_slices(slices);
   TORCH_CHECK(anchor.scalar_type() == at::kLong && anchor.is_contiguous() && anchor.numel() == slices.size(0),
               "anchor must be int64 [rows]");
   const int64_t* anchor_rows = anchor.data_ptr<int64_t>();
   for (int64_t s = 0; s < slices.size(0); ++s)
     TORCH_CHECK(anchor_rows[s] >= 0 && anchor_rows[s] <= s, "anchor[", s, "] must be a row in [0, ", s, "]");
-  auto dist = torch::zeros({slices.size(0)}, slices.options().dtype(at::kFloat));
+  auto dist = at::zeros({slices.size(0)}, slices.options().dtype(at::kFloat));
   dispatch_volume_dtype(slices.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     anchor_distance_impl<T>(slices, anchor.data_ptr<int64_t>(), dist.data_ptr<float>());

@@ -6,8 +6,6 @@
 // an output, and the final head mean adds the heads in a fixed order, so the result does not depend
 // on the thread count or schedule. Scores are formed in register tiles with the key matrix transposed
 // ([H, Dh, N]), so the innermost loops run over keys with unit stride and vectorise without -ffast-math.
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -182,15 +180,15 @@ void segment_head_task(const float* q_head, const float* kt_head, int64_t num_to
 // q, k: [N, H, Dh] float32/float16/bfloat16, any strides; cu_seqlens: int32 [B+1] (CPU).
 // Returns float32 [N]: per key, the softmax attention received, averaged over heads and summed over
 // its segment's queries.
-torch::Tensor attention_importance(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& cu_seqlens,
+at::Tensor attention_importance(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens,
                                    double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && cu_seqlens.device().is_cpu(),
               "attention_importance (cpp): CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes(), "attention_importance (cpp): q, k must be [N, H, Dh]");
   const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const auto q_heads = q.to(torch::kFloat32).permute({1, 0, 2}).contiguous();  // [H, N, Dh]
-  const auto k_t = k.to(torch::kFloat32).permute({1, 2, 0}).contiguous();      // [H, Dh, N]
-  const auto cu = cu_seqlens.to(torch::kInt64).contiguous();
+  const auto q_heads = q.to(at::kFloat).permute({1, 0, 2}).contiguous();  // [H, N, Dh]
+  const auto k_t = k.to(at::kFloat).permute({1, 2, 0}).contiguous();      // [H, Dh, N]
+  const auto cu = cu_seqlens.to(at::kLong).contiguous();
   const int64_t* offsets = cu.data_ptr<int64_t>();
   const int64_t num_segments = cu.numel() - 1;
 
@@ -200,7 +198,7 @@ torch::Tensor attention_importance(const torch::Tensor& q, const torch::Tensor& 
       for (int64_t h = 0; h < num_heads; ++h) tasks.emplace_back(b, h);
     }
   }
-  auto per_head = torch::empty({num_heads, num_tokens}, torch::kFloat32);
+  auto per_head = at::empty({num_heads, num_tokens}, at::kFloat);
   const float* q_ptr = q_heads.data_ptr<float>();
   const float* kt_ptr = k_t.data_ptr<float>();
   float* per_head_ptr = per_head.data_ptr<float>();
@@ -219,7 +217,7 @@ torch::Tensor attention_importance(const torch::Tensor& q, const torch::Tensor& 
     }
   }
 
-  auto out = torch::zeros({num_tokens}, torch::kFloat32);
+  auto out = at::zeros({num_tokens}, at::kFloat);
   float* out_ptr = out.data_ptr<float>();
   const float inv_heads = 1.0f / static_cast<float>(num_heads);
 #pragma omp parallel for schedule(static)

@@ -7,8 +7,6 @@
 //      float64 reference except on sub-1e-12 near-ties, and ties that are exact there stay exact);
 //   3. a stable counting sort of members by target, then parallel over targets: each target sums its
 //      own members in ascending order (double) and writes its own row.
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,10 +21,10 @@ namespace medpruner {
 // x: [N, D] float (any float dtype, any strides); keys: [N, Dk] float; keep: bool [N];
 // cu_seqlens: int [B+1]; num_targets: optional int64 [B], per segment the target count C replacing
 // max(int(context_frac * n), 1) (C = 0: no merge). Returns (x_out float32 [N, D], keep_out bool [N]).
-std::tuple<torch::Tensor, torch::Tensor> merge_tokens(const torch::Tensor& x, const torch::Tensor& keys,
-                                                      const torch::Tensor& keep, const torch::Tensor& cu_seqlens,
+std::tuple<at::Tensor, at::Tensor> merge_tokens(const at::Tensor& x, const at::Tensor& keys,
+                                                      const at::Tensor& keep, const at::Tensor& cu_seqlens,
                                                       double context_frac,
-                                                      const std::optional<torch::Tensor>& num_targets) {
+                                                      const std::optional<at::Tensor>& num_targets) {
   TORCH_CHECK(x.device().is_cpu() && keys.device().is_cpu() && keep.device().is_cpu() &&
                   cu_seqlens.device().is_cpu(),
               "merge_tokens (cpp): CPU tensors only");
@@ -34,10 +32,10 @@ std::tuple<torch::Tensor, torch::Tensor> merge_tokens(const torch::Tensor& x, co
                   keep.size(0) == x.size(0),
               "merge_tokens (cpp): x [N, D], keys [N, Dk], keep [N]");
   const int64_t feat_dim = x.size(1), key_dim = keys.size(1);
-  const auto x32 = x.to(torch::kFloat32).contiguous();
-  const auto keys64 = keys.to(torch::kFloat64).contiguous();
-  const auto keep_c = keep.to(torch::kBool).contiguous();
-  const auto cu = cu_seqlens.to(torch::kInt64).contiguous();
+  const auto x32 = x.to(at::kFloat).contiguous();
+  const auto keys64 = keys.to(at::kDouble).contiguous();
+  const auto keep_c = keep.to(at::kBool).contiguous();
+  const auto cu = cu_seqlens.to(at::kLong).contiguous();
   auto x_out = x32.clone();
   auto keep_out = keep_c.clone();
 
@@ -50,7 +48,7 @@ std::tuple<torch::Tensor, torch::Tensor> merge_tokens(const torch::Tensor& x, co
   const int64_t num_segments = cu.numel() - 1;
   const int64_t* given_targets = nullptr;
   if (num_targets.has_value()) {
-    TORCH_CHECK(num_targets->device().is_cpu() && num_targets->scalar_type() == torch::kInt64 &&
+    TORCH_CHECK(num_targets->device().is_cpu() && num_targets->scalar_type() == at::kLong &&
                     num_targets->is_contiguous() && num_targets->numel() == num_segments,
                 "merge_tokens (cpp): num_targets must be contiguous int64 [B]");
     given_targets = num_targets->data_ptr<int64_t>();
@@ -89,7 +87,7 @@ std::tuple<torch::Tensor, torch::Tensor> merge_tokens(const torch::Tensor& x, co
 
   // Dividing (not multiplying by an inverse norm) keeps keys that are exact multiples of each other
   // exact ties, which the earlier target must then win.
-  auto unit_keys = torch::zeros({x.size(0), key_dim}, torch::kFloat64);
+  auto unit_keys = at::zeros({x.size(0), key_dim}, at::kDouble);
   double* unit = unit_keys.data_ptr<double>();
   auto normalise = [&](int64_t t) {
     const double* kt = ks + t * key_dim;

@@ -107,7 +107,7 @@ void select_slice(const T* x, int64_t stride, int64_t n, double tau, const Rule&
 }
 
 template <typename T>
-void select_all(const torch::Tensor& scores, const double* tau, double tau_scalar, const int64_t* cu,
+void select_all(const at::Tensor& scores, const double* tau, double tau_scalar, const int64_t* cu,
                 const int64_t* counts, int64_t slices, const Rule& rule, bool* keep) {
   const T* x = scores.data_ptr<T>();
   const bool varlen = cu != nullptr;
@@ -132,10 +132,10 @@ void select_all(const torch::Tensor& scores, const double* tau, double tau_scala
   }
 }
 
-torch::Tensor nucleus_select_cpu(const torch::Tensor& scores, const std::optional<torch::Tensor>& tau,
-                                 double tau_scalar, const std::optional<torch::Tensor>& cu_seqlens,
+at::Tensor nucleus_select_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& tau,
+                                 double tau_scalar, const std::optional<at::Tensor>& cu_seqlens,
                                  std::optional<double> temperature, int64_t min_keep,
-                                 std::optional<int64_t> max_keep, const std::optional<torch::Tensor>& counts) {
+                                 std::optional<int64_t> max_keep, const std::optional<at::Tensor>& counts) {
   TORCH_CHECK(scores.device().is_cpu(), "nucleus_select_cpu: scores must be a CPU tensor");
   const bool varlen = cu_seqlens.has_value();
   TORCH_CHECK(scores.dim() == (varlen ? 1 : 2), "nucleus_select_cpu: scores must be ",
@@ -143,7 +143,7 @@ torch::Tensor nucleus_select_cpu(const torch::Tensor& scores, const std::optiona
   int64_t slices = varlen ? cu_seqlens->numel() - 1 : scores.size(0);
   const int64_t* cu = nullptr;
   if (varlen) {
-    TORCH_CHECK(cu_seqlens->scalar_type() == torch::kInt64 && cu_seqlens->is_contiguous() && slices >= 0,
+    TORCH_CHECK(cu_seqlens->scalar_type() == at::kLong && cu_seqlens->is_contiguous() && slices >= 0,
                 "nucleus_select_cpu: cu_seqlens must be contiguous int64 [B+1]");
     cu = cu_seqlens->data_ptr<int64_t>();
     // The Python layer validates the offsets; this guard keeps a direct call memory-safe.
@@ -154,19 +154,19 @@ torch::Tensor nucleus_select_cpu(const torch::Tensor& scores, const std::optiona
   }
   const double* tau_ptr = nullptr;
   if (tau.has_value()) {
-    TORCH_CHECK(tau->scalar_type() == torch::kFloat64 && tau->is_contiguous() && tau->numel() == slices,
+    TORCH_CHECK(tau->scalar_type() == at::kDouble && tau->is_contiguous() && tau->numel() == slices,
                 "nucleus_select_cpu: tau must be contiguous float64 [S]");
     tau_ptr = tau->data_ptr<double>();
   }
   const int64_t* counts_ptr = nullptr;
   if (counts.has_value()) {
-    TORCH_CHECK(counts->scalar_type() == torch::kInt64 && counts->is_contiguous() && counts->numel() == slices,
+    TORCH_CHECK(counts->scalar_type() == at::kLong && counts->is_contiguous() && counts->numel() == slices,
                 "nucleus_select_cpu: counts must be contiguous int64 [S]");
     counts_ptr = counts->data_ptr<int64_t>();
   }
   TORCH_CHECK(!temperature || *temperature > 0, "nucleus_select_cpu: temperature must be > 0");
   const Rule rule{temperature, min_keep, max_keep.value_or(INT64_MAX)};
-  auto keep = torch::empty(scores.sizes(), scores.options().dtype(torch::kBool));
+  auto keep = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "nucleus_select_cpu", [&] {
