@@ -388,28 +388,81 @@ def _torch_pair_distances(slices: torch.Tensor, anchor: torch.Tensor) -> torch.T
     return out
 
 
+def _gather_rows(slices: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = float32(slices[index[i]])``, into a buffer reused at every step."""
+    if slices.dtype == out.dtype:
+        torch.index_select(slices, 0, index, out=out)
+    else:
+        out.copy_(slices.index_select(0, index))
+
+
 def _torch_iaf(slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float, max_len: int):
+    if slices.device.type == "cpu":
+        return _torch_iaf_host(slices, cu_seqlens, gamma)
+    return _torch_iaf_device(slices, cu_seqlens, gamma, max_len)
+
+
+def _torch_iaf_host(slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float):
+    """CPU: a host read costs nothing there, so this is the sequential rule on views of the slices.
+    Each distance is formed in one float32 buffer reused for every slice (the eager loop allocates
+    two slice-sized temporaries per slice); other dtypes widen into a second buffer that holds the
+    anchor."""
+    rows, cols = slices.shape
+    keep = torch.zeros(rows, dtype=torch.bool)
+    dist = torch.zeros(rows, dtype=torch.float32)
+    diff = torch.empty(cols, dtype=torch.float32)
+    widen = slices.dtype != torch.float32
+    anchor_buffer = torch.empty(cols, dtype=torch.float32) if widen else None
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        keep[start] = True
+        anchor = slices[start]
+        if widen:
+            anchor = anchor_buffer.copy_(anchor)
+        for row in range(start + 1, end):
+            if widen:
+                diff.copy_(slices[row]).sub_(anchor)
+            else:
+                torch.sub(slices[row], anchor, out=diff)
+            d = diff.abs_().mean()
+            dist[row] = d
+            if d > gamma:
+                keep[row] = True
+                anchor = anchor_buffer.copy_(slices[row]) if widen else slices[row]
+    return keep, dist
+
+
+def _torch_iaf_device(slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float, max_len: int):
     """The per-slice loop, vectorised over volumes, with the anchor kept on the device: no host sync.
-    Volume b's s-th slice is row cu[b] + s; rows past a volume's end are masked out."""
-    rows = slices.shape[0]
+    Volume b's s-th slice is row cu[b] + s; rows past a volume's end are masked out. Every step
+    gathers the B current and B anchor slices into two float32 buffers allocated once and forms the
+    distances in place (no per-step allocation, no padded copy of the volume)."""
+    rows, cols = slices.shape
     device = slices.device
     starts = cu_seqlens[:-1].to(torch.int64)
     lengths = cu_seqlens[1:].to(torch.int64) - starts
+    # Row `rows` of keep and dist is a sink for the volumes that have ended; their reads go to any
+    # valid row instead (the result is masked out).
     keep = torch.zeros(rows + 1, dtype=torch.bool, device=device)
     dist = torch.zeros(rows + 1, dtype=torch.float32, device=device)
     sink = torch.full_like(starts, rows)
     keep.index_fill_(0, torch.where(lengths > 0, starts, sink), True)
-    anchor = starts.clone()
-    padded = torch.cat([slices, slices[:1]]) if rows else slices
+    last_row = max(rows - 1, 0)
+    anchor = starts.clamp(max=last_row)
+    current = torch.empty(starts.numel(), cols, dtype=torch.float32, device=device)
+    reference = torch.empty_like(current)
     for step in range(1, max_len):
         live = lengths > step
-        current = torch.where(live, starts + step, sink)
-        safe_anchor = torch.where(live, anchor, sink)
-        d = (padded[current].to(torch.float32) - padded[safe_anchor].to(torch.float32)).abs().mean(dim=1)
+        row = torch.where(live, starts + step, sink)
+        _gather_rows(slices, row.clamp(max=last_row), current)
+        _gather_rows(slices, anchor, reference)
+        d = current.sub_(reference).abs_().mean(dim=1)
         hit = live & (d > gamma)
-        dist.index_put_((current,), torch.where(live, d, 0.0))
-        keep.index_put_((current,), hit | keep[current])
-        anchor = torch.where(hit, current, anchor)
+        dist.index_put_((row,), torch.where(live, d, 0.0))
+        keep.index_put_((row,), hit | keep[row])
+        anchor = torch.where(hit, row, anchor)
     return keep[:rows].clone(), dist[:rows].clone()
 
 
