@@ -511,3 +511,85 @@ def test_eval_table_rows_from_a_summary(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_table.main([str(path)])
     assert "not a medpruner eval summary" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- medpruner bench (issue 25, item 3)
+def _bench_row(group, name, median_ms):
+    return {"group": group, "name": name, "median_ms": median_ms, "mean_ms": median_ms, "min_ms": median_ms,
+            "rounds": 5}
+
+
+def test_bench_table_speedup_is_over_the_eager_baseline_and_the_floor_is_a_floor():
+    from medpruner.cli.bench import bench_table
+
+    rows = [
+        _bench_row("iaf", "test_iaf_cpu_eager_loop", 60.0),
+        _bench_row("iaf", "test_iaf_cpu_read_floor", 5.0),
+        _bench_row("iaf", "test_iaf_cpu_backend[cpp]", 6.0),
+        _bench_row("iaf", "test_iaf_cpu_backend[torch]", 120.0),
+        _bench_row("nucleus", "test_nucleus_cpu_sort_cumsum_scatter", 30.0),
+        _bench_row("nucleus", "test_nucleus_cpu_backend[cpp]", 10.0),
+        _bench_row("misc", "test_sum", 1.0),
+    ]
+    lines = bench_table(rows).splitlines()
+    assert lines[0].split()[-4:] == ["rounds", "floor", "x", "speedup"]
+    cells = {line.split()[1]: line.split()[-2:] for line in lines[2:9]}
+    assert cells["test_iaf_cpu_eager_loop"] == ["12.0x", "1.0x"]
+    # The floor is a bound, not a method: no speedup of its own, and the slowest row is not the reference.
+    assert cells["test_iaf_cpu_read_floor"] == ["floor", "floor"]
+    assert cells["test_iaf_cpu_backend[cpp]"] == ["1.2x", "10.0x"]
+    assert cells["test_iaf_cpu_backend[torch]"] == ["24.0x", "0.5x"]
+    assert cells["test_nucleus_cpu_backend[cpp]"] == ["-", "3.0x"]
+    assert cells["test_sum"] == ["-", "-"]
+    assert "eager torch baseline" in lines[-1]
+
+
+def test_kernels_notes_name_the_real_reason(tmp_path):
+    from medpruner.cli.bench import kernels_notes
+
+    installed = tmp_path / "site" / "medpruner_kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    info = {"file": str(installed / "__init__.py"), "cpp": True, "error": None}
+    assert kernels_notes(info, tmp_path) == []
+
+    circular = "cannot import name '_C' from partially initialized module 'medpruner_kernels' (circular import)"
+    missing = kernels_notes({**info, "cpp": False, "error": circular}, tmp_path)
+    assert len(missing) == 1 and "C++ benchmarks were skipped" in missing[0]
+    assert "has no compiled medpruner_kernels._C" in missing[0] and "circular" not in missing[0]
+    assert "pip install --no-build-isolation ." in missing[0]
+
+    (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    broken = kernels_notes({**info, "cpp": False, "error": "undefined symbol: _ZN3c10"}, tmp_path)
+    assert "failed to load (undefined symbol: _ZN3c10)" in broken[0]
+
+    checkout = tmp_path / "checkout"
+    (checkout / "medpruner_kernels").mkdir(parents=True)
+    (checkout / "medpruner_kernels" / "__init__.py").write_text("")
+    assert "./medpruner_kernels is a source tree" in kernels_notes(info, checkout)[0]
+    shadowed = {"file": str(checkout / "medpruner_kernels" / "__init__.py"), "cpp": False, "error": circular}
+    assert "run from another folder" in kernels_notes(shadowed, checkout)[0]
+
+
+def test_bench_from_a_checkout_root_imports_the_installed_kernels(tmp_path, monkeypatch, capsys):
+    """From a folder holding a medpruner_kernels source tree (a checkout root), the benchmarks must
+    import the installed package, not the folder's (which has no _C): `python -m pytest` put the
+    current folder first on the import path."""
+    from medpruner import cli
+
+    shadow = tmp_path / "medpruner_kernels"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("SOURCE_TREE_COPY = True\n")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_which.py").write_text(
+        "import medpruner_kernels\n\n"
+        "def test_which(benchmark):\n"
+        "    assert not hasattr(medpruner_kernels, 'SOURCE_TREE_COPY'), medpruner_kernels.__file__\n"
+        "    benchmark(sum, range(10))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--bench-dir", "bench", "--benchmark-disable-gc"]) == 0
+    captured = capsys.readouterr()
+    assert "test_which" in captured.out
+    assert "./medpruner_kernels is a source tree; the benchmarks ran the installed medpruner_kernels" in captured.err
