@@ -151,6 +151,15 @@ def test_demo_runs_the_checkpoint_on_a_synthetic_volume_with_lesions(tmp_path):
     assert saved["result"]["keep"] == result["keep"] and saved["lesion_focus"] == focus
     table = (tmp_path / "demo" / "report.html").read_text().split("<figure")[0]
     assert "{&#x27;" not in table and "HU" not in table and "1 x 1 x 1 (assumed" in table
+    # the heatmaps: the kept lesion slices first, then the others; the page shows prompt, answer, lesions
+    shown = focus["heatmap_slices"]
+    lesions_shown = focus["heatmap_lesion_slices"]
+    assert shown[: len(lesions_shown)] == lesions_shown and not set(shown[len(lesions_shown):]) & lesion_slices
+    assert "<th>prompt</th><td>Is there a lesion? Answer yes or no.</td>" in table
+    assert f"<th>answer</th><td>{tokens['generated_text']}</td>" in table
+    kept_lesions = focus["lesion_slices_kept_by_iaf"]
+    assert f"<th>lesion slices kept by IAF</th><td>{len(kept_lesions)}/{len(lesion_slices)} " in table
+    assert "<th>attention on lesion tokens</th>" in table
 
 
 def test_demo_with_a_local_checkpoint_runs_on_the_bundled_mri(tmp_path):

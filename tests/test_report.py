@@ -161,3 +161,16 @@ def test_html_shows_window_timings_guesses_and_nonfinite_as_text():
     cells = _table_cells(report.render_html(record, {}))
     assert cells["window"] == "percentile scaling 0.5% .. 99.5% to [0, 1]" and cells["modality"] == "MR"
     assert "{" not in "".join(cells.values())
+
+
+def test_montage_caption_says_when_slices_are_sampled_and_what_is_marked():
+    from medpruner.report import montage_indices, montage_summary
+
+    keep = np.zeros(100, dtype=bool)
+    keep[::7] = True
+    shown = montage_indices(keep, 40).size
+    assert shown == 40
+    caption = montage_summary(keep, shown, 0.05, {3: "lesion", 9: "lesion"})
+    assert caption == ("15/100 slices kept at gamma=0.05; 40 of the 100 slices shown (an even sample of the kept "
+                       "and the dropped); star: lesion")
+    assert montage_summary(keep[:20], 20, 0.05) == "3/20 slices kept at gamma=0.05"

@@ -36,6 +36,7 @@ __all__ = [
 REPORT_VERSION = 1
 KEPT_COLOUR = "#1a9850"
 DROPPED_COLOUR = "#d73027"
+MARK_COLOUR = "#ffd700"
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -163,6 +164,16 @@ def montage_indices(keep: np.ndarray, max_tiles: int) -> np.ndarray:
     return np.sort(np.concatenate([_spread(kept, take_kept), _spread(dropped, take_dropped)]))
 
 
+def montage_summary(keep: np.ndarray, shown: int, gamma: float, marked: dict[int, str] | None = None) -> str:
+    """The montage's caption: slices kept, whether the tiles are a sample, and what the stars mark."""
+    summary = f"{int(keep.sum())}/{keep.size} slices kept at gamma={gamma:g}"
+    if shown < keep.size:
+        summary += f"; {shown} of the {keep.size} slices shown (an even sample of the kept and the dropped)"
+    if marked:
+        summary += f"; star: {', '.join(sorted(set(marked.values())))}"
+    return summary
+
+
 def plot_montage(
     slices: np.ndarray,
     keep: np.ndarray,
@@ -173,34 +184,42 @@ def plot_montage(
     max_tiles: int = 40,
     columns: int = 8,
     title: str = "",
+    marked: dict[int, str] | None = None,
 ) -> bytes:
     """PNG of kept (green frame) and dropped (red frame) slices, each labelled with its index and its
-    mean |difference| to the anchor it was compared with (on the [-1, 1] scale, like gamma).
+    mean |difference| to the anchor it was compared with (on the [-1, 1] scale, like gamma). A volume of
+    more than ``max_tiles`` slices shows an even sample of them, and the title says so.
 
-    ``slices``: ``[D, H, W]`` in [0, 1]; ``keep``: bool ``[D]``; ``distances``: ``[D]``.
+    ``slices``: ``[D, H, W]`` in [0, 1]; ``keep``: bool ``[D]``; ``distances``: ``[D]``; ``marked``:
+    slice -> a short label shown in the tile's title and by a marker in its corner (the demo's lesions).
     """
     keep = np.asarray(keep, dtype=bool)
+    marked = marked or {}
     chosen = montage_indices(keep, max_tiles)
     columns = max(1, min(columns, chosen.size))
     rows = math.ceil(chosen.size / columns)
     height, width = slices.shape[1:]
-    tile = 1.8
+    tile = 2.2
     aspect = height / max(width, 1)
-    figure = _figure(columns * tile, rows * tile * aspect + 0.8)
+    figure = _figure(columns * tile, rows * (tile * aspect + 0.5) + 0.9)
     for position, index in enumerate(chosen):
         axes = figure.add_subplot(rows, columns, position + 1)
         axes.imshow(_oriented(np.asarray(slices[index]), flips), cmap="gray", vmin=0.0, vmax=1.0)
         colour = KEPT_COLOUR if keep[index] else DROPPED_COLOUR
         state = "kept" if keep[index] else "dropped"
         label = "anchor" if index == 0 else f"d={float(distances[index]):.3f}"
-        axes.set_title(f"#{index} {state}\n{label}", fontsize=7, color=colour)
+        if int(index) in marked:
+            label += f" | {marked[int(index)]}"
+            axes.plot([0.9], [0.1], marker="*", markersize=13, color=MARK_COLOUR, markeredgecolor="black",
+                      transform=axes.transAxes)
+        axes.set_title(f"#{index} {state}\n{label}", fontsize=10, color=colour)
         axes.set_xticks([])
         axes.set_yticks([])
         for spine in axes.spines.values():
             spine.set_edgecolor(colour)
             spine.set_linewidth(2.5)
-    summary = f"{int(keep.sum())}/{keep.size} slices kept at gamma={gamma:g}"
-    figure.suptitle(f"{title}\n{summary}" if title else summary, fontsize=9)
+    summary = montage_summary(keep, chosen.size, gamma, marked)
+    figure.suptitle(f"{title}\n{summary}" if title else summary, fontsize=12)
     return _png(figure)
 
 
@@ -215,7 +234,7 @@ def plot_distances(
     distances = np.asarray(distances, dtype=np.float64)
     keep = np.asarray(keep, dtype=bool)
     index = np.arange(distances.size)
-    figure = _figure(8.0, 3.2)
+    figure = _figure(9.5, 3.4)
     axes = figure.add_subplot(1, 1, 1)
     axes.plot(index, distances, color="#4575b4", linewidth=1.0, label="distance to anchor")
     axes.scatter(index[keep], distances[keep], s=14, color=KEPT_COLOUR, zorder=3, label="kept (new anchor)")
@@ -225,10 +244,14 @@ def plot_distances(
     axes.set_ylabel("mean |x[s] - x[anchor]| ([-1, 1] scale)")
     axes.set_xlim(-0.5, max(distances.size - 0.5, 0.5))
     axes.set_ylim(bottom=0.0)
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # slices are whole numbers
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper right")
+    # outside the axes: a legend inside would hide the points under it
+    axes.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     summary = f"{int(keep.sum())}/{keep.size} kept ({100.0 * keep.mean():.1f}%)" if keep.size else "no slices"
-    axes.set_title(f"{title}: {summary}" if title else summary, fontsize=9)
+    axes.set_title(f"{title}: {summary}" if title else summary, fontsize=11)
     return _png(figure)
 
 
@@ -258,8 +281,11 @@ def plot_token_heatmaps(
     flips: tuple[bool, bool] = (False, False),
     columns: int = 4,
     title: str = "",
+    marked: dict[int, str] | None = None,
 ) -> bytes:
-    """PNG of per-slice token importance over the slice, with pruned tokens shaded.
+    """PNG of per-slice token importance over the slice, with pruned tokens shaded, in the order of
+    ``slice_indices`` (the caller puts the slices of interest first), on one colour scale for every
+    panel (one labelled colour bar), so that panels compare.
 
     Args:
         slices: ``[D, H, W]`` in [0, 1].
@@ -267,6 +293,7 @@ def plot_token_heatmaps(
         importance: one array per slice, ``[rows, cols]`` token grid or ``[tokens]`` (reshaped to
             ``grid``, or to a square); the token grid is stretched over the whole slice.
         keep_tokens: optional bool arrays of the same shapes: tokens the nucleus kept.
+        marked: slice -> a short label added to the panel's title (the demo's lesions).
     """
     if len(importance) != len(slice_indices):
         raise ValueError(f"importance has {len(importance)} arrays for {len(slice_indices)} slice_indices")
@@ -280,9 +307,15 @@ def plot_token_heatmaps(
     columns = max(1, min(columns, count))
     rows = math.ceil(count / columns)
     height, width = slices.shape[1:]
-    figure = _figure(columns * 3.0, rows * 3.0 * height / max(width, 1) + 0.6)
+    marked = marked or {}
+    grids = [_token_grid("importance", values, grid).astype(np.float64) for values in importance]
+    low = min(float(g.min()) for g in grids)
+    high = max(float(g.max()) for g in grids)
+    norm = Normalize(vmin=low, vmax=high if high > low else low + 1.0)
+    figure = _figure(columns * 3.0 + 1.0, rows * (3.0 * height / max(width, 1) + 0.4) + 0.6)
+    panels = []
     for position, index in enumerate(slice_indices):
-        scores = _token_grid("importance", importance[position], grid).astype(np.float64)
+        scores = grids[position]
         axes = figure.add_subplot(rows, columns, position + 1)
         extent = (-0.5, width - 0.5, height - 0.5, -0.5)
         axes.imshow(
@@ -294,9 +327,10 @@ def plot_token_heatmaps(
             alpha=0.45,
             extent=extent,
             interpolation="nearest",
-            norm=Normalize(vmin=float(scores.min()), vmax=float(scores.max()) or 1.0),
+            norm=norm,
         )
-        label = f"#{index}"
+        panels.append(axes)
+        label = f"#{index}" + (f" ({marked[int(index)]})" if int(index) in marked else "")
         if keep_tokens is not None:
             kept = _token_grid("keep_tokens", keep_tokens[position], scores.shape).astype(bool)
             if kept.shape != scores.shape:
@@ -305,12 +339,14 @@ def plot_token_heatmaps(
             shade[~kept, 3] = 0.6
             axes.imshow(_oriented(shade, flips), extent=extent, interpolation="nearest")
             label += f": {int(kept.sum())}/{kept.size} tokens kept"
-        axes.set_title(label, fontsize=8)
+        axes.set_title(label, fontsize=10)
         axes.set_xticks([])
         axes.set_yticks([])
-        # Scores of a slice often differ only in the third decimal: show enough digits to tell them apart.
-        figure.colorbar(heat, ax=axes, fraction=0.046, pad=0.02, format="{x:.4g}")
-    figure.suptitle(title or "token importance (pruned tokens shaded)", fontsize=9)
+    # Scores often differ only in the third decimal: enough digits to tell them apart.
+    bar = figure.colorbar(heat, ax=panels, fraction=0.03, pad=0.02, format="{x:.4g}")
+    bar.set_label("attention received (DINS importance), one scale for every panel", fontsize=10)
+    heading = "token importance (pruned tokens shaded)"
+    figure.suptitle(f"{title}: {heading}" if title else heading, fontsize=11)
     return _png(figure)
 
 
@@ -365,6 +401,26 @@ def _nonfinite_html(nonfinite: dict) -> str:
             f"(finite range {nonfinite.get('finite_min'):g} .. {nonfinite.get('finite_max'):g})")
 
 
+def _share(value) -> str:
+    return "-" if value is None else f"{100.0 * float(value):.0f}%"
+
+
+def _lesion_rows(focus: dict) -> list[tuple[str, str]]:
+    """The demo's lesion statistics (``lesion_focus`` of its report.json) as table rows."""
+    lesions = focus.get("lesions") or []
+    kept = focus.get("lesion_slices_kept_by_iaf", [])
+    classes = ", ".join(f"{lesion.get('cls')} at slice {lesion.get('z')}" for lesion in lesions)
+    return [
+        ("lesions", f"{len(lesions)}: {classes}" if lesions else "none"),
+        ("lesion slices kept by IAF", f"{len(kept)}/{len(focus.get('lesion_slices', []))} {kept}"),
+        ("attention on lesion tokens", f"{_share(focus.get('importance_share'))} of the importance on "
+                                       f"{_share(focus.get('area_share'))} of the tokens (heatmap slices "
+                                       f"{focus.get('heatmap_lesion_slices')})"),
+        ("tokens kept", f"lesion {_share(focus.get('lesion_tokens_kept'))}, background "
+                        f"{_share(focus.get('background_tokens_kept'))}"),
+    ]
+
+
 def render_html(report: dict, images: dict[str, bytes]) -> str:
     """A single HTML page with the summary table and the figures embedded as base64 PNGs."""
     result = report.get("result", {})
@@ -395,7 +451,12 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
             ("visual tokens kept", f"{tokens.get('tokens_after')}/{tokens.get('tokens_before')}"),
             ("token retention", tokens.get("token_retention")),
             ("tokens per slice", tokens.get("tokens_per_slice")),
+            ("prompt", tokens.get("prompt")),
+            ("answer", tokens.get("generated_text")),
         ]
+    focus = report.get("lesion_focus")
+    if focus:
+        rows += _lesion_rows(focus)
     rows += [
         ("backend", report.get("environment", {}).get("backend")),
         ("device", report.get("environment", {}).get("device")),
@@ -431,12 +492,14 @@ def write_report(
     token_slices: Sequence[int] | None = None,
     token_grid: tuple[int, int] | None = None,
     html_page: bool = True,
+    marked: dict[int, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.json``, ``montage.png``, ``distances.png`` (``tokens.png`` when per-slice token
     arrays are given) and ``report.html`` into ``out_dir``; return their paths by name.
 
     ``report`` must hold ``config.gamma`` and ``result.keep`` / ``result.distance_to_anchor``;
-    ``slices``: the ``[D, H, W]`` [0, 1] slices IAF ran on (after windowing).
+    ``slices``: the ``[D, H, W]`` [0, 1] slices IAF ran on (after windowing); ``marked``: slice -> label
+    marked in the montage and the heatmaps (the demo's lesion slices).
     """
     out = Path(out_dir)
     gamma = float(report["config"]["gamma"])
@@ -444,13 +507,13 @@ def write_report(
     distances = np.asarray(report["result"]["distance_to_anchor"], dtype=np.float64)
     title = Path(str(report.get("volume", {}).get("source") or "volume")).name
     images = {
-        "montage.png": plot_montage(slices, keep, distances, gamma, flips=flips, title=title),
+        "montage.png": plot_montage(slices, keep, distances, gamma, flips=flips, title=title, marked=marked),
         "distances.png": plot_distances(distances, keep, gamma, title=title),
     }
     if token_importance is not None:
         indices = list(token_slices) if token_slices is not None else list(np.flatnonzero(keep))
         images["tokens.png"] = plot_token_heatmaps(
-            slices, indices, token_importance, token_keep, grid=token_grid, flips=flips, title=title
+            slices, indices, token_importance, token_keep, grid=token_grid, flips=flips, title=title, marked=marked
         )
     written = {name: atomic_write_bytes(out / name, data) for name, data in images.items()}
     report = dict(report, files=sorted([*images, "report.json", *(["report.html"] if html_page else [])]))

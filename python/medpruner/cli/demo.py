@@ -12,7 +12,7 @@ import numpy as np
 from medpruner.cli.common import CommandError, check_backend, check_output_dir, pick_device
 from medpruner.cli.models import MODEL_RESOLUTION, TokenResult, load_model, tiny_vqa, token_options
 from medpruner.cli.prune import prune_and_report, report_files, summary_text
-from medpruner.report import atomic_write_text, to_json
+from medpruner.report import atomic_write_text, render_html, to_json
 
 MNI_TEMPLATE = ("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 NIBABEL_SAMPLE = ("nibabel", "tests/data/anatomical.nii")
@@ -132,12 +132,17 @@ def cmd_demo(args) -> int:
         extra_config=extra,
         html_page=not args.no_html,
         modality=modality,
+        marked=None if token_lesion is None else dict.fromkeys(heatmap_slices, "lesion"),
     )
     if token_lesion is not None:
         record["lesion_focus"] = dict(lesion_focus(token_result, record["result"]["keep"], token_lesion),
-                                      lesions=[vars(lesion) for lesion in volume.lesions])
+                                      lesions=[vars(lesion) for lesion in volume.lesions],
+                                      heatmap_slices=list(token_result.heatmap_slices))
         saved = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
         saved["lesion_focus"] = record["lesion_focus"]
+        if not args.no_html:
+            images = {name: (out_dir / name).read_bytes() for name in saved["files"] if name.endswith(".png")}
+            atomic_write_text(out_dir / "report.html", render_html(saved, images))
         atomic_write_text(out_dir / "report.json", to_json(saved) + "\n")
     if args.json:
         print(to_json(record))

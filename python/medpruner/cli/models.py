@@ -275,8 +275,10 @@ def run_model(
         kept = np.flatnonzero(slice_keep)
         preferred = [int(i) for i in heatmap_slices if 0 <= int(i) < slice_keep.size and slice_keep[int(i)]]
         spread = kept[np.unique(np.linspace(0, kept.size - 1, min(max_heatmaps, kept.size)).round().astype(int))]
-        chosen = list(dict.fromkeys(preferred[:max_heatmaps] + [int(i) for i in spread]))[:max_heatmaps]
-        for index in sorted(chosen):
+        preferred = sorted(preferred)[:max_heatmaps]
+        # the slices asked for first (the demo's lesions), then an even spread of the others
+        chosen = preferred + sorted(set(int(i) for i in spread) - set(preferred))[: max_heatmaps - len(preferred)]
+        for index in chosen:
             p = position_of[index]
             shown.append(index)
             importance.append(scores[offsets[p] : offsets[p + 1]])

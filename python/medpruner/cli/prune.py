@@ -286,10 +286,12 @@ def prune_and_report(
     html_page: bool = True,
     key: str | None = None,
     modality: str | None = None,
+    marked: dict[int, str] | None = None,
 ) -> tuple[dict, TokenResult | None]:
     """One volume: load, window, IAF (and the model with ``tokens``), the report in ``out_dir``.
     Returns the record and the model run's :class:`TokenResult` (its heatmap arrays; None without
-    ``tokens``). ``key``: the array of an ``.npz``; ``modality``: what the volume is (not guessed)."""
+    ``tokens``). ``key``: the array of an ``.npz``; ``modality``: what the volume is (not guessed);
+    ``marked``: slice -> label marked in the report's pictures (the demo's lesions)."""
     start = time.perf_counter()
     volume = load_volume(source, slice_axis=slice_axis, frame=frame, key=key, modality=modality)
     load_seconds = time.perf_counter() - start
@@ -317,7 +319,8 @@ def prune_and_report(
             )
         # The report's own timing is known only after its figures exist; report.json carries the rest.
         write_report(
-            out_dir, record, result.slices, flips=volume.display_flips(), html_page=html_page, **heatmaps
+            out_dir, record, result.slices, flips=volume.display_flips(), html_page=html_page, marked=marked,
+            **heatmaps,
         )
         record["timings_s"]["report"] = round(time.perf_counter() - start, 6)
         record["report_dir"] = str(out_dir)
