@@ -1,14 +1,17 @@
 """The eval's outputs beside the per-sample JSONL: ``summary.json``, the plots (PNG, matplotlib Agg) and a
 self-contained ``report.html`` (the plots embedded).
 
-Plots:
+Plots (methods and categories are rows, so their labels are tick labels and never overprint, however
+many methods share a retention):
 
-* ``pareto.png``: per method, the primary metric (accuracy for closed questions, else token F1, with its
-  bootstrap interval) and the fidelity to the unpruned model (answer agreement, first-token KL) against
-  the mean visual-token retention; the Pareto front (no other method is better at lower or equal
-  retention) is drawn through the methods on it;
-* ``category_deltas.png``: per pruned method, the accuracy change against the unpruned model for each
-  category, categories ordered by frequency (rarest first, their share of the labelled samples shown).
+* ``pareto.png``: a dot plot, one row per method, sorted by retention (highest first) and within a
+  retention by the primary metric (accuracy for closed questions, else token F1); panels: the
+  visual-token retention, the primary metric with its bootstrap interval (the unpruned model's value as
+  a dashed line), and the fidelity to the unpruned model (answer agreement, first-token KL). A method on
+  the Pareto front (no other method scores higher at lower or equal retention) is marked with a star;
+* ``category_deltas.png``: one panel per pruned method, the accuracy change against the unpruned model
+  for each category with its 95% interval, categories by frequency (rarest on top, sample count and
+  share beside the name); red: the interval lies below 0, blue: above.
 """
 
 from __future__ import annotations
@@ -69,69 +72,169 @@ def _fidelity_value(key):
     return value
 
 
+def _primary(summary: dict) -> str:
+    return next(iter(summary["methods"].values()))["primary_metric"] if summary["methods"] else "accuracy"
+
+
+def _rows_by_retention(summary: dict) -> list[str]:
+    """Methods with a retention, highest retention first, then the best primary metric first."""
+
+    def key(name):
+        entry = summary["methods"][name]
+        metric = _metric(name, entry)
+        return (-entry["retention"]["overall"], -(metric if metric is not None else -1.0), name)
+
+    return sorted((n for n, e in summary["methods"].items() if e["retention"]["overall"] is not None), key=key)
+
+
 def plot_pareto(summary: dict) -> bytes:
-    """Three panels against retention: the primary metric, answer agreement, first-token KL."""
-    figure = _figure(15, 4.6)
-    panels = [
-        (_metric, "primary", True),
-        (_fidelity_value("answer_agreement"), "answer agreement with the unpruned model", True),
-        (_fidelity_value("first_token_kl"), "first-token KL to the unpruned model (nats)", False),
-    ]
-    primary = next(iter(summary["methods"].values()))["primary_metric"] if summary["methods"] else "accuracy"
+    """A sorted dot plot of the methods: retention, the primary metric with its interval, answer
+    agreement and first-token KL, one row per method (see the module docstring)."""
+    primary = _primary(summary)
+    names = _rows_by_retention(summary)
+    methods = summary["methods"]
+    front = set(pareto_front(_points(summary, _metric)))
     colours = _colours(summary)
-    for column, (value, label, higher_better) in enumerate(panels):
-        axis = figure.add_subplot(1, 3, column + 1)
-        points = _points(summary, value)
-        for name, x, y in points:
+    figure = _figure(15, 1.4 + 0.42 * max(len(names), 2))
+    axes = figure.subplots(1, 4, sharey=True, gridspec_kw={"width_ratios": [1, 1.6, 1.1, 1.1], "wspace": 0.08})
+    ys = list(range(len(names)))[::-1]
+    panels = [
+        (lambda name, entry: entry["retention"]["overall"], "visual-token retention (kept / all)"),
+        (_metric, f"{primary} (95% bootstrap interval)"),
+        (_fidelity_value("answer_agreement"), "answer agreement with unpruned"),
+        (_fidelity_value("first_token_kl"), "first-token KL to unpruned (nats)"),
+    ]
+    for axis, (value, label) in zip(axes, panels):
+        starred = value is _metric
+        for name, y in zip(names, ys):
+            entry = methods[name]
+            x = value(name, entry)
+            if x is None:
+                axis.text(0.02, y, "n/a", transform=axis.get_yaxis_transform(), va="center", fontsize=9, color="0.5")
+                continue
             error = None
-            if column == 0:
-                stats = summary["methods"][name]["metrics"]["overall"][primary]
-                if stats["ci_low"] is not None:
-                    error = [[y - stats["ci_low"]], [stats["ci_high"] - y]]
-            axis.errorbar([x], [y], yerr=error, fmt="o", capsize=3, label=name, color=colours[name])
-            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if points:
-            signed = [(n, x, y if higher_better else -y) for n, x, y in points]
-            front = pareto_front(signed)
-            by_name = {n: (x, y) for n, x, y in points}
-            axis.plot([by_name[n][0] for n in front], [by_name[n][1] for n in front], "k--", lw=1,
-                      label="Pareto front")
-        axis.set_xlabel("visual-token retention (kept / all)")
-        axis.set_ylabel(primary if column == 0 else label)
-        axis.grid(alpha=0.3)
-        if column == 0:
-            axis.legend(fontsize=7, loc="best")
-    figure.suptitle("accuracy and fidelity against retention, per method (matched budgets)")
+            if starred:
+                stats = entry["metrics"]["overall"][primary]
+                if stats.get("ci_low") is not None:
+                    error = [[x - stats["ci_low"]], [stats["ci_high"] - x]]
+            on_front = starred and name in front
+            axis.errorbar([x], [y], xerr=error, fmt="*" if on_front else "o", markersize=12 if on_front else 7,
+                          capsize=4, lw=1.6, color=colours[name])
+        axis.set_xlabel(label, fontsize=10)
+        axis.grid(axis="x", alpha=0.3)
+        # Rows that share a retention form a block; a line separates the blocks.
+        for upper, lower, y in zip(names, names[1:], ys[1:]):
+            if round(methods[upper]["retention"]["overall"], 3) != round(methods[lower]["retention"]["overall"], 3):
+                axis.axhline(y + 0.5, color="0.6", lw=0.8)
+    reference = methods.get("none")
+    if reference is not None and _metric("none", reference) is not None:
+        axes[1].axvline(_metric("none", reference), color="0.3", ls="--", lw=1, label="unpruned")
+        axes[1].legend(fontsize=8, loc="lower left")
+    axes[0].set_xlim(0, 1.05)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels([f"{name} *" if name in front else name for name in names], fontsize=10)
+    for tick, name in zip(axes[0].get_yticklabels(), names):
+        tick.set_color(colours[name])
+    axes[0].set_ylim(-0.6, len(names) - 0.4)
+    figure.suptitle(f"methods at matched budgets, sorted by retention, then {primary}; "
+                    "* on the Pareto front (nothing scores higher at lower or equal retention)", fontsize=11)
     return _png(figure)
 
 
+def _delta_interval(row: dict, flips: list[dict] | None) -> tuple[float, float]:
+    """95% interval of a category's accuracy delta: the row's own when the audit gives one; else the
+    paired normal interval from the answers that flip. Per sample the change d is nonzero only where
+    the answer changed, so with b + c answers flipping correctness (either way) among n,
+    var(d) <= (b + c) / n - delta^2 (equality for 0/1 correctness), the interval
+    delta +- 1.96 sqrt(var / n), of zero width when nothing flips, as in a bootstrap over the
+    samples. Without the flips: the unpaired interval, wider (conservative)."""
+    if row.get("ci_low") is not None and row.get("ci_high") is not None:
+        return row["ci_low"], row["ci_high"]
+    n = max(row["n"], 1)
+    if flips is not None:
+        changed = sum(1 for flip in flips if flip["category"] == row["category"] and flip["kind"] != "changed")
+        variance = max(changed / n - row["delta"] ** 2, 0.0)
+    else:
+        p, q = row["pruned_accuracy"], row["reference_accuracy"]
+        variance = p * (1 - p) + q * (1 - q)
+    half = 1.96 * (variance / n) ** 0.5
+    return row["delta"] - half, row["delta"] + half
+
+
 def plot_category_deltas(summary: dict) -> bytes | None:
-    """Grouped bars of the accuracy delta per category (rarest first); None without labelled categories."""
+    """Small multiples, one per pruned method: the accuracy delta per category with its 95% interval,
+    rarest category on top; None without labelled categories."""
     methods = [(n, e["audit"]["category_deltas"]) for n, e in summary["methods"].items()
                if e.get("audit") and e["audit"]["category_deltas"]]
     if not methods:
         return None
+    flips = {n: summary["methods"][n]["audit"].get("answer_flips") for n, _ in methods}
     categories = {}
     for _, rows in methods:
         for row in rows:
             categories.setdefault(row["category"], (row["n"], row["frequency"]))
     order = sorted(categories, key=lambda c: (categories[c][0], c))
-    figure = _figure(max(6.0, 1.2 * len(order) + 2), 4.2)
-    axis = figure.add_subplot(1, 1, 1)
-    width = 0.8 / len(methods)
-    colours = _colours(summary)
-    for i, (name, rows) in enumerate(methods):
-        delta = {row["category"]: row["delta"] for row in rows}
-        xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(order))]
-        axis.bar(xs, [delta.get(c, 0.0) for c in order], width=width, label=name, color=colours[name])
-    axis.axhline(0.0, color="k", lw=0.8)
-    axis.set_xticks(range(len(order)))
-    axis.set_xticklabels([f"{c}\n{100 * categories[c][1]:.0f}% (n={categories[c][0]})" for c in order], fontsize=8)
-    axis.set_ylabel("accuracy - unpruned accuracy")
-    axis.set_xlabel("category (rarest first; share of labelled samples)")
-    axis.legend(fontsize=7, ncol=2)
-    axis.grid(axis="y", alpha=0.3)
+    columns = min(len(methods), 4)
+    grid_rows = -(-len(methods) // columns)
+    figure = _figure(3.4 * columns + 1.6, 0.6 + grid_rows * (0.9 + 0.36 * len(order)))
+    axes = figure.subplots(grid_rows, columns, sharex=True, sharey=True, squeeze=False,
+                           gridspec_kw={"hspace": 0.35, "wspace": 0.06})
+    ys = list(range(len(order)))[::-1]
+    lows, highs = [0.0], [0.0]
+    for index, axis in enumerate(axes.flat):
+        if index >= len(methods):
+            axis.set_visible(False)
+            continue
+        name, rows = methods[index]
+        by_category = {row["category"]: row for row in rows}
+        for category, y in zip(order, ys):
+            row = by_category.get(category)
+            if row is None:
+                continue
+            low, high = _delta_interval(row, flips[name])
+            lows.append(low)
+            highs.append(high)
+            colour = "tab:red" if high < 0 else ("tab:blue" if low > 0 else "0.35")
+            axis.errorbar([row["delta"]], [y], xerr=[[row["delta"] - low], [high - row["delta"]]], fmt="o",
+                          color=colour, capsize=3, markersize=6)
+        axis.axvline(0.0, color="k", lw=0.8)
+        axis.grid(axis="x", alpha=0.3)
+        axis.set_title(name, fontsize=11)
+        if index % columns == 0:
+            axis.set_yticks(ys)
+            axis.set_yticklabels([f"{c}  n={categories[c][0]} ({100 * categories[c][1]:.0f}%)" for c in order],
+                                 fontsize=9)
+        if index >= len(methods) - columns:
+            axis.set_xlabel("accuracy - unpruned", fontsize=9)
+            axis.xaxis.set_tick_params(labelbottom=True)
+    span = max(abs(min(lows)), abs(max(highs)), 0.05) * 1.08
+    axes[0][0].set_xlim(-span, span)
+    axes[0][0].set_ylim(-0.6, len(order) - 0.4)
+    figure.suptitle("accuracy change per category against the unpruned model, paired 95% intervals, rarest "
+                    "on top; red: below 0, blue: above", fontsize=11)
     return _png(figure)
+
+
+def _dataset_section(dataset: dict) -> list[str]:
+    """The counts the summary carries: rows read, rows skipped by reason, samples per category."""
+    parts = ["<h2>Dataset</h2>"]
+    counts = [["rows read", dataset.get("rows")], ["samples", dataset.get("samples")],
+              ["closed questions", dataset.get("closed")], ["open questions", dataset.get("open")],
+              ["rows skipped", dataset.get("skipped")]]
+    parts.append(_table(["", "count"], [row for row in counts if row[1] is not None]))
+    by_reason = dataset.get("skipped_by_reason")
+    if by_reason is None and dataset.get("skipped_rows"):
+        by_reason = {}
+        for row in dataset["skipped_rows"]:
+            by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
+    if by_reason:
+        parts.append("<h3>Rows skipped, by reason</h3>")
+        parts.append(_table(["reason", "rows"], sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))))
+    if dataset.get("categories"):
+        parts.append("<h3>Samples per category</h3>")
+        parts.append(_table(["category", "samples"],
+                            sorted(dataset["categories"].items(), key=lambda item: (item[1], item[0]))))
+    return parts
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -150,7 +253,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def render_html(summary: dict, images: dict[str, bytes]) -> str:
     methods = summary["methods"]
-    primary = next(iter(methods.values()))["primary_metric"] if methods else "accuracy"
+    primary = _primary(summary)
     rows = []
     for name, entry in methods.items():
         stats = entry["metrics"]["overall"].get(primary, {})
@@ -172,6 +275,7 @@ def render_html(summary: dict, images: dict[str, bytes]) -> str:
         f"{summary['dataset']['samples']} samples read, {summary['dataset']['skipped']} rows skipped, "
         f"{len(summary.get('failed_samples', []))} volumes failed to load; settings {summary.get('settings_id')}</p>",
     ]
+    parts += _dataset_section(summary["dataset"])
     if summary.get("methods_added"):
         parts.append(f"<p>added to the run: {html.escape(', '.join(summary['methods_added']))} (the unpruned "
                      "reference of the audit, and the adaptive MedPruner whose kept count is every budgeted "
