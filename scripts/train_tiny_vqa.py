@@ -1,7 +1,12 @@
 """Train the shipped tiny VQA checkpoint on the synthetic 3D VQA task, deterministically, on CPU.
 
-    nice -n 10 python scripts/train_tiny_vqa.py --out python/medpruner/checkpoints/tiny_vqa \
-        --record bench/results/tiny-vqa-training-<date>.json
+    nice -n 19 python scripts/train_tiny_vqa.py --out python/medpruner/checkpoints/tiny_vqa_v2 \
+        --record python/medpruner/checkpoints/tiny_vqa_v2/training.json --steps 2000
+
+``--version 2`` (the default) is the CT-like task of :mod:`medpruner.synthetic.ct` at 64-pixel slices
+with 8-pixel patches (16 visual tokens per slice); ``--version 1 --steps 2500`` is the task of
+:mod:`medpruner.synthetic.task` at 64 pixels with 16-pixel patches (4 tokens per slice), which made
+``checkpoints/tiny_vqa`` and ``bench/results/tiny-vqa-training-2026-11-29.json``.
 
 Each group of 4 steps holds the next 4 x batch train volumes sorted by depth (every volume is seen once), one
 question each (its type drawn uniformly among the types the volume can answer). The loss is the
@@ -24,11 +29,13 @@ import time
 from collections import Counter
 from datetime import date
 from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from medpruner.checkpoints import TINY_VQA_PATCH, TINY_VQA_RESOLUTION, build_tiny_vqa, tiny_vqa_processor
-from medpruner.synthetic import LESION_CLASSES, QUESTION_TYPES, generate_split, generate_volume, questions_for
+from medpruner.synthetic import task_module
 
 SEED = 0
 AUX_WEIGHT = 1.0
@@ -40,43 +47,126 @@ END = "<|im_end|>"
 
 
 GROUP = 4
+V2_RESOLUTION = 64
+V2_PATCH = 8
 
 
-def step_samples(step: int, batch_size: int, cache: dict) -> list:
-    """The questions of training step ``step``: the ``GROUP`` steps of a group share its
-    ``GROUP * batch_size`` volumes, sorted by depth so that a batch pads little."""
+def tiny_vqa_v2_processor(padding_side: str = "left"):
+    """The v2 checkpoint's processor: byte-level tokenizer and 8-pixel-patch image processor."""
+    from medpruner._tiny import image_only_processor, qwen_image_processor, qwen_tokenizer
+    from transformers import Qwen3VLProcessor
+
+    image_processor = qwen_image_processor(V2_PATCH, max_merged_patches=64)
+    return image_only_processor(Qwen3VLProcessor, image_processor, qwen_tokenizer(padding_side))
+
+
+def tiny_vqa_v2_config(tokenizer):
+    """The v2 architecture: v1's (text width 128, 2 layers, 4 heads of dim 32; vision width 64, 2
+    layers) with 8-pixel patches, so a 64-pixel slice is 8 x 8 patches and 4 x 4 = 16 merged tokens
+    (the vision tower's 64 learned position embeddings are exactly that 8 x 8 grid)."""
+    from medpruner._tiny import tiny_qwen3_vl_config
+
+    return tiny_qwen3_vl_config(tokenizer, patch_size=V2_PATCH, max_position_embeddings=4096, vision_width=64,
+                                text_width=128, head_dim=32, tie_word_embeddings=True)
+
+
+def build_tiny_vqa_v2(tokenizer, *, seed: int = 0):
+    from medpruner._tiny import tiny_qwen3_vl_model
+
+    return tiny_qwen3_vl_model(tokenizer, seed=seed, config=tiny_vqa_v2_config(tokenizer))
+
+
+def load_weights(model, path: Path):
+    """``model`` with the fp16 weights of ``path`` (tied ``lm_head`` not stored), in float32 eval mode."""
+    from safetensors.torch import load_file
+
+    state = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the architecture: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+class Setup(NamedTuple):
+    """What a task version trains: its generator module, slice side, patch size, model and processor."""
+
+    version: int
+    task: ModuleType
+    resolution: int
+    patch: int
+
+    @property
+    def tokens_per_side(self) -> int:
+        return self.resolution // (self.patch * 2)
+
+    @property
+    def probe_classes(self) -> int:
+        """Background, each lesion class, and v2's calcification."""
+        return 1 + len(self.task.LESION_CLASSES) + (self.version >= 2)
+
+    def processor(self):
+        return tiny_vqa_processor() if self.version == 1 else tiny_vqa_v2_processor()
+
+    def build(self, tokenizer, seed: int = SEED):
+        return (build_tiny_vqa if self.version == 1 else build_tiny_vqa_v2)(tokenizer, seed=seed)
+
+    def load(self, weights: Path):
+        """``(model, processor)`` from saved weights."""
+        processor = self.processor()
+        return load_weights(self.build(processor.tokenizer), weights), processor
+
+
+def setup_for(version: int) -> Setup:
+    if version == 1:
+        return Setup(1, task_module(1), TINY_VQA_RESOLUTION, TINY_VQA_PATCH)
+    return Setup(version, task_module(version), V2_RESOLUTION, V2_PATCH)
+
+
+def step_samples(step: int, batch_size: int, cache: dict, setup: Setup) -> list:
+    """The rows of training step ``step`` (each a list of questions about one volume, see
+    :func:`training_sample`): the ``GROUP`` steps of a group share its ``GROUP * batch_size`` volumes,
+    sorted by depth so that a batch pads little."""
     group = step // GROUP
     if cache.get("group") != group:
         first = group * GROUP * batch_size
-        samples = [training_sample(i) for i in range(first, first + GROUP * batch_size)]
-        cache.update(group=group, samples=sorted(samples, key=lambda s: (s.volume.depth, s.sample_id)))
+        rows = [training_sample(i, setup) for i in range(first, first + GROUP * batch_size)]
+        cache.update(group=group, samples=sorted(rows, key=lambda r: (r[0].volume.depth, r[0].sample_id)))
     offset = (step % GROUP) * batch_size
     return cache["samples"][offset:offset + batch_size]
 
 
-def training_sample(index: int):
-    """Train question ``index``: a question about train volume ``index``, its type drawn uniformly
-    among the applicable ones by a stream keyed on the index."""
-    candidates = questions_for(generate_volume("train", index))
-    choice = np.random.default_rng([7, index]).integers(len(candidates))
-    return candidates[int(choice)]
+def training_sample(index: int, setup: Setup) -> list:
+    """The questions of train row ``index``, about train volume ``index``. v1: one question, its type
+    drawn uniformly among the applicable ones by a stream keyed on the index. v2: every applicable
+    question, in an order drawn by a stream keyed on (version, index), asked one after the other
+    (multi-turn, as LLaVA-style VQA training does): the first is a uniformly drawn type in exactly
+    the single-question format the model is evaluated on, the others reuse the same visual tokens,
+    so a step supervises ~3.8 answers per volume for ~1.3 times the compute of one."""
+    candidates = setup.task.questions_for(setup.task.generate_volume("train", index))
+    if setup.version == 1:
+        choice = np.random.default_rng([7, index]).integers(len(candidates))
+        return [candidates[int(choice)]]
+    order = np.random.default_rng([7, setup.version, index]).permutation(len(candidates))
+    return [candidates[int(i)] for i in order]
 
 
-def encode(processor, volume, prompt: str) -> dict:
-    """What ``volume_to_inputs(processor, volume, prompt, family="qwen3_vl",
-    resolution=TINY_VQA_RESOLUTION)`` returns (tests/test_checkpoint.py checks that), built with torch
-    ops: the PIL processor takes seconds per volume, longer than a training step."""
+def encode(processor, volume, prompt: str, resolution: int) -> dict:
+    """What ``volume_to_inputs(processor, volume, prompt, family="qwen3_vl", resolution=resolution)``
+    returns (tests/test_checkpoint.py checks that), built with torch ops: the PIL processor takes
+    seconds per volume, longer than a training step."""
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
     patch, merge, temporal = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
     slices = torch.nn.functional.interpolate(torch.as_tensor(volume, dtype=torch.float32)[:, None],
-                                             size=(TINY_VQA_RESOLUTION, TINY_VQA_RESOLUTION), mode="bilinear",
+                                             size=(resolution, resolution), mode="bilinear",
                                              align_corners=False, antialias=True).clamp(0.0, 1.0)
     mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
     # The PIL processor stores the slices as 8-bit images: floor to 1/255 as it does.
     slices = torch.floor(slices * 255.0) / 255.0
     images = (slices.expand(-1, 3, -1, -1) - mean) / std
-    depth, grid = images.shape[0], TINY_VQA_RESOLUTION // patch
+    depth, grid = images.shape[0], resolution // patch
     blocks = grid // merge
     patches = images.reshape(depth, 3, blocks, merge, patch, blocks, merge, patch).permute(0, 2, 5, 3, 6, 1, 4, 7)
     patches = patches[:, :, :, :, :, :, None].expand(*patches.shape[:6], temporal, patch, patch)
@@ -90,39 +180,52 @@ def encode(processor, volume, prompt: str) -> dict:
             "image_grid_thw": torch.tensor([[1, grid, grid]] * depth)}
 
 
-def collate(processor, samples, *, with_answers: bool):
-    """One batch: per sample the :func:`encode` of its question (with the answer and ``<|im_end|>``
-    appended when ``with_answers``), left-padded so every row ends at the last column; labels on the
-    appended tokens only."""
+def collate(processor, samples, *, with_answers: bool, resolution: int):
+    """One batch: per row (a sample, or a list of samples about one volume: turns) the :func:`encode`
+    of its question(s), each followed by its answer and ``<|im_end|>`` when ``with_answers`` (without
+    answers a row is one question), left-padded so every row ends at the last column; labels on the
+    answer tokens only."""
     tokenizer = processor.tokenizer
-    encoded, answer_lengths = [], []
-    for sample in samples:
-        prompt = sample.question + (sample.answer + END if with_answers else "")
-        encoded.append(encode(processor, sample.volume.data, prompt))
-        answer_lengths.append(len(tokenizer(sample.answer + END)["input_ids"]) if with_answers else 0)
+    encoded, answer_spans = [], []
+    for row in samples:
+        turns = list(row) if isinstance(row, (list, tuple)) else [row]
+        if not with_answers:
+            if len(turns) != 1:
+                raise ValueError("without answers a row is one question")
+            encoded.append(encode(processor, turns[0].volume.data, turns[0].question, resolution))
+            answer_spans.append([])
+            continue
+        pieces = [text for turn in turns for text in (turn.question, turn.answer + END)]
+        encoded.append(encode(processor, turns[0].volume.data, "".join(pieces), resolution))
+        # (offset from the end, length) of each answer: the byte-level tokenizer has no merges, so the
+        # pieces tokenise to the same ids alone as joined.
+        lengths = [len(tokenizer(text)["input_ids"]) for text in pieces]
+        ends = np.cumsum(lengths[::-1])[::-1]
+        answer_spans.append([(int(ends[i]), lengths[i]) for i in range(1, len(pieces), 2)])
     length = max(e["input_ids"].shape[1] for e in encoded)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
     attention = torch.zeros((len(samples), length), dtype=torch.long)
     token_types = torch.zeros((len(samples), length), dtype=torch.long)
     labels = torch.full((len(samples), length), -100, dtype=torch.long)
-    for row, (e, answer_length) in enumerate(zip(encoded, answer_lengths, strict=True)):
+    for row, (e, spans) in enumerate(zip(encoded, answer_spans, strict=True)):
         n = e["input_ids"].shape[1]
         input_ids[row, length - n:] = e["input_ids"][0]
         attention[row, length - n:] = 1
         token_types[row, length - n:] = e["mm_token_type_ids"][0]
-        if answer_length:
-            labels[row, length - answer_length:] = e["input_ids"][0, n - answer_length:]
+        for from_end, answer_length in spans:
+            columns = slice(length - from_end, length - from_end + answer_length)
+            labels[row, columns] = input_ids[row, columns]
     batch = dict(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=token_types,
                  pixel_values=torch.cat([e["pixel_values"] for e in encoded]),
                  image_grid_thw=torch.cat([e["image_grid_thw"] for e in encoded]))
     return batch, labels
 
 
-def token_classes(volume, tokens_per_side: int) -> torch.Tensor:
-    """int64 ``[D * T]``, in the merged tokens' order: per visual token the lesion class (1 + index)
-    covering most of its block, 0 where no lesion voxel lies."""
-    one_hot = torch.nn.functional.one_hot(torch.from_numpy(volume.labels.astype(np.int64)), 1 + len(LESION_CLASSES))
+def token_classes(volume, tokens_per_side: int, num_classes: int) -> torch.Tensor:
+    """int64 ``[D * T]``, in the merged tokens' order: per visual token the label (lesion class
+    1 + index, v2's calcification) covering most of its block, 0 where no finding voxel lies."""
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(volume.labels.astype(np.int64)), num_classes)
     area = torch.nn.functional.adaptive_avg_pool2d(one_hot.permute(0, 3, 1, 2).float(), tokens_per_side)
     lesion = area[:, 1:]
     best = lesion.argmax(1) + 1
@@ -154,20 +257,22 @@ def use_batched_vision_attention(model) -> None:
 
 
 def answer_loss(model, batch, labels):
-    """Cross-entropy of the answer tokens; logits only for the last columns, where the answers are."""
-    keep = int((labels != -100).sum(1).max()) + 1
+    """Cross-entropy of the answer tokens; logits only from the first answer column on."""
+    first = int((labels != -100).int().argmax(1).min())
+    keep = labels.shape[1] - first + 1
     logits = model(**batch, logits_to_keep=keep).logits[:, :-1]
     targets = labels[:, -keep + 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                              ignore_index=-100)
 
 
-def first_token_predictions(model, processor, samples, batch_size: int = 8) -> list[str]:
+def first_token_predictions(model, processor, samples, resolution: int, batch_size: int = 8) -> list[str]:
     """The greedy first answer token of each sample, decoded (answers differ in their first byte)."""
     predictions = []
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
-            batch, _ = collate(processor, samples[start:start + batch_size], with_answers=False)
+            batch, _ = collate(processor, samples[start:start + batch_size], with_answers=False,
+                               resolution=resolution)
             tokens = model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1)
             predictions.extend(processor.tokenizer.decode([t]) for t in tokens.tolist())
     return predictions
@@ -183,25 +288,31 @@ def lr_at(step: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup)
 
 
-def train(steps: int, *, batch_size: int = 8, lr: float = 3e-3, warmup: int = 20, val=(), val_every: int = 0,
-          save_every: int = 0, out: Path | None = None, log=print):
-    """Train from the seeded initialisation for ``steps`` steps; returns (model, processor, curve) with
-    the per-step loss and, every ``val_every`` steps, the first-token accuracy on ``val``. With
+def train(steps: int, *, version: int = 2, batch_size: int = 8, lr: float = 3e-3, warmup: int = 20, val=(),
+          val_every: int = 0, save_every: int = 0, out: Path | None = None, vision_steps: int = VISION_STEPS,
+          max_seconds: float | None = None, log=print):
+    """Train task ``version`` from the seeded initialisation for ``steps`` steps (the first
+    ``vision_steps`` the vision tower and the probe alone); returns (model, processor, curve) with the
+    per-step loss and, every ``val_every`` steps, the first-token accuracy on ``val``. With
     ``save_every`` and ``out``, the weights after every ``save_every`` steps go to ``out/step-N`` and
-    the curve so far to ``out/curve.json``."""
+    the curve so far to ``out/curve.json``. With ``max_seconds`` training stops after the first step
+    that ends past it (a shared machine's wall-clock budget); the curve's length then says how many
+    steps ran, and ``steps`` = that count reproduces the same weights (the rate schedule does not
+    depend on ``steps``)."""
+    setup = setup_for(version)
     torch.manual_seed(SEED)
-    processor = tiny_vqa_processor()
-    model = build_tiny_vqa(processor.tokenizer, seed=SEED)
+    processor = setup.processor()
+    model = setup.build(processor.tokenizer)
     use_batched_vision_attention(model)
     model.train()
     # Deep supervision while training only (the head is not saved): each merged visual token predicts
     # the lesion class under it, so the vision tower learns lesion features before the language model
     # has learned where to look; without it the model first settles on each question's prior answer.
-    per_side = TINY_VQA_RESOLUTION // (TINY_VQA_PATCH * 2)
-    probe = torch.nn.Linear(model.config.vision_config.out_hidden_size, 1 + len(LESION_CLASSES))
+    per_side = setup.tokens_per_side
+    probe = torch.nn.Linear(model.config.vision_config.out_hidden_size, setup.probe_classes)
     merged = {}
     model.model.visual.merger.register_forward_hook(lambda module, args, output: merged.update(tokens=output))
-    class_weight = torch.tensor([0.2] + [1.0] * len(LESION_CLASSES))
+    class_weight = torch.tensor([0.2] + [1.0] * (setup.probe_classes - 1))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [probe.weight]
     plain = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)] + [probe.bias]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
@@ -210,10 +321,10 @@ def train(steps: int, *, batch_size: int = 8, lr: float = 3e-3, warmup: int = 20
     cache: dict = {}
     started = time.perf_counter()
     for step in range(steps):
-        samples = step_samples(step, batch_size, cache)
-        batch, labels = collate(processor, samples, with_answers=True)
-        targets = torch.cat([token_classes(s.volume, per_side) for s in samples])
-        if step < VISION_STEPS:
+        samples = step_samples(step, batch_size, cache, setup)
+        batch, labels = collate(processor, samples, with_answers=True, resolution=setup.resolution)
+        targets = torch.cat([token_classes(row[0].volume, per_side, setup.probe_classes) for row in samples])
+        if step < vision_steps:
             # Stage 1: the vision tower and the probe alone (the language model is not run).
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, lr, warmup)
@@ -229,7 +340,7 @@ def train(steps: int, *, batch_size: int = 8, lr: float = 3e-3, warmup: int = 20
                     f"{time.perf_counter() - started:.0f} s")
             continue
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - VISION_STEPS, lr * JOINT_LR_SCALE, warmup)
+            group["lr"] = lr_at(step - vision_steps, lr * JOINT_LR_SCALE, warmup)
         loss = answer_loss(model, batch, labels)
         probe_loss = torch.nn.functional.cross_entropy(probe(merged["tokens"]), targets, weight=class_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -243,7 +354,7 @@ def train(steps: int, *, batch_size: int = 8, lr: float = 3e-3, warmup: int = 20
                 f"probe {np.mean(curve['probe_loss'][-10:]):.4f}  {time.perf_counter() - started:.0f} s")
         if val_every and val and ((step + 1) % val_every == 0 or step + 1 == steps):
             model.eval()
-            predictions = first_token_predictions(model, processor, list(val))
+            predictions = first_token_predictions(model, processor, list(val), setup.resolution)
             model.train()
             accuracy = float(np.mean([first_token_correct(s, p) for s, p in zip(val, predictions, strict=True)]))
             curve["val"].append({"step": step + 1, "accuracy": accuracy,
@@ -254,15 +365,25 @@ def train(steps: int, *, batch_size: int = 8, lr: float = 3e-3, warmup: int = 20
         if save_every and out is not None and (step + 1) % save_every == 0:
             save(model, out / f"step-{step + 1}")
             (out / "curve.json").write_text(json.dumps(curve) + "\n")
+        if max_seconds is not None and time.perf_counter() - started > max_seconds and step + 1 < steps:
+            log(f"stopping after step {step + 1}: past the {max_seconds:.0f} s budget")
+            if val_every and val:
+                model.eval()
+                predictions = first_token_predictions(model, processor, list(val), setup.resolution)
+                model.train()
+                accuracy = float(np.mean([first_token_correct(s, p) for s, p in zip(val, predictions, strict=True)]))
+                curve["val"].append({"step": step + 1, "accuracy": accuracy,
+                                     "seconds": round(time.perf_counter() - started, 1)})
+            break
     model.eval()
     return model, processor, curve
 
 
-def chance(samples) -> dict:
+def chance(samples, setup: Setup) -> dict:
     """Uniform guessing over the answer set, and always giving the type's most frequent answer."""
-    sizes = {"presence": 2, "class": 5, "third": 3, "count": 4}
+    sizes = {"presence": 2, "class": len(setup.task.LESION_CLASSES), "third": 3, "count": 4, "calcification": 2}
     out = {}
-    for category in QUESTION_TYPES:
+    for category in setup.task.QUESTION_TYPES:
         answers = [s.answer for s in samples if s.category == category]
         if answers:
             out[category] = {"uniform": 1.0 / sizes[category],
@@ -270,13 +391,13 @@ def chance(samples) -> dict:
     return out
 
 
-def evaluate(model, processor, samples) -> dict:
+def evaluate(model, processor, samples, setup: Setup) -> dict:
     """Test accuracy (greedy first answer token) per question type and per lesion class, with chance."""
-    predictions = first_token_predictions(model, processor, samples)
+    predictions = first_token_predictions(model, processor, samples, setup.resolution)
     correct = [first_token_correct(s, p) for s, p in zip(samples, predictions, strict=True)]
     per_type = {}
-    levels = chance(samples)
-    for category in QUESTION_TYPES:
+    levels = chance(samples, setup)
+    for category in setup.task.QUESTION_TYPES:
         hits = [c for c, s in zip(correct, samples, strict=True) if s.category == category]
         if hits:
             per_type[category] = {"n": len(hits), "accuracy": float(np.mean(hits)), "chance": levels[category]}
@@ -290,7 +411,7 @@ def evaluate(model, processor, samples) -> dict:
             "chance_majority": majority, "per_type": per_type, "per_lesion_class": per_class}
 
 
-def lesion_focus(model, processor, volumes, **prune) -> dict:
+def lesion_focus(model, processor, volumes, setup: Setup, **prune) -> dict:
     """Prune each volume's presence question with ``apply_medpruner(model, record_tokens=True, **prune)``
     and compare what is kept on lesion tokens and on background tokens: over the whole volume (slices
     dropped by IAF count as dropped), inside the slices that hold a lesion (DINS alone), the IAF keep
@@ -299,16 +420,16 @@ def lesion_focus(model, processor, volumes, **prune) -> dict:
     a background token of its slice)."""
     from medpruner.pipeline import apply_medpruner, remove_medpruner
 
-    per_side = TINY_VQA_RESOLUTION // (processor.image_processor.patch_size * processor.image_processor.merge_size)
+    per_side = setup.tokens_per_side
     kept = {"lesion": [0, 0], "background": [0, 0], "lesion_slice_lesion": [0, 0],
             "lesion_slice_background": [0, 0], "iaf_lesion_slices": [0, 0], "iaf_other_slices": [0, 0]}
     ratios, ranks, retention = [], [], []
     apply_medpruner(model, record_tokens=True, **prune)
     try:
         for volume in volumes:
-            question = next(s for s in questions_for(volume) if s.category == "presence")
+            question = next(s for s in setup.task.questions_for(volume) if s.category == "presence")
             with torch.no_grad():
-                model(**encode(processor, volume.data, question.question))
+                model(**encode(processor, volume.data, question.question, setup.resolution))
             stats = model.medpruner_stats
             retention.append(stats.retention)
             per_slice = stats.tokens_per_slice[0]
@@ -344,7 +465,7 @@ def lesion_focus(model, processor, volumes, **prune) -> dict:
     return out
 
 
-def pruned_accuracy(model, processor, samples, **prune) -> dict:
+def pruned_accuracy(model, processor, samples, setup: Setup, **prune) -> dict:
     """First-token accuracy per question type with ``apply_medpruner(model, **prune)`` (no pruning when
     ``prune`` is empty), one question per forward, and the mean retention."""
     from medpruner.pipeline import apply_medpruner, remove_medpruner
@@ -355,13 +476,13 @@ def pruned_accuracy(model, processor, samples, **prune) -> dict:
     try:
         with torch.no_grad():
             for sample in samples:
-                logits = model(**encode(processor, sample.volume.data, sample.question)).logits[0, -1]
+                logits = model(**encode(processor, sample.volume.data, sample.question, setup.resolution)).logits[0, -1]
                 correct.append(first_token_correct(sample, processor.tokenizer.decode([int(logits.argmax())])))
                 retention.append(model.medpruner_stats.retention if prune else 1.0)
     finally:
         remove_medpruner(model)
     per_type = {c: float(np.mean([k for k, s in zip(correct, samples, strict=True) if s.category == c]))
-                for c in QUESTION_TYPES if any(s.category == c for s in samples)}
+                for c in setup.task.QUESTION_TYPES if any(s.category == c for s in samples)}
     return {"prune": prune, "n": len(samples), "accuracy": float(np.mean(correct)),
             "mean_retention": float(np.mean(retention)), "per_type": per_type}
 
@@ -386,33 +507,45 @@ def _git_commit() -> str | None:
         return None
 
 
-def analyse(args) -> dict:
+def load_shipped(setup: Setup, out: Path | None):
+    """v1: the package's checkpoint; later versions: ``out/model.safetensors``."""
+    if setup.version == 1:
+        from medpruner.checkpoints import load_tiny_vqa
+
+        return load_tiny_vqa()
+    if out is None:
+        raise ValueError("--out names the folder of the weights to load")
+    return setup.load(out / "model.safetensors")
+
+
+def analyse(args, setup: Setup) -> dict:
     """Pruning on the shipped checkpoint: lesion focus at the paper's tau on test volumes with lesions,
     and first-token accuracy on the first ``--prune-volumes`` test volumes' questions without pruning,
     at tau 0.9 and at fixed budgets of 50% and 25% of the visual tokens."""
-    from medpruner.checkpoints import load_tiny_vqa
-
-    model, processor = load_tiny_vqa()
+    model, processor = load_shipped(setup, args.out)
     with_lesions = []
     index = 0
     while len(with_lesions) < args.focus_volumes:
-        volume = generate_volume("test", index)
+        volume = setup.task.generate_volume("test", index)
         if volume.lesions:
             with_lesions.append(volume)
         index += 1
     out = {"lesion_focus": {
-        "tau_0.9": lesion_focus(model, processor, with_lesions, tau=0.9),
-        "budget_0.25": lesion_focus(model, processor, with_lesions, budget=0.25),
+        "tau_0.9": lesion_focus(model, processor, with_lesions, setup, tau=0.9),
+        "budget_0.25": lesion_focus(model, processor, with_lesions, setup, budget=0.25),
     }}
-    samples = generate_split("test", args.prune_volumes)
-    out["accuracy"] = [pruned_accuracy(model, processor, samples, **prune)
+    samples = setup.task.generate_split("test", args.prune_volumes)
+    out["accuracy"] = [pruned_accuracy(model, processor, samples, setup, **prune)
                        for prune in ({}, {"tau": 0.9}, {"budget": 0.5}, {"budget": 0.25})]
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--version", type=int, choices=(1, 2), default=2, help="synthetic task version")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--vision-steps", type=int, default=VISION_STEPS,
+                        help="first steps that train the vision tower and the token probe alone")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--val-volumes", type=int, default=20)
@@ -425,52 +558,59 @@ def main(argv=None) -> int:
                         help="instead of training: prune with the shipped checkpoint and add the lesion focus "
                              "and the accuracy at several budgets to --record")
     parser.add_argument("--save-every", type=int, default=0, help="also save out/step-N every N steps")
+    parser.add_argument("--max-seconds", type=float,
+                        help="stop training after the step that ends past this many seconds (the record says how "
+                             "many steps ran; --steps with that count reproduces the weights)")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate the shipped weights (saved by a run after --steps steps, with out/curve.json "
                              "from that run) instead of training")
     parser.add_argument("--focus-volumes", type=int, default=30)
     parser.add_argument("--prune-volumes", type=int, default=60)
     args = parser.parse_args(argv)
+    setup = setup_for(args.version)
     torch.set_num_threads(args.threads)
     if args.analyse:
         if args.record is None or not args.record.is_file():
             parser.error("--analyse needs --record naming an existing training record")
         record = json.loads(args.record.read_text())
         started = time.perf_counter()
-        record["pruning"] = analyse(args)
+        record["pruning"] = analyse(args, setup)
         record["pruning"]["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(record["pruning"], indent=1))
         args.record.write_text(json.dumps(record, indent=1) + "\n")
         return 0
     if args.evaluate_only:
-        from medpruner.checkpoints import load_tiny_vqa
-
         # The curve of the run that saved the shipped weights, cut at the steps they were saved after.
         curve = json.loads((args.out / "curve.json").read_text())
         curve = {"loss": curve["loss"][:args.steps], "probe_loss": curve["probe_loss"][:args.steps],
                  "val": [v for v in curve["val"] if v["step"] <= args.steps]}
-        model, processor = load_tiny_vqa()
+        model, processor = load_shipped(setup, args.out)
         train_seconds = curve["val"][-1]["seconds"] if curve["val"] else None
-        val = generate_split("val", args.val_volumes)
+        val = setup.task.generate_split("val", args.val_volumes)
     else:
-        val = generate_split("val", args.val_volumes)
+        val = setup.task.generate_split("val", args.val_volumes)
         started = time.perf_counter()
-        model, processor, curve = train(args.steps, batch_size=args.batch_size, lr=args.lr, val=val,
-                                        val_every=args.val_every, save_every=args.save_every, out=args.out)
+        model, processor, curve = train(args.steps, version=args.version, batch_size=args.batch_size, lr=args.lr,
+                                        val=val, val_every=args.val_every, save_every=args.save_every, out=args.out,
+                                        vision_steps=args.vision_steps, max_seconds=args.max_seconds)
         train_seconds = round(time.perf_counter() - started, 1)
+        args.steps = len(curve["loss"])
         print(f"trained {args.steps} steps in {train_seconds:.0f} s", flush=True)
         if args.out:
             print(f"saved {save(model, args.out)}")
-    test = generate_split("test", args.test_volumes)
-    result = evaluate(model, processor, test)
+    test = setup.task.generate_split("test", args.test_volumes)
+    result = evaluate(model, processor, test, setup)
     print(json.dumps({k: v for k, v in result.items() if k != "per_lesion_class"}, indent=1))
     if args.record:
         record = {
             "what": "tiny Qwen3-VL trained on the synthetic 3D VQA task (scripts/train_tiny_vqa.py)",
             "date": date.today().isoformat(), "git_commit": _git_commit(), "python": sys.version.split()[0],
             "torch": torch.__version__, "machine": platform.machine(), "threads": args.threads,
-            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "version": args.version, "resolution": setup.resolution, "patch_size": setup.patch,
+            "tokens_per_slice": setup.tokens_per_side**2,
+            "steps": args.steps, "vision_steps": args.vision_steps, "batch_size": args.batch_size, "lr": args.lr,
             "parameters": sum(p.numel() for p in model.parameters()),
+            "model_config": model.config.to_dict(),
             "train_seconds": train_seconds, "train_volumes_seen": args.steps * args.batch_size,
             "curve": curve, "val_questions": len(val), "test_volumes": args.test_volumes,
             "test": result, "scoring": "greedy first answer token (answers differ in their first byte)",

@@ -60,7 +60,8 @@ class Lesion:
 @dataclass
 class SyntheticVolume:
     """``data``: float32 ``[D, H, W]`` in [0, 1]; ``labels``: uint8 ``[D, H, W]``, 0 off lesions and
-    ``1 + LESION_CLASSES.index(class)`` on a lesion's voxels."""
+    ``1 + LESION_CLASSES.index(class)`` on a lesion's voxels (v2 also marks calcifications, with
+    ``medpruner.synthetic.ct.SMALL_FINDING_LABEL``)."""
 
     volume_id: str
     split: str
@@ -68,6 +69,11 @@ class SyntheticVolume:
     data: np.ndarray
     labels: np.ndarray
     lesions: tuple[Lesion, ...]
+    # Task v2 (medpruner.synthetic.ct) only: the small findings, the organs the slab holds and its
+    # slice thickness in mm.
+    calcifications: tuple = ()
+    organs: tuple = ()
+    thickness_mm: float | None = None
 
     @property
     def mask(self) -> np.ndarray:
