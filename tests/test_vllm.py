@@ -185,6 +185,45 @@ def test_gamma_is_on_the_checkpoints_own_scale(tmp_path, device_normalize):
     assert differs > 0, "no gamma tells the checkpoint's std from the CLIP std: the test proves nothing"
 
 
+def test_compat_names_are_checked_when_the_plugin_registers(monkeypatch, caplog):
+    """Every vLLM internal the plugin uses resolves on the tested vLLM, the package declares the range
+    it is tested on, and ``register()`` names each missing name (an object, a member, a keyword
+    parameter) together with that range; a vLLM outside the range that has them all gets a warning."""
+    import re
+    from pathlib import Path
+
+    import medpruner.vllm as mv
+    from medpruner.vllm import _compat
+
+    assert _compat.missing_names() == []
+    assert _compat.in_tested_range(_compat.vllm_version())
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.findall(r'^vllm = \[(.*)\]$', pyproject, re.MULTILINE) == [f'"vllm{_compat.TESTED_RANGE}"']
+    assert [_compat.in_tested_range(v) for v in ("0.32.0", "0.32.3.dev2+gabc", "0.31.9", "0.33.0")] == [
+        True, True, False, False,
+    ]
+
+    module, _ = _compat.NAMES["load_norm_params"]
+    monkeypatch.setitem(_compat.NAMES, "load_norm_params", (module, "_load_norm_params_v2"))
+    monkeypatch.setattr(_compat, "MEMBERS", (*_compat.MEMBERS, ("MultiModalFieldConfig", "batched", ("on_cpu",)),
+                                             ("PlaceholderRange", "start", ())))
+    monkeypatch.setattr(_compat, "_resolved", {})
+    monkeypatch.setattr(_compat, "_checked", False)
+    with pytest.raises(_compat.VllmCompatError) as error:
+        mv.register()
+    message = str(error.value)
+    for part in (f"{module}._load_norm_params_v2", "MultiModalFieldConfig.batched(on_cpu=)", "PlaceholderRange.start",
+                 f"vllm{_compat.TESTED_RANGE}", "3 name(s)", "VLLM_PLUGINS"):
+        assert part in message, (part, message)
+
+    monkeypatch.setattr(_compat, "NAMES", {k: v for k, v in _compat.NAMES.items() if k != "load_norm_params"})
+    monkeypatch.setattr(_compat, "MEMBERS", _compat.MEMBERS[:-2])
+    monkeypatch.setattr(_compat, "vllm_version", lambda: "0.33.1")
+    with caplog.at_level("WARNING", logger="medpruner"):
+        _compat.check()
+    assert "tested on vllm>=0.32,<0.33; the installed vllm 0.33.1" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def volume():
     # every second slice nearly repeats the one before: IAF at GAMMA drops those

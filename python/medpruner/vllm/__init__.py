@@ -16,10 +16,15 @@ __all__ = ["ARCHITECTURES", "REQUEST_KNOBS", "llm_kwargs", "register", "request_
 
 
 def register() -> None:
-    """vLLM general plugin: register the MedPruner architectures (lazily, by module path). Safe to
-    call more than once; vLLM calls it in every process it starts."""
+    """vLLM general plugin: check this vLLM (:func:`medpruner.vllm._compat.check`: one error naming every
+    internal name the plugin uses that is missing, and the tested range), then register the MedPruner
+    architectures (lazily, by module path). Safe to call more than once; vLLM calls it in every process
+    it starts."""
     from vllm import ModelRegistry
 
+    from medpruner.vllm import _compat
+
+    _compat.check()
     # each architecture name is its model class's name in medpruner.vllm.models
     for name in ARCHITECTURES.values():
         if name not in ModelRegistry.get_supported_archs():

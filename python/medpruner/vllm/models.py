@@ -18,26 +18,28 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from vllm.model_executor.models.qwen2_5_vl import (
-    Qwen2_5_VLDummyInputsBuilder,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLMultiModalProcessor,
-    Qwen2_5_VLProcessingInfo,
-)
-from vllm.model_executor.models.qwen3_vl import (
-    Qwen3VLDummyInputsBuilder,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLMultiModalProcessor,
-    Qwen3VLProcessingInfo,
-)
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.utils import copy_mm_embedding_modality
 
 from medpruner.adapters.base import Adapter, block_scores, compact_indices, host_offsets, host_read, to_device
 from medpruner.adapters.qwen2_5_vl import Qwen25VLAdapter
 from medpruner.adapters.qwen3_vl import Qwen3VLAdapter
-from medpruner.vllm.engine import serving_config
-from medpruner.vllm.processor import COUNTS_KEY, processor_class
+from medpruner.vllm import _compat
+
+_compat.check()  # this module also loads in processes that never ran register() (model inspection)
+
+from medpruner.vllm._compat import (  # noqa: E402
+    MULTIMODAL_REGISTRY,
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+    copy_mm_embedding_modality,
+)
+from medpruner.vllm.engine import serving_config  # noqa: E402
+from medpruner.vllm.processor import COUNTS_KEY, processor_class  # noqa: E402
 
 POSITION_CHANNELS = 3
 

@@ -28,16 +28,17 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params
-from vllm.multimodal.hasher import MultiModalHasher
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.processing.processor import (
-    PromptReplacement,
-    PromptUpdateDetails,
-    mm_input,
-)
 
 from medpruner.adapters.base import Adapter, SliceLayout
+from medpruner.vllm._compat import (
+    MultiModalFieldConfig,
+    MultiModalHasher,
+    MultiModalKwargsItems,
+    PromptReplacement,
+    PromptUpdateDetails,
+    load_norm_params,
+    mm_input,
+)
 from medpruner.vllm.engine import REQUEST_KNOBS, request_config, serving_config
 
 COUNTS_KEY = "medpruner_counts"
@@ -100,7 +101,7 @@ class MedPrunerProcessorMixin:
         """The checkpoint's (image_mean, image_std, rescale_factor), resolved from its processor config
         as the tower's input normalisation resolves them; read once (vLLM reads the processor config
         files on each call)."""
-        return _load_norm_params(self.info.ctx.model_config)
+        return load_norm_params(self.info.ctx.model_config)
 
     @cached_property
     def _medpruner_norm(self) -> tuple[torch.Tensor, torch.Tensor] | None:
