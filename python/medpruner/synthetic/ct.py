@@ -1,7 +1,7 @@
 """Synthetic 3D VQA task v2: CT-like volumes drawn for a model that sees 16 visual tokens per slice.
 
 Geometry is physical along the slice axis. Each volume is a slab of an abdomen "atlas" 0-320 mm long,
-cut at its own slice thickness (1-5 mm, one per volume) into 16-32 slices. Organs are ellipsoids placed
+cut at its own slice thickness (1-5 mm, one per volume) into 12-24 slices. Organs are ellipsoids placed
 in the atlas (liver high, kidneys lower, bowel loops low), so which organs a slab holds, and where they
 appear and vanish, follows from the slab's position and thickness; the spine (vertebrae with discs every
 26-32 mm, partial-volume averaged over the slice) and the aorta run through every slice. Texture varies
@@ -43,28 +43,26 @@ QUESTION_TYPES = ("presence", "class", "third", "count", "calcification")
 ANSWER_SET_SIZES = {"presence": 2, "class": len(LESION_CLASSES), "third": 3, "count": 4, "calcification": 2}
 # Own split codes (not v1's): volume i of a split is drawn from the stream seeded by (2, code, i).
 SPLITS = {"train": 111, "val": 222, "test": 333}
-DEPTH_RANGE = (16, 32)
+DEPTH_RANGE = (12, 24)
 SIDES = (64, 80, 96)
 THICKNESSES_MM = (1.0, 1.25, 2.0, 2.5, 3.0, 5.0)
 # Thick slices are the common case in VQA releases (M3D resamples to 32 slices); thin ones still a fifth.
 THICKNESS_PROBS = (0.1, 0.1, 0.15, 0.2, 0.2, 0.25)
 ATLAS_MM = 320.0
-# In-plane field of view: converts in-plane sizes (fractions of the side) to mm for the axial extents.
-FOV_MM = 240.0
 LESION_COUNT_PROBS = (0.3, 0.35, 0.2, 0.15)
 CALCIFICATION_COUNT_PROBS = (0.5, 0.3, 0.2)
 THIRDS = ("first", "middle", "last")
 LETTERS = "ABCDE"
 _ABDOMEN_CENTRE = (0.47, 0.5)
 
-# Per class: in-plane radius (fraction of the side), intensity; the axial half length is the radius in
-# mm times 0.7-1.3 (roughly round lesions), so the slice count follows from the thickness.
+# Per class: in-plane radius (fraction of the side), intensity, axial half length (mm): the slice count
+# follows from the thickness (a small nodule is 1 slice at 5 mm, a mass fills a 1 mm slab).
 _CLASS_SHAPES = {
-    "cyst": dict(radius=(0.04, 0.08), intensity=(0.33, 0.38)),
-    "nodule": dict(radius=(0.03, 0.05), intensity=(0.74, 0.80)),
-    "mass": dict(radius=(0.08, 0.12), intensity=(0.67, 0.72)),
-    "ring": dict(radius=(0.05, 0.08), intensity=(0.80, 0.85)),
-    "lipoma": dict(radius=(0.04, 0.07), intensity=(0.10, 0.14)),
+    "cyst": dict(radius=(0.04, 0.08), intensity=(0.33, 0.38), half_mm=(5, 20)),
+    "nodule": dict(radius=(0.025, 0.045), intensity=(0.74, 0.80), half_mm=(1.5, 6)),
+    "mass": dict(radius=(0.08, 0.12), intensity=(0.67, 0.72), half_mm=(12, 35)),
+    "ring": dict(radius=(0.05, 0.08), intensity=(0.80, 0.85), half_mm=(6, 18)),
+    "lipoma": dict(radius=(0.04, 0.07), intensity=(0.10, 0.14), half_mm=(5, 15)),
 }
 _RING_CENTER = (0.34, 0.40)
 _CALCIFICATION = dict(radius=(0.022, 0.032), intensity=(0.97, 1.0))
@@ -325,7 +323,7 @@ def _draw_lesion(rng, cls: str, canvas: _Canvas, avoid: dict, placed) -> Finding
     spec = _CLASS_SHAPES[cls]
     radius = float(rng.uniform(*spec["radius"]))
     intensity = float(rng.uniform(*spec["intensity"]))
-    half_mm = radius * FOV_MM * float(rng.uniform(0.7, 1.3))
+    half_mm = float(rng.uniform(*spec["half_mm"]))
     centre_mm = float(rng.uniform(0.0, canvas.depth * canvas.thickness))
     inside = np.flatnonzero(np.abs(canvas.z - centre_mm) <= half_mm)
     nearest = int(np.argmin(np.abs(canvas.z - centre_mm)))
