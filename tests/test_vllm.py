@@ -18,6 +18,7 @@ process-wide state): the module-scoped ``served`` fixture runs every test of one
 from __future__ import annotations
 
 import gc
+import json
 import os
 
 import numpy as np
@@ -224,6 +225,74 @@ def test_compat_names_are_checked_when_the_plugin_registers(monkeypatch, caplog)
     assert "tested on vllm>=0.32,<0.33; the installed vllm 0.33.1" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "feature, engine, message",
+    [
+        ("evs", {"video_pruning_rate": 0.5}, "EVS \\(video_pruning_rate=0.5\\)"),
+        ("drafter", {"speculative_config": {"method": "draft_model", "num_speculative_tokens": 2}},
+         "method 'draft_model' runs a drafter network"),
+    ],
+)
+def test_unsupported_features_are_refused_at_start_up(tmp_path, feature, engine, message):
+    """EVS and drafter-network speculative decoding stop ``LLM(...)`` while vLLM builds its config,
+    before any engine starts, naming the feature."""
+    import medpruner.vllm as mv
+    from vllm import LLM
+
+    path = tmp_path / "tiny_qwen3_vl"
+    _save_tiny("qwen3_vl", path)
+    if "speculative_config" in engine:
+        engine = {"speculative_config": {**engine["speculative_config"], "model": str(path)}}
+    mv.register()
+    with pytest.raises(ValueError, match=message):
+        LLM(**mv.llm_kwargs(path, budget=BUDGET, gamma=GAMMA), **{**ENGINE, **engine})
+
+
+def test_position_offsets_survive_cuda_graph_replay():
+    """A CUDA graph records the forward once and replays its tensor operations without running its
+    Python (``cudagraph_mode=FULL``, or a decode graph replaying a one-token prefill chunk). The forward
+    is traced once with no image in the step (``make_fx``, tensors captured by address as a graph
+    captures them) and replayed: each step's in-slice offsets, written by ``embed_input_ids`` before it,
+    reach the positions, and a step without images adds nothing."""
+    from medpruner.vllm.models import MedPrunerModelMixin, PositionOffsets
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    class Upstream(torch.nn.Module):
+        def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+            return torch.zeros(input_ids.shape[0], 2)
+
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            return positions
+
+    class Model(MedPrunerModelMixin, Upstream):
+        def __init__(self, width):  # the language-model half of the mixin only
+            Upstream.__init__(self)
+            self.medpruner_positions = PositionOffsets(width)
+
+    tokens = 8
+    model = Model(tokens)
+    ids = torch.arange(tokens)
+    embeds = torch.zeros(tokens, 2)
+    graph = make_fx(lambda positions, x: model.forward(None, positions, None, x))(
+        torch.zeros(3, tokens, dtype=torch.long), embeds
+    )
+    base = torch.arange(3 * tokens, dtype=torch.long).reshape(3, tokens)
+    image = torch.zeros(tokens, dtype=torch.bool)
+    image[2:5] = True
+    offsets = torch.tensor([[0, 0, 1], [0, 1, 0], [0, 1, 1]], dtype=torch.float32)  # [tokens, (t, h, w)]
+    item = torch.cat([torch.randn(3, 2), offsets], 1)
+
+    model.embed_input_ids(ids, [item], is_multimodal=image)
+    expected = base.clone()
+    expected[:, 2:5] += offsets.T.long()
+    assert torch.equal(graph(base, embeds), expected)
+    model.embed_input_ids(ids, [], is_multimodal=torch.zeros(tokens, dtype=torch.bool))
+    assert torch.equal(graph(base, embeds), base)
+    model.embed_input_ids(ids[:5], [item], is_multimodal=image[:5])  # a shorter step, padded to the graph's size
+    assert torch.equal(graph(base, embeds), expected)
+    assert torch.equal(graph(base, embeds), base), "a replay without a new write must add nothing"
+
+
 @pytest.fixture(scope="module")
 def volume():
     # every second slice nearly repeats the one before: IAF at GAMMA drops those
@@ -258,6 +327,13 @@ def _request(images, **knobs):
     if knobs:
         request.update(request_kwargs(**knobs))
     return request
+
+
+def _token_ids(path) -> dict[str, int]:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    return {"start": config["vision_start_token_id"], "image": config["image_token_id"],
+            "end": config["vision_end_token_id"]}
 
 
 def _params(logits: bool = False):
@@ -358,6 +434,17 @@ def _hf_reference(family, path, images, recorder):
         handle.remove()
     tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     return inputs, model.medpruner_stats, tokens, torch.stack([step[0] for step in out.logits])
+
+
+def test_the_model_runner_is_the_one_asked_for(served):
+    """CI runs this file under both model runners (scripts/ci_vllm.sh): the engine runs Model Runner V2
+    exactly when VLLM_USE_V2_MODEL_RUNNER=1 (on CPU, V2 needs Triton with a `cpu` backend; vLLM falls back
+    to V1 without one)."""
+    _, _, llm = served
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    asked = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
+    runner = type(worker.model_runner).__module__
+    assert runner == ("vllm.v1.worker.cpu.model_runner" if asked else "vllm.v1.worker.cpu_model_runner"), runner
 
 
 def test_plugin_matches_hf_budget_mode(served, volume, monkeypatch):
@@ -543,22 +630,29 @@ def test_eval_engine_records_match_direct_generation(served, tmp_path):
 
 def test_a_second_question_about_a_volume_reuses_its_prefix(served, volume):
     """Several questions about one volume share its slices, so prefix caching covers the second
-    question's images and vLLM strips them to their CPU metadata: the plugin's per-slice counts must be
-    among it (M-RoPE positions need them). The second question gets the tokens it gets on an empty cache."""
-    _, _, llm = served
+    question's first slices (the engine reports the cached tokens, whole blocks of the shared prefix) and
+    vLLM strips them to their CPU metadata:
+    the plugin's per-slice counts must be among it (M-RoPE positions need them). The second question
+    gets the tokens it gets on an empty cache."""
+    _, path, llm = served
     second = {**_request(volume), "prompt": PROMPT.replace("Describe.", "Is there a lesion?")}
+    slice_end = _token_ids(path)["end"]
 
     def run(request):
         out = llm.generate(request, _params(), use_tqdm=False)[0]
-        return list(out.outputs[0].token_ids), list(out.prompt_token_ids)
+        return list(out.outputs[0].token_ids), list(out.prompt_token_ids), out.num_cached_tokens
 
     llm.reset_prefix_cache()
     llm.reset_mm_cache()
-    alone = run(second)
+    tokens, prompt, cached = run(second)
+    assert cached == 0
     llm.reset_prefix_cache()
     llm.reset_mm_cache()
     run(_request(volume))
-    assert run(second) == alone
+    again, prompt_again, cached = run(second)
+    assert (again, prompt_again) == (tokens, prompt)
+    whole_slices = [i for i, token in enumerate(prompt) if token == slice_end and i < cached]
+    assert whole_slices, f"the {cached} cached tokens hold no whole slice"
 
 
 # The identity test starts a second engine, after which the served one cannot run: it stays last.
@@ -578,3 +672,81 @@ def test_identity_settings_match_unpatched_vllm(served, volume):
     vocab = max(max(step) for step in theirs.outputs[0].logprobs) + 1
     difference = (_raw_logits(ours.outputs[0], vocab) - _raw_logits(theirs.outputs[0], vocab)).abs().max().item()
     assert difference <= LOGIT_TOL
+
+
+# Tests that start an engine of their own come after the identity test.
+CHUNK = 24  # prefill chunk (max_num_batched_tokens): 2.5 kept slices of 8 tokens plus text
+
+
+def _generate_on_own_engine(path, volume, recorder, requests: int, **engine):
+    """``requests`` runs of one request on a new plugin engine with ``engine`` settings (the first
+    recorded as phase "vllm"); the engine is shut down after."""
+    import medpruner.vllm as mv
+    from vllm import LLM
+
+    llm = LLM(**mv.llm_kwargs(path, budget=BUDGET, gamma=GAMMA), **{**ENGINE, **engine})
+    outputs = []
+    try:
+        for run in range(requests):
+            recorder.phase = "vllm" if run == 0 else None
+            outputs.append(llm.generate(_request(volume), _params(), use_tqdm=False)[0])
+    finally:
+        recorder.phase = None
+        _shutdown(llm)
+    return outputs
+
+
+def _assert_hf_tokens(tokens, expected, hf_logits):
+    """The greedy tokens are HF's up to the first step where HF's top-2 gap is within float noise."""
+    assert len(tokens) == len(expected) == NEW_TOKENS
+    for step, (token, hf_token) in enumerate(zip(tokens, expected, strict=True)):
+        if token != hf_token:
+            top = hf_logits[step].topk(2).values
+            assert top[0] - top[1] <= 2 * LOGIT_TOL, f"step {step}: token {token} != HF {hf_token}"
+            break
+
+
+def test_chunked_prefill_and_prefix_cache(served, volume, monkeypatch):
+    """Prefill chunks of CHUNK tokens, which end inside slices' placeholders, with prefix caching on:
+    the prompt's positions gathered over the chunks are HF's, the greedy tokens are HF's (up to a float
+    tie, as in test_plugin_matches_hf_budget_mode), and a second run of the request reads its prefix,
+    slices included, from the cache (the engine reports the cached tokens) and gets the same tokens."""
+    family, path, _ = served
+    recorder = _Recorder(monkeypatch)
+    _, _, expected, hf_logits = _hf_reference(family, path, volume, recorder)
+    hf_prefill = recorder.calls[("hf", "positions")][0]
+    first, second = _generate_on_own_engine(path, volume, recorder, 2, max_num_batched_tokens=CHUNK,
+                                            enable_prefix_caching=True)
+
+    prompt, ids = list(first.prompt_token_ids), _token_ids(path)
+    length = len(prompt)
+    assert any(prompt[b - 1] == prompt[b] == ids["image"] for b in range(CHUNK, length, CHUNK)), (
+        "no prefill chunk ends inside a slice"
+    )
+    steps = recorder.calls[("vllm", "positions")]
+    chunks = -(-length // CHUNK)
+    assert [p.shape[1] for p in steps[:chunks]] == [min(CHUNK, length - c * CHUNK) for c in range(chunks)]
+    assert torch.equal(torch.cat(steps[:chunks], 1), hf_prefill)
+    tokens = list(first.outputs[0].token_ids)
+    _assert_hf_tokens(tokens, expected, hf_logits)
+    assert first.num_cached_tokens == 0
+    assert list(second.outputs[0].token_ids) == tokens
+    last_image = length - 1 - prompt[::-1].index(ids["image"])
+    assert second.num_cached_tokens > last_image, (second.num_cached_tokens, last_image)
+
+
+# Last in the module: vLLM's n-gram proposer imports numba, whose llvmlite library object breaks the
+# module scan the CPU platform runs when a later engine starts (vllm.triton_utils.dispatcher).
+def test_speculative_ngram(volume, tmp_path, monkeypatch):
+    """n-gram speculative decoding (a proposer that reads token ids only): drafts are verified (steps
+    of more than one token after the prefill) and the greedy tokens are HF's, as without it."""
+    family, path = "qwen3_vl", tmp_path / "tiny_qwen3_vl"
+    _save_tiny(family, path)
+    recorder = _Recorder(monkeypatch)
+    _, _, expected, hf_logits = _hf_reference(family, path, volume, recorder)
+    speculative = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    [out] = _generate_on_own_engine(path, volume, recorder, 1, speculative_config=speculative)
+    steps = recorder.calls[("vllm", "positions")]
+    assert steps[0].shape[1] == len(out.prompt_token_ids)
+    assert any(p.shape[1] > 1 for p in steps[1:]), "no step verified draft tokens"
+    _assert_hf_tokens(list(out.outputs[0].token_ids), expected, hf_logits)

@@ -17,15 +17,19 @@ __all__ = ["ARCHITECTURES", "REQUEST_KNOBS", "llm_kwargs", "register", "request_
 
 def register() -> None:
     """vLLM general plugin: check this vLLM (:func:`medpruner.vllm._compat.check`: one error naming every
-    internal name the plugin uses that is missing, and the tested range), then register the MedPruner
-    architectures (lazily, by module path). Safe to call more than once; vLLM calls it in every process
-    it starts."""
+    internal name the plugin uses that is missing, and the tested range), register the MedPruner
+    architectures (lazily, by module path) and their start-up check of the features combined with them
+    (:mod:`medpruner.vllm.features`). Safe to call more than once; vLLM calls it in every process it
+    starts."""
     from vllm import ModelRegistry
 
     from medpruner.vllm import _compat
+    from medpruner.vllm.features import config_hook
 
     _compat.check()
+    hooks = _compat.MODELS_CONFIG_MAP
     # each architecture name is its model class's name in medpruner.vllm.models
     for name in ARCHITECTURES.values():
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"medpruner.vllm.models:{name}")
+        hooks[name] = config_hook()

@@ -2,10 +2,11 @@
 
 vLLM documents its plugin entry points, ``ModelRegistry``, ``LLM``/``AsyncLLM`` and ``SamplingParams``;
 everything else the plugin touches (the Qwen-VL model, processor and vision-tower classes it subclasses
-or hooks, the processor methods it overrides or calls, the multimodal helpers) is internal and changes
-between releases. All of it is named here: :data:`NAMES` (objects the plugin imports; ``models.py``
-and ``processor.py`` import them from this module only) and :data:`MEMBERS` (methods and fields the
-plugin overrides, calls or reads, with the keyword parameters it passes by name). :func:`check`, which
+or hooks, the processor methods it overrides or calls, the multimodal helpers, the config hook that
+refuses unsupported features at start-up) is internal and changes between releases. All of it is
+named here: :data:`NAMES` (objects the plugin imports; ``models.py``, ``processor.py`` and
+``features.py`` import them from this module only) and :data:`MEMBERS` (methods and fields the plugin
+overrides, calls or reads, with the keyword parameters it passes by name). :func:`check`, which
 ``register()`` runs in every vLLM process, resolves them all and raises one :class:`VllmCompatError`
 naming every missing one and the vLLM range the plugin is tested on (:data:`TESTED_RANGE`, the
 ``vllm`` extra of pyproject.toml); a vLLM outside that range that has every name gets a warning.
@@ -28,7 +29,7 @@ Qwen-VL classes implement it (the plugin's models inherit it), but the plugin do
   per-chunk recomputation with host reads, only those 3 offsets (see ``models.py``).
 
 So with EVS on, vLLM would call the inherited ``recompute_mrope_positions`` on the plugin's 3 extra
-channels.
+channels: the plugin refuses ``video_pruning_rate > 0`` at start-up (it serves no video anyway).
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ NAMES: dict[str, tuple[str, str]] = {
     # the tower's input normalisation parameters, resolved from the checkpoint's processor config
     "load_norm_params": ("vllm.model_executor.layers.fusion.mm_input_norm", "_load_norm_params"),
     "MultiModalConfig": ("vllm.config.multimodal", "MultiModalConfig"),
+    # the start-up check of the features combined with the plugin (features.py): a per-architecture
+    # config hook, and the configs it and the position buffer read
+    "VerifyAndUpdateConfig": ("vllm.model_executor.models.config", "VerifyAndUpdateConfig"),
+    "MODELS_CONFIG_MAP": ("vllm.model_executor.models.config", "MODELS_CONFIG_MAP"),
+    "SpeculativeConfig": ("vllm.config.speculative", "SpeculativeConfig"),
+    "SchedulerConfig": ("vllm.config.scheduler", "SchedulerConfig"),
 }
 
 _PROCESSOR_METHODS = (
@@ -126,6 +133,11 @@ MEMBERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("PlaceholderRange", "offset", ()),
     ("MultiModalConfig", "mm_device_do_normalize", ()),
     ("MultiModalConfig", "mm_hasher_algorithm", ()),
+    # the start-up check and the position buffer
+    ("VerifyAndUpdateConfig", "verify_and_update_config", ()),
+    ("MultiModalConfig", "video_pruning_rate", ()),
+    ("SpeculativeConfig", "method", ()),
+    ("SchedulerConfig", "max_num_batched_tokens", ()),
 )
 
 

@@ -10,8 +10,15 @@ Positions. vLLM computes a request's M-RoPE positions once, before the tower run
 which tokens of a slice survive. ``get_mrope_input_positions`` therefore gives every kept image token
 the base (t, h, w) of its slice and keeps the unpruned positions of everything else (a dropped slice
 leaves its gap); each selected token's offset inside the full grid rides along as three extra channels
-of its embedding, which ``embed_input_ids`` strips and ``forward`` adds to the positions. Decoding
-continues after the unpruned sequence's last position, as in the HF path.
+of its embedding (so it survives the encoder cache and prefill chunks cut inside a slice), which
+``embed_input_ids`` strips into a persistent ``[3, max_num_batched_tokens]`` buffer and ``forward`` adds
+to the positions. Decoding continues after the unpruned sequence's last position, as in the HF path.
+
+CUDA graphs. ``forward`` reads the offsets from that buffer (fixed address) and zeroes what it read,
+with no Python branch on whether a step has any: a captured graph replays exactly that, so the offsets
+reach the language model under ``cudagraph_mode=FULL`` (mixed batches replayed) and in a decode graph
+that happens to replay a one-token prefill chunk inside a slice (FULL_AND_PIECEWISE, FULL_DECODE_ONLY).
+``embed_input_ids`` runs eagerly before every forward in both model runners (V1 and V2).
 """
 
 from __future__ import annotations
@@ -53,6 +60,39 @@ def grid_offsets(grid_thw: list[list[int]], merge_size: int, device) -> torch.Te
     return torch.cat(parts).to(device)
 
 
+class PositionOffsets(torch.nn.Module):
+    """The (t, h, w) offsets of the current step's image tokens inside their slices, ``[3, width]``
+    long at a fixed address: :meth:`write` (eager, before the forward) sets them, :meth:`apply` (inside
+    the forward, possibly a captured CUDA graph) adds them to the positions and zeroes them, so a step
+    whose embeddings were not written (decode, dummy runs) adds zeros."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("offsets", torch.zeros(POSITION_CHANNELS, max(int(width), 1), dtype=torch.long),
+                             persistent=False)
+
+    def _columns(self, count: int) -> torch.Tensor:
+        if count > self.offsets.shape[1]:
+            if self.offsets.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"medpruner: {count} tokens exceed the position buffer ({self.offsets.shape[1]})")
+            self.offsets = torch.zeros(POSITION_CHANNELS, count, dtype=torch.long, device=self.offsets.device)
+        return self.offsets[:, :count]
+
+    def write(self, count: int, is_multimodal: torch.Tensor | None, offsets: torch.Tensor | None) -> None:
+        """``offsets``: ``[k, 3]`` for the ``k`` True entries of ``is_multimodal`` (``[count]``)."""
+        columns = self._columns(count)
+        columns.zero_()
+        if offsets is not None:
+            columns[:, is_multimodal.to(columns.device)] = offsets.T.to(columns.device)
+
+    def apply(self, positions: torch.Tensor) -> torch.Tensor:
+        """``positions`` (``[3, n]``, the runner's buffer: left untouched) plus the pending offsets."""
+        columns = self._columns(positions.shape[-1])
+        shifted = positions + columns.to(positions.dtype)
+        columns.zero_()
+        return shifted
+
+
 class MedPrunerModelMixin:
     """Put before the upstream model class in the bases; ``adapter_class`` gives the family."""
 
@@ -66,7 +106,7 @@ class MedPrunerModelMixin:
         layer = self.medpruner_config.importance_layer
         if not -depth <= layer < depth:
             raise ValueError(f"importance_layer must be in [-{depth}, {depth - 1}] for this tower, got {layer}")
-        self._medpruner_offsets: torch.Tensor | None = None
+        self.medpruner_positions = PositionOffsets(vllm_config.scheduler_config.max_num_batched_tokens)
 
     # ------------------------------------------------------------------------------- the tower
     def embed_multimodal(self, **kwargs):
@@ -143,23 +183,17 @@ class MedPrunerModelMixin:
 
     # --------------------------------------------------------------------------- the language model
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        self._medpruner_offsets = None
+        offsets = None
         if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
             offsets = torch.cat([e[:, -POSITION_CHANNELS:] for e in multimodal_embeddings]).round().long()
             multimodal_embeddings = [
                 copy_mm_embedding_modality(e, e[:, :-POSITION_CHANNELS]) for e in multimodal_embeddings
             ]
-            per_token = torch.zeros(input_ids.shape[0], POSITION_CHANNELS, dtype=torch.long, device=offsets.device)
-            per_token[is_multimodal.to(offsets.device)] = offsets
-            self._medpruner_offsets = per_token
+        self.medpruner_positions.write(input_ids.shape[0], is_multimodal, offsets)
         return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        offsets, self._medpruner_offsets = self._medpruner_offsets, None
-        if offsets is not None and inputs_embeds is not None:
-            n = offsets.shape[0]
-            positions = positions.clone()
-            positions[:, :n] += offsets.T.to(positions.device, positions.dtype)
+        positions = self.medpruner_positions.apply(positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
