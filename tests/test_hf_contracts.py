@@ -37,7 +37,7 @@ from _tiny_models import (  # noqa: E402
     tiny_qwen3_vl,
 )
 from conftest import available_backends  # noqa: E402
-from medpruner import apply_medpruner, remove_medpruner  # noqa: E402
+from medpruner import apply_medpruner, prune_inputs, remove_medpruner  # noqa: E402
 
 from medpruner_kernels import _validation  # noqa: E402
 
@@ -428,4 +428,235 @@ def test_deferred_checks_raise_in_the_request_that_queued_them(family, entry):
             model(**inputs)
         else:
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert _validation.pending_error_count() == 0
+
+
+# --------------------------------------------------------------------------- 8. the caller's layout
+def _type_keys(inputs):
+    return [k for k in ("mm_token_type_ids", "token_type_ids") if k in inputs]
+
+
+def _right_padded(inputs):
+    """The same batch with each row's padding moved to its end (a right-padded processor's output)."""
+    out = dict(inputs)
+    order = torch.argsort((inputs["attention_mask"] == 0).long(), dim=1, stable=True)
+    for key in ("input_ids", "attention_mask", *_type_keys(inputs)):
+        out[key] = inputs[key].gather(1, order)
+    if "position_ids" in inputs:
+        positions = inputs["position_ids"]
+        out["position_ids"] = positions.gather(-1, order.expand_as(positions))
+    return out
+
+
+def _logits(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs)
+
+
+def _pad_labels(inputs, model):
+    """Labels as a careless caller passes them: every token, padding included, images excluded."""
+    ids = inputs["input_ids"]
+    return ids.masked_fill(ids == _image_token(model), -100)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_identity_keeps_the_callers_layout_and_loss(family, side):
+    """At identity the patched model is the unpatched one on the caller's own layout: logits at every
+    valid position, and the loss with labels on the padding too (no term gained or lost per row)."""
+    model = family.model
+    inputs = family.batch()
+    inputs = _right_padded(inputs) if side == "right" else inputs
+    labels = _pad_labels(inputs, model)
+    expected = _logits(model, inputs, labels=labels)
+    apply_medpruner(model, **IDENTITY, backend="torch")
+    got = _logits(model, inputs, labels=labels)
+    valid = inputs["attention_mask"].bool()
+    assert got.logits.shape == expected.logits.shape
+    torch.testing.assert_close(got.logits[valid], expected.logits[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+
+
+def _is_right_padded(mask):
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def test_right_padded_batch_stays_right_padded_with_pruning(family):
+    """With pruning on, a right-padded batch comes back right-padded: prune_inputs' call is the
+    oracle's pruned call with each row's padding at its end, and the patched logits (and loss) equal
+    the unpatched model's on it, position by position."""
+    model = family.model
+    inputs = _right_padded(family.batch())
+    call, _ = family.pruned_call(family.batch(), **PRUNING)
+    expected_call = _right_padded(call)
+    valid = expected_call["attention_mask"].bool()
+    labels = _text_labels(expected_call, model)
+    expected = _logits(model, expected_call, labels=labels)
+
+    pruned = prune_inputs(model, inputs, **PRUNING, backend="torch")
+    assert _is_right_padded(pruned["attention_mask"])
+    assert torch.equal(pruned["attention_mask"].bool(), valid)
+    assert torch.equal(pruned["input_ids"][valid], expected_call["input_ids"][valid])
+
+    apply_medpruner(model, **PRUNING, backend="torch")
+    got = _logits(model, inputs, labels=_text_labels(inputs, model))
+    assert got.logits.shape == expected.logits.shape
+    torch.testing.assert_close(got.logits[valid], expected.logits[valid], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_each_row_is_pruned_independently_of_the_others(family, side):
+    """A row's pruned tokens and logits are those of the same row sent alone."""
+    model = family.model
+    inputs = family.batch()
+    inputs = _right_padded(inputs) if side == "right" else inputs
+    apply_medpruner(model, **PRUNING, backend="torch")
+    batch_call = prune_inputs(model, inputs, **PRUNING, backend="torch")
+    batch_logits = _logits(model, inputs).logits
+    batch_mask = batch_call["attention_mask"].bool()
+    single = family._inputs(family.processor, [synthetic_volume(3, seed=2)])
+    single_call = prune_inputs(model, single, **PRUNING, backend="torch")
+    single_logits = _logits(model, single).logits
+    assert torch.equal(batch_call["input_ids"][1][batch_mask[1]], single_call["input_ids"][0])
+    torch.testing.assert_close(batch_logits[1][batch_mask[1]], single_logits[0], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- 9. torch.compile
+class _CountingBackend:
+    """torch.compile backend that runs the captured graphs eagerly and counts them."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return graph.forward
+
+    def __deepcopy__(self, memo):  # CompileConfig deep-copies its fields; keep the one counter
+        return self
+
+
+@pytest.mark.parametrize("pruning", [IDENTITY, PRUNING], ids=["identity", "pruning"])
+def test_compiled_patched_model_forward(family, pruning):
+    """torch.compile(model, fullgraph=True) on a patched model: the pruning runs eagerly, the original
+    forward is compiled as one graph, and the logits are the eager patched model's."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(family.model)
+    inputs = family.batch()
+    apply_medpruner(model, **pruning, backend="torch")
+    expected = _logits(model, inputs).logits
+    backend = _CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    got = _logits(compiled, inputs).logits
+    assert backend.graphs >= 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("pruning", [IDENTITY, PRUNING], ids=["identity", "pruning"])
+def test_generate_with_static_cache_and_compiled_decoding(family, pruning):
+    """generate(cache_implementation="static") with transformers' compiled decoding (fullgraph, as on
+    CUDA; forced on CPU here) gives the tokens of the eager patched model's generate."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = copy.deepcopy(family.model)
+    inputs = family.batch()
+    apply_medpruner(model, **pruning, backend="torch")
+    settings = dict(max_new_tokens=3, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(**inputs, **settings, disable_compile=True)
+    backend = _CountingBackend()
+    compile_config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True
+    with torch.no_grad():
+        got = model.generate(**inputs, **settings, compile_config=compile_config)
+    assert backend.graphs >= 1
+    assert torch.equal(got, expected)
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- 10. caller's positions
+def _gapped_positions(family, inputs):
+    """Positions the model would not compute itself: its own numbering with a gap of 9 after the
+    first valid tokens of each row (as a packed or padding-free batch has)."""
+    mask = inputs["attention_mask"]
+    text = (mask.cumsum(1) - 1).clamp(min=0)
+    gap = 9 * (text >= 4).long() * mask
+    if family.name == "gemma3":
+        return text + gap
+    rope, _ = family.model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"], attention_mask=mask,
+    )
+    return torch.cat([text.unsqueeze(0), rope]) + gap
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_identity_honours_the_callers_position_ids(family, side):
+    model = family.model
+    inputs = family.batch()
+    inputs["position_ids"] = _gapped_positions(family, inputs)
+    inputs = _right_padded(inputs) if side == "right" else inputs
+    expected = _logits(model, inputs).logits
+    without = {k: v for k, v in inputs.items() if k != "position_ids"}
+    assert not torch.allclose(expected, _logits(model, without).logits, atol=1e-3)  # the gap matters
+    apply_medpruner(model, **IDENTITY, backend="torch")
+    got = _logits(model, inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_callers_position_ids_are_pruned_with_the_sequence(family):
+    """Positions that name each token's column come back naming, at every kept position, the column
+    the kept token had: the caller's numbering is pruned with the sequence, never recomputed."""
+    model = family.model
+    inputs = family.batch()
+    batch, length = inputs["input_ids"].shape
+    columns = torch.arange(length).expand(batch, length)
+    inputs["position_ids"] = columns if family.name == "gemma3" else columns.expand(4, batch, length)
+    call = prune_inputs(model, inputs, **PRUNING, backend="torch")
+    positions = call["position_ids"]
+    assert positions.shape[-2:] == call["input_ids"].shape
+    if family.name != "gemma3":
+        assert torch.equal(positions, positions[:1].expand_as(positions))
+        positions = positions[0]
+    kept = call["attention_mask"].bool()
+    assert call["input_ids"].shape[1] < length
+    assert torch.equal(call["input_ids"][kept], inputs["input_ids"].gather(1, positions)[kept])
+    # and the model uses them: the unpatched model on the call gives the patched model's logits
+    apply_medpruner(model, **PRUNING, backend="torch")
+    got = _logits(model, inputs).logits
+    remove_medpruner(model)
+    torch.testing.assert_close(got[kept], _logits(model, call).logits[kept], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- 11. wrong image count
+@pytest.mark.parametrize("deferred", [False, True], ids=["immediate", "deferred"])
+@pytest.mark.parametrize("entry", ["forward", "generate"])
+def test_one_image_too_few_raises_value_error_like_the_unpatched_model(family, entry, deferred):
+    """The last image removed (its pixels and, for Qwen, its grid row) with its placeholders left in
+    the text: a ValueError naming the mismatch, as the unpatched forward raises (the unpatched Qwen
+    generate raises StopIteration from get_rope_index); also when the count check is deferred (CUDA)."""
+    model = family.model
+    inputs = dict(family.batch())
+    if "image_grid_thw" in inputs:
+        grid = inputs["image_grid_thw"]
+        inputs["pixel_values"] = inputs["pixel_values"][: -int(grid[-1].prod())]
+        inputs["image_grid_thw"] = grid[:-1]
+    else:
+        inputs["pixel_values"] = inputs["pixel_values"][:-1]
+
+    def run():
+        with torch.no_grad():
+            if entry == "forward":
+                return model(**inputs)
+            return model.generate(**inputs, max_new_tokens=1, do_sample=False)
+
+    if entry == "forward":
+        with pytest.raises(ValueError):
+            run()
+    apply_medpruner(model, **PRUNING, backend="torch")
+    with _validation.deferred_checks(deferred), pytest.raises(ValueError, match="do not match"):
+        run()
     assert _validation.pending_error_count() == 0

@@ -83,6 +83,14 @@ def apply_medpruner(
       ``pooler_output`` entry per image (empty for a slice IAF dropped).
     * A request the model accepts but pruning cannot handle (``inputs_embeds``, videos) runs unpruned,
       with a warning.
+    * The caller's layout is kept: a right-padded batch stays right-padded (``logits[r, t]`` lines up
+      with the caller's ids minus the pruned tokens), each row is pruned as it would be alone, labels
+      gain no loss term, and a caller's ``position_ids`` are pruned with the sequence and used as given.
+      At identity settings (gamma below every distance, tau = 1, merge=False) the original forward
+      gets the caller's own call.
+    * ``torch.compile(model)`` (``fullgraph`` too) and ``generate``'s compiled static-cache decoding
+      work: the pruning runs eagerly and the original ``forward`` is what gets compiled.
+    * A wrong number of images for the placeholders raises ValueError naming the mismatch.
     * Kernel value checks deferred while pruning (on CUDA, where reading them back would sync) are
       raised by the request that queued them, at its last host read or once the original ``forward``
       / ``generate`` returns.
@@ -125,11 +133,13 @@ def prune_inputs(model, inputs, *, config: MedPrunerConfig | None = None, return
         return_stats: also return the request's :class:`PruneStats`.
 
     Returns:
-        a dict: the pruned ``input_ids`` and ``attention_mask`` (rows keep the caller's padding side),
-        the positions (Qwen's M-RoPE ids keep each kept token's (t, h, w)), ``mm_token_type_ids``, the
-        kept visual features as precomputed encoder outputs (``mm_encoder_outputs``), and every other
-        key of ``inputs`` the model still needs; ``(dict, PruneStats)`` with ``return_stats``. Inputs
-        without images come back unchanged (stats None).
+        a dict: the pruned ``input_ids`` and ``attention_mask`` (rows keep the caller's padding side:
+        right-padded stays right-padded), the positions (the caller's ``position_ids`` pruned with the
+        sequence when given; otherwise Qwen's M-RoPE ids keep each kept token's (t, h, w)),
+        ``mm_token_type_ids``, the kept visual features as precomputed encoder outputs
+        (``mm_encoder_outputs``), and every other key of ``inputs`` the model still needs;
+        ``(dict, PruneStats)`` with ``return_stats``. Inputs without images come back unchanged (stats
+        None).
 
     The selection takes no gradient. Qwen models keep the M-RoPE delta of their last request on the
     model (``model.model.rope_deltas``, transformers' own state, which its ``generate`` reads while

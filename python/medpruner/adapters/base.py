@@ -68,6 +68,12 @@ class SliceLayout:
     def num_images(self) -> int:
         return len(self.tokens)
 
+    def mismatch_message(self) -> str:
+        return (
+            f"the image placeholders in input_ids do not match {self.source} "
+            f"({self.num_images} images of {self.token_offsets[-1]} tokens)"
+        )
+
 
 @dataclass
 class Encoded:
@@ -145,11 +151,16 @@ class Adapter:
 
     def position_inputs(self, model, call, attention_mask) -> tuple[dict[str, tuple[torch.Tensor, int]], Any]:
         """(tensors ``[..., B, L]`` to repack with the sequence, state for :meth:`finish_positions`),
-        computed before any pruning work. The default (contiguous renumbering) repacks nothing."""
-        return {}, None
+        computed before any pruning work. The default (contiguous renumbering, the model's own when no
+        ``position_ids`` are given) repacks only the caller's ``position_ids``, when given."""
+        given = caller_positions(call)
+        return ({} if given is None else {"position_ids": (given, 0)}), None
 
     def finish_positions(self, model, pruned: dict, repacked: dict, new_mask, removed: torch.Tensor, state) -> None:
-        """Set the pruned call's positions; ``removed``: ``[B]`` tokens removed per row."""
+        """Set the pruned call's positions; ``removed``: ``[B]`` tokens removed per row. The default
+        hands over the caller's ``position_ids`` pruned with the sequence (none: the model numbers)."""
+        if "position_ids" in repacked:
+            pruned["position_ids"] = repacked["position_ids"]
 
     def package(self, encoded: Encoded, index: torch.Tensor):
         raise NotImplementedError
@@ -197,21 +208,25 @@ class Adapter:
         device = input_ids.device
         attention_mask = call.get("attention_mask")
         layout = self.layout(model, call)
-        positions, position_state = self.position_inputs(model, call, attention_mask)
         n_img, total_tokens = layout.num_images, layout.token_offsets[-1]
         batch = input_ids.shape[0]
         valid, is_image, run_start = image_runs(input_ids, attention_mask, cfg.image_token_id)
         images_per_row = run_start.sum(1)
-        mismatch = (
-            f"the image placeholders in input_ids do not match {layout.source} "
-            f"({n_img} images of {total_tokens} tokens)"
+        # Checked before the positions: the model's own position code fails on a wrong image count
+        # with an error that does not say so (Qwen's get_rope_index: StopIteration).
+        check_or_defer(
+            (images_per_row.sum() != n_img) | (is_image.sum() != total_tokens), layout.mismatch_message()
         )
-        check_or_defer((images_per_row.sum() != n_img) | (is_image.sum() != total_tokens), mismatch)
+        positions, position_state = self.position_inputs(model, call, attention_mask)
         volume_cu = F.pad(images_per_row.cumsum(0), (1, 0)).to(torch.int32)
 
         slice_keep = self._iaf(call, layout, volume_cu, config)
         tokens_dev = to_device(layout.tokens, device)
-        image_row = torch.arange(batch, device=device).repeat_interleave(images_per_row, output_size=n_img)
+        # the batch row of each image; searched, not repeated, so that a wrong image count (reported by
+        # the deferred check above) cannot fail here first
+        image_row = torch.searchsorted(
+            images_per_row.cumsum(0), torch.arange(n_img, device=device), right=True
+        ).clamp(max=batch - 1)
         budget = self._budget_counts(slice_keep, volume_cu, image_row, tokens_dev, config)
         # Flat [B*L] rank of every placeholder among the images' tokens (robust to a mismatch, which
         # the deferred check above reports): gathers replace a masked scatter that would fail first.
@@ -219,9 +234,13 @@ class Adapter:
         image_of_token = torch.arange(n_img, device=device).repeat_interleave(tokens_dev, output_size=total_tokens)
 
         fast = config.mode == "fast"
-        # A placeholder under attention_mask == 0 still takes its image's feature in the model: it stays
-        # in the sequence, masked as it was, so every image keeps its token order.
-        seq_base = valid | is_image
+        # Every position the caller passed stays, in order, where pruning does not remove it, padding
+        # included (masked as it was): a row keeps the caller's layout (right-padded rows stay
+        # right-padded), whatever the other rows lose, and at identity settings the call is the
+        # caller's. Only the padding columns every row can spare after pruning go (see row_span).
+        right = padded_right(valid)
+        span = row_span(valid | is_image, right)
+        seq_base = torch.ones_like(valid)
         if fast:
             dropped_seq = is_image & (~slice_keep)[image_of_token][rank]
             seq_base = seq_base & ~dropped_seq & ~self._dropped_wrappers(cfg, input_ids, dropped_seq)
@@ -232,7 +251,7 @@ class Adapter:
                 kept_tokens = torch.where(slice_keep, budget[0], 0)
                 removed = torch.zeros(batch, dtype=torch.long, device=device)
                 removed.index_add_(0, image_row, torch.where(slice_keep, tokens_dev - kept_tokens, 0))
-                reads += [seq_base.sum(1) - removed, kept_tokens]
+                reads += [(seq_base & span).sum(1) - removed, kept_tokens]
             host = host_read(*reads, last=budget is not None)
             per_row, flags = host[0], host[1]
             if budget is not None:
@@ -262,7 +281,7 @@ class Adapter:
             keep_all = torch.zeros(total_tokens, dtype=torch.bool, device=device)
             keep_all[range_index(ranges, device)] = keep
         seq_keep = seq_base & (~is_image | keep_all[rank])
-        counts = seq_keep.sum(1)
+        counts = (seq_keep & span).sum(1)
         if row_counts is None:
             kept_per_image = torch.zeros(n_img, dtype=torch.long, device=device)
             kept_per_image.index_add_(0, image_of_token, keep_all.long())
@@ -279,10 +298,13 @@ class Adapter:
         if call.get(self.type_ids_key) is not None:
             to_repack[self.type_ids_key] = (call[self.type_ids_key], 0)
         if labels is not None:
-            to_repack["labels"] = (labels, IGNORE_INDEX)
-        repacked = repack_sequences(seq_keep, counts, length, to_repack)
+            # The loss never predicts a row's first label (it has no token before it): nor does it
+            # after pruning, where the filling in front of a shortened row would predict it.
+            first_kept = seq_keep & (torch.cumsum(seq_keep, dim=1) == 1)
+            to_repack["labels"] = (labels.masked_fill(first_kept, IGNORE_INDEX), IGNORE_INDEX)
+        repacked = repack_sequences(seq_keep, length, to_repack, right=right)
         new_mask = repacked.pop("attention_mask")
-        pruned = {k: v for k, v in call.items() if k not in self.consumed_keys}
+        pruned = {k: v for k, v in call.items() if k not in self.consumed_keys and k != "position_ids"}
         pruned.update({k: v for k, v in repacked.items() if k not in positions})
         pruned["attention_mask"] = new_mask.to(attention_mask.dtype) if attention_mask is not None else new_mask
         removed = valid.sum(1) - (seq_keep & valid).sum(1)
@@ -495,20 +517,28 @@ def per_image_outputs(output, kept_counts: list[int]):
 
 
 def repack_sequences(
-    keep: torch.Tensor, counts: torch.Tensor, length: int, tensors: dict[str, tuple[torch.Tensor, int]]
+    keep: torch.Tensor,
+    length: int,
+    tensors: dict[str, tuple[torch.Tensor, int]],
+    right: torch.Tensor | bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Left-pad the kept positions of each row to ``length``, without host syncs.
+    """The kept positions of each row, in order, aligned to the right end of ``length`` columns (to the
+    left end where ``right``: a right-padded batch), without host syncs. A row with more kept positions
+    than ``length`` loses those farthest from that end (its own padding, see :func:`row_span`); one
+    with fewer is filled at the other end.
 
-    keep: bool ``[B, L]`` (the positions to keep, in order); counts: ``[B]`` kept per row (device
-    tensor, ``length`` = its max, read by the caller); tensors: name -> (tensor whose last two dims
-    are ``[B, L]``, fill value). Returns the repacked tensors (the caller repacks its attention mask
-    with them, so a kept masked position stays masked).
+    keep: bool ``[B, L]`` (the positions to keep); length: the host row length; tensors: name ->
+    (tensor whose last two dims are ``[B, L]``, fill value); right: a bool (or 0-d bool tensor) for the
+    whole batch. Returns the repacked tensors (the caller repacks its attention mask with them, so a
+    kept masked position stays masked).
     """
     batch, seq = keep.shape
     rank = torch.cumsum(keep, dim=1) - 1
-    column = (length - counts).unsqueeze(1) + rank
+    shift = torch.where(torch.as_tensor(right, device=keep.device), 0, length - keep.sum(1))
+    column = shift.unsqueeze(1) + rank
+    placed = keep & (column >= 0) & (column < length)
     row = torch.arange(batch, device=keep.device).unsqueeze(1) * (length + 1)
-    slot = torch.where(keep, row + column, row + length).reshape(-1)
+    slot = torch.where(placed, row + column, row + length).reshape(-1)
     out = {}
     for name, (tensor, fill) in tensors.items():
         lead = tensor.shape[:-2]
@@ -567,6 +597,37 @@ def pad_token_id(cfg) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def padded_right(valid: torch.Tensor) -> torch.Tensor:
+    """0-d bool, on the device: the batch is right-padded (some row ends with padding, none starts
+    with it). A batch without padding counts as left-padded, as ``generate`` wants it."""
+    return valid[:, 0].all() & ~valid[:, -1].all()
+
+
+def row_span(anchor: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: the part of each row the pruned row must hold, from its first ``anchor``
+    (a valid token or an image placeholder) on, or up to its last one where ``right``. What lies
+    outside (the row's padding on the batch's padding side) fills the row as far as the longest row
+    leaves room, so the batch keeps no column that is padding in every row."""
+    after_first = torch.cumsum(anchor, dim=1) > 0
+    up_to_last = torch.flip(torch.cumsum(torch.flip(anchor, dims=(1,)), dim=1) > 0, dims=(1,))
+    return torch.where(right, up_to_last, after_first)
+
+
+def caller_positions(call: dict[str, Any]) -> torch.Tensor | None:
+    """The caller's ``position_ids`` (``[..., B, L]``) with one row per batch row (a shared ``[1, L]``
+    or ``[..., 1, L]`` numbering is expanded), or None."""
+    given = call.get("position_ids")
+    if given is None:
+        return None
+    input_ids = call["input_ids"]
+    if given.shape[-1] != input_ids.shape[1]:
+        raise ValueError(
+            f"position_ids must end with the sequence length of input_ids {tuple(input_ids.shape)} to be "
+            f"pruned with the sequence, got {tuple(given.shape)}"
+        )
+    return given.expand(*given.shape[:-2], input_ids.shape[0], input_ids.shape[1])
 
 
 def image_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int):

@@ -12,8 +12,9 @@ merge keys are the head-averaged keys pooled the same way as the scores (docs/PA
 IAF runs on the processor's pixel tensor (mean = std = 0.5, the paper's scale). In fast mode a dropped
 slice loses its ``<start_of_image>..<end_of_image>`` span (the "SLICE i:" prefix stays). Positions are
 renumbered contiguously over the pruned sequence (1-D RoPE: the model numbers them when no
-``position_ids`` are given), and ``token_type_ids`` are repacked so the bidirectional attention inside
-each image block covers the kept tokens of that block. Temperature 2 by default.
+``position_ids`` are given; a caller's ``position_ids`` are pruned with the sequence), and
+``token_type_ids`` are repacked so the bidirectional attention inside each image block covers the kept
+tokens of that block. Temperature 2 by default.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ class Gemma3Adapter(Adapter):
     default_temperature = 2.0
     wrapper_ids = ("boi_token_id", "eoi_token_id")
     type_ids_key = "token_type_ids"
-    consumed_keys = ("pixel_values", "position_ids")
 
     def vision_depth(self, model) -> int:
         return len(_encoder_layers(model.model.vision_tower))

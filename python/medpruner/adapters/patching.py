@@ -6,13 +6,18 @@ method; :func:`unpatch` puts back exactly what the instance held.
 A cache filled by a pruned request carries a :class:`PromptRecord`, so a later call that continues it
 (forward with new tokens, or generate with the whole sequence) is rewritten onto the pruned prompt the
 cache holds; generate's output gets the caller's unpruned prompt back, and ``max_length`` keeps the
-caller's budget of new tokens. A ContextVar marks the models whose generate is running, so their
-internal forward calls (already in pruned coordinates) pass through untouched.
+caller's budget of new tokens. generate's own forward calls are already in pruned coordinates and pass
+through untouched: they carry no pixels, and a continued cache's record is taken off it while the
+original generate runs.
+
+``torch.compile``: the patched methods' own frames are skipped by Dynamo (``recursive=False``: the frames
+they call are compiled), and the pruning stage runs eagerly (``torch.compiler.disable``), so a compiled
+model, ``fullgraph`` and the static-cache compiled decoding of ``generate`` included, compiles exactly
+the original ``forward`` on the pruned call. Nothing request-scoped lives in ambient state.
 """
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import warnings
 from contextlib import contextmanager
@@ -51,6 +56,8 @@ class PatchedMethod:
         self.model = model
         self.name = name
 
+    # Dynamo skips this frame (not the frames it calls): a compiled model compiles the original forward
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
         call = _patched_forward if self.name == "forward" else _patched_generate
         return call(self.model, *args, **kwargs)
@@ -65,54 +72,57 @@ class PatchedMethod:
         return original_method(self.model, self.name).__doc__
 
 
+@torch.compiler.disable
 def original_method(model, name: str):
-    """The method ``name`` of a patched model as it was before the patch, bound to ``model``."""
+    """The method ``name`` of a patched model as it was before the patch, bound to ``model`` (eager:
+    Dynamo would rebuild the class function bound to the instance as the instance's attribute, the
+    patched method itself)."""
     saved = model.__dict__[_PATCH_ATTR][2]
     if name in saved:
         return saved[name]
     return getattr(type(model), name).__get__(model, type(model))
 
 
-# ids of the patched models whose generate is running: generate hands its own forward calls inputs it
-# has already translated (pruned prompt, continued cache), which the patched forward must not touch again
-_GENERATING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
-    "medpruner_generating", default=frozenset()
-)
-
-
-@contextmanager
-def _generating(model):
-    token = _GENERATING.set(_GENERATING.get() | {id(model)})
-    try:
-        yield
-    finally:
-        _GENERATING.reset(token)
-
-
+@torch.compiler.disable(recursive=False)
 def _patched_forward(model, *args, **kwargs):
-    config, adapter, _ = model.__dict__[_PATCH_ATTR]
     original = original_method(model, "forward")
-    if id(model) in _GENERATING.get():
-        # A continued generate's decoding steps carry the recorded cache, in pruned coordinates
-        # already: rewriting them as a caller's continuation would cut their attention mask.
+    pruned = _prepare_forward(model, original, args, kwargs)
+    if pruned is None:
         return original(*args, **kwargs)
+    call, record = pruned
+    output = original(**call)
+    _finish_forward(output, call, record)
+    return output
+
+
+@torch.compiler.disable
+def _prepare_forward(model, original, args, kwargs) -> tuple[dict[str, Any], PromptRecord | None] | None:
+    """The call to hand to the original forward and the record its cache gets, or None to pass the
+    caller's arguments through (no pixels to prune, no pruned cache to continue). Runs eagerly."""
+    config, adapter, _ = model.__dict__[_PATCH_ATTR]
+    if not args and kwargs.get(adapter.pixel_key) is None and _recorded(_cache_of(kwargs)) is None:
+        return None
     call = _bind(inspect.signature(original), args, kwargs)
     record = _continued_record(adapter, call)
     if record is not None:
-        return original(**_continuation(model, adapter, call, record, full_input_ids=False)[0])
+        return _continuation(model, adapter, call, record, full_input_ids=False)[0], None
     if not adapter.wants_pruning(call):
-        return original(*args, **kwargs)
+        return None
     reason = adapter.unprunable(call)
     if reason is not None:
-        warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=2)
-        return original(*args, **kwargs)
+        warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=4)
+        return None
     pruned = adapter.run(model, config, call)
-    output = original(**pruned.call)
+    return pruned.call, pruned.record
+
+
+@torch.compiler.disable
+def _finish_forward(output, call: dict[str, Any], record: PromptRecord | None) -> None:
     # The request's deferred kernel checks (queued after its last host read) are raised here, after
     # the model's own work, so an error belongs to the request that caused it.
-    raise_pending_errors()
-    _attach_record(_cache_of(output) or _cache_of(pruned.call), pruned.record)
-    return output
+    if record is not None:
+        raise_pending_errors()
+        _attach_record(_cache_of(output) or _cache_of(call), record)
 
 
 def _patched_generate(model, inputs=None, *args, **kwargs):
@@ -126,19 +136,19 @@ def _patched_generate(model, inputs=None, *args, **kwargs):
     if record is not None:
         call, repeats = _continuation(model, adapter, kwargs, record, full_input_ids=True)
         _translate_length_budget(model, call, kwargs["input_ids"].shape[1])
-        with _generating(model):
+        # off the cache while generate runs: its own forward calls are in pruned coordinates already
+        with _record_detached(_cache_of(call)):
             output = original(*args, **call)
         _attach_record(_cache_of(output) or _cache_of(call), record)
         prompt = record.original_input_ids.repeat_interleave(repeats, dim=0)
         return _restore_prompt(output, prompt, record.input_ids.shape[1])
     if not adapter.wants_pruning(kwargs):
-        with _generating(model):
+        with _record_detached(_cache_of(kwargs)):
             return original(*args, **kwargs)
     reason = adapter.unprunable(kwargs)
     if reason is not None:
-        warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=2)
-        with _generating(model):
-            return original(*args, **kwargs)
+        warnings.warn(f"medpruner: request not pruned: {reason}", stacklevel=3)
+        return original(*args, **kwargs)
     # generate keeps no autograd graph (transformers runs it under no_grad); the pruning before it
     # must not either: it would hold the tower's activations, and assisted decoding deep-copies the
     # features, which only works on leaves.
@@ -148,8 +158,8 @@ def _patched_generate(model, inputs=None, *args, **kwargs):
         pruned = adapter.run(model, config, request)
     call = {**pruned.call, **{k: kwargs[k] for k in TOWER_OUTPUT_FLAGS if k in kwargs}}
     _translate_length_budget(model, call, pruned.original_input_ids.shape[1])
-    with _generating(model):
-        output = original(*args, **call)
+    # the record joins the cache once generate returns: its forward calls are in pruned coordinates
+    output = original(*args, **call)
     raise_pending_errors()
     _attach_record(_cache_of(output) or _cache_of(call), pruned.record)
     return _restore_prompt(output, pruned.original_input_ids, pruned.pruned_length)
@@ -195,10 +205,26 @@ def _attach_record(cache, record: PromptRecord | None) -> None:
         setattr(cache, _RECORD_ATTR, record)
 
 
+def _recorded(cache) -> PromptRecord | None:
+    return None if cache is None else cache.__dict__.get(_RECORD_ATTR)
+
+
+@contextmanager
+def _record_detached(cache):
+    """Take the cache's record off while the block runs (a plain generate continuing an unpruned
+    prefix, or the original generate decoding from a pruned one); put it back afterwards."""
+    record = None if cache is None else cache.__dict__.pop(_RECORD_ATTR, None)
+    try:
+        yield
+    finally:
+        if record is not None and _recorded(cache) is None:
+            _attach_record(cache, record)
+
+
 def _continued_record(adapter, call: dict[str, Any]) -> PromptRecord | None:
     """The record of a non-empty cache a pruned request filled, when ``call`` continues it."""
     cache = _cache_of(call)
-    record = getattr(cache, _RECORD_ATTR, None)
+    record = _recorded(cache)
     if record is None or call.get("input_ids") is None or call.get(adapter.pixel_key) is not None:
         return None
     return record if cache.get_seq_length() > 0 else None

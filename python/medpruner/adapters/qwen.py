@@ -22,9 +22,11 @@ from medpruner.adapters.base import (
     Encoded,
     SliceLayout,
     block_scores,
+    caller_positions,
     range_index,
     to_device,
 )
+from medpruner_kernels._validation import raise_pending_errors
 
 
 class QwenVLAdapter(Adapter):
@@ -98,24 +100,44 @@ class QwenVLAdapter(Adapter):
         return type(encoded.output)(**fields)
 
     def position_inputs(self, model, call, attention_mask):
+        """The positions to repack and the rope deltas of the unpruned request: the caller's
+        ``position_ids`` when given (the model uses them as they are), else the model's own numbering."""
         input_ids = call["input_ids"]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        given = caller_positions(call)
+        if given is not None:
+            # the delta get_rope_index would give for these positions: the next position after the
+            # row's last (largest M-RoPE coordinate + 1) minus the row's valid tokens
+            rope = given if given.dim() == 2 else given[-3:]
+            valid = mask.bool().expand_as(rope)
+            last = torch.where(valid, rope, torch.zeros_like(rope)).reshape(-1, *rope.shape[-2:]).amax(dim=(0, 2))
+            deltas = (last + 1 - mask.long().sum(-1)).view(-1, 1)
+            return {"position_ids": (given, 0)}, (deltas, True)
         if call.get("mm_token_type_ids") is None:
             # the model's own numbering without type ids: 1-D over the valid tokens, no delta
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
             deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
-            return {"position_ids": (text.unsqueeze(0).expand(3, -1, -1), 0)}, deltas
-        position_ids, rope_deltas = model.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=call["mm_token_type_ids"],
-            image_grid_thw=call["image_grid_thw"],
-            attention_mask=attention_mask,
-        )
-        return {"position_ids": (position_ids.to(input_ids.device), 0)}, rope_deltas
+            return {"position_ids": (text.unsqueeze(0).expand(3, -1, -1), 0)}, (deltas, False)
+        try:
+            position_ids, rope_deltas = model.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids=call["mm_token_type_ids"],
+                image_grid_thw=call["image_grid_thw"],
+                attention_mask=attention_mask,
+            )
+        except StopIteration as error:
+            # fewer images than placeholder runs; the count check (deferred on CUDA) names it
+            raise_pending_errors()
+            raise ValueError(self.layout(model, call).mismatch_message()) from error
+        return {"position_ids": (position_ids.to(input_ids.device), 0)}, (rope_deltas, False)
 
-    def finish_positions(self, model, pruned, repacked, new_mask, removed, rope_deltas) -> None:
-        text_positions = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
-        pruned["position_ids"] = torch.cat([text_positions.unsqueeze(0), repacked["position_ids"]], dim=0)
+    def finish_positions(self, model, pruned, repacked, new_mask, removed, state) -> None:
+        rope_deltas, given = state
+        if given:
+            pruned["position_ids"] = repacked["position_ids"]
+        else:
+            text_positions = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
+            pruned["position_ids"] = torch.cat([text_positions.unsqueeze(0), repacked["position_ids"]], dim=0)
         batch = new_mask.shape[0]
         # The pruned rows are shorter than the unpruned ones: the delta grows by the tokens removed.
         model.model.rope_deltas = rope_deltas.to(new_mask.device).view(batch, 1) + removed.view(batch, 1)
