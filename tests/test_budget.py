@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 pytest.importorskip("PIL")
@@ -25,6 +27,7 @@ from _tiny_models import (  # noqa: E402
     tiny_qwen3_vl,
 )
 from medpruner import MedPrunerConfig, apply_medpruner, remove_medpruner  # noqa: E402
+from medpruner.adapters.base import Adapter  # noqa: E402
 from medpruner.config import budget_split, context_targets  # noqa: E402
 
 from medpruner_kernels import reference  # noqa: E402
@@ -60,6 +63,57 @@ def test_budget_split_follows_the_rule(budget, k, n):
     assert split == _expected_split(budget, k, n)
     assert len(split) == k and min(split) >= 1 and max(split) <= n
     assert max(split) - min(split) <= 1 and split == sorted(split, reverse=True)
+
+
+_VOLUME = st.tuples(
+    st.sampled_from([1, 2, 3, 4, 9, 16, 25, 64, 100]),  # tokens per slice (one grid per volume)
+    st.lists(st.booleans(), min_size=1, max_size=9),  # the IAF mask of its slices
+)
+_BUDGET = st.one_of(
+    st.sampled_from([0.01, 0.05, 0.1, 1 / 3, 0.3, 0.5, 0.7, 0.999, 1.0]),
+    st.floats(min_value=1e-4, max_value=1.0, exclude_min=True),
+    st.integers(min_value=1, max_value=2_000),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    volumes=st.lists(_VOLUME, min_size=1, max_size=4),
+    budget=_BUDGET,
+    merge=st.booleans(),
+    context_frac=st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.3, 0.5, 1.0]),
+)
+def test_device_budget_counts_equal_the_host_rule(volumes, budget, merge, context_frac):
+    """The device path the pipeline and the vLLM processor take (``Adapter._budget_counts``, a batch of
+    volumes at once) against the host rule (``budget_split`` + ``context_targets``, one volume at a
+    time): per slice, the tokens kept, the DINS picks and the merge targets; a dropped slice keeps all
+    its tokens and no target (it takes no part in the budget)."""
+    keep = [kept for _, mask in volumes for kept in mask]
+    tokens = [n for n, mask in volumes for _ in mask]
+    rows = [v for v, (_, mask) in enumerate(volumes) for _ in mask]
+    volume_cu = torch.tensor([0, *torch.tensor([len(m) for _, m in volumes]).cumsum(0).tolist()], dtype=torch.int32)
+    config = MedPrunerConfig(budget=budget, merge=merge, context_frac=context_frac)
+    share, picks, targets = Adapter._budget_counts(
+        torch.tensor(keep), volume_cu, torch.tensor(rows), torch.tensor(tokens), config
+    )
+    expected_share, expected_targets = [], []
+    for n, mask in volumes:
+        split = iter(budget_split(budget, sum(mask), n))
+        for kept in mask:
+            b = next(split) if kept else n
+            expected_share.append(b)
+            expected_targets.append(context_targets(b, n, context_frac) if kept and merge else 0)
+    assert share.tolist() == expected_share
+    assert targets.tolist() == expected_targets
+    assert picks.tolist() == [b - c for b, c in zip(expected_share, expected_targets, strict=True)]
+
+
+def test_device_budget_counts_without_a_budget_are_none():
+    keep = torch.tensor([True, False])
+    assert Adapter._budget_counts(
+        keep, torch.tensor([0, 2], dtype=torch.int32), torch.zeros(2, dtype=torch.long), torch.tensor([4, 4]),
+        MedPrunerConfig(),
+    ) is None
 
 
 @pytest.mark.parametrize(

@@ -147,7 +147,7 @@ def budget_split(budget: float | int, kept_slices: int, tokens_per_slice: int) -
 
     With k kept slices of n tokens: ``B = clamp(ceil(budget * (k * n)), k, k * n)`` for a float budget
     (an int budget is clamped the same way); slice i of the kept ones, in slice order, gets ``B // k``,
-    plus one for the first ``B % k``. The adapters compute the same rule on the device.
+    plus one for the first ``B % k``. :func:`budget_counts` is the same rule on the device.
     """
     k, n = int(kept_slices), int(tokens_per_slice)
     total = math.ceil(budget * (k * n)) if isinstance(budget, float) else int(budget)
@@ -159,6 +159,50 @@ def context_targets(kept: int, tokens_per_slice: int, context_frac: float) -> in
     """Contextual (merge) targets of a budgeted slice that keeps ``kept`` of its ``tokens_per_slice``
     tokens: ``min(kept - 1, max(int(context_frac * n), 1))``, 0 for a slice that keeps one token."""
     return max(min(kept - 1, max(int(context_frac * tokens_per_slice), 1)), 0)
+
+
+def budget_counts(
+    budget: float | int | None,
+    slice_keep: torch.Tensor,
+    image_row: torch.Tensor,
+    tokens: torch.Tensor,
+    num_volumes: int,
+    *,
+    merge: bool,
+    context_frac: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The device form of :func:`budget_split` and :func:`context_targets`, for a whole batch at once
+    and without host syncs (the HF pipeline and the vLLM processor use it; tests/test_budget.py checks
+    it against the host rule on many batches).
+
+    slice_keep: bool ``[I]``, the IAF mask of the batch's images (slices, volumes in order); image_row:
+    int64 ``[I]``, the volume of each image; tokens: int64 ``[I]``, tokens per image (all kept slices of
+    a volume share one count). Returns per image (tokens kept, of which DINS picks, contextual targets),
+    or None without a budget; a dropped slice gets (all its tokens, all of them, 0): it takes no part.
+    """
+    if budget is None:
+        return None
+    device = slice_keep.device
+    kept = slice_keep.long()
+    k = torch.zeros(num_volumes, dtype=torch.long, device=device).index_add_(0, image_row, kept)
+    n = torch.zeros_like(k).index_add_(0, image_row, tokens * kept) // k.clamp(min=1)
+    if isinstance(budget, float):
+        total = torch.ceil(budget * (k * n).double()).long()
+    else:
+        total = torch.full_like(k, budget)
+    total = torch.minimum(torch.maximum(total, k), k * n)
+    # the rank of each kept slice among its volume's kept slices, in slice order
+    rank = torch.cumsum(kept, 0) - kept - torch.cumsum(k, 0)[image_row] + k[image_row]
+    k_i = k[image_row].clamp(min=1)
+    share = total[image_row] // k_i + (rank < total[image_row] % k_i).long()
+    if merge:
+        per_slice = (context_frac * tokens.double()).long().clamp(min=1)
+        targets = torch.minimum(share - 1, per_slice).clamp(min=0)
+    else:
+        targets = torch.zeros_like(share)
+    share = torch.where(slice_keep, share, tokens)
+    targets = torch.where(slice_keep, targets, 0)
+    return share, share - targets, targets
 
 
 @dataclass

@@ -39,7 +39,7 @@ from medpruner.adapters.patching import _PATCH_ATTR, _PATCHED_NAMES, PatchedMeth
 
 # re-exported: the family files read the tower output flags from here
 from medpruner.adapters.patching import TOWER_OUTPUT_FLAGS as TOWER_OUTPUT_FLAGS
-from medpruner.config import PruneStats
+from medpruner.config import PruneStats, budget_counts
 from medpruner_kernels._validation import check_or_defer, raise_pending_errors
 
 logger = logging.getLogger("medpruner")
@@ -378,31 +378,17 @@ class Adapter:
     @staticmethod
     def _budget_counts(slice_keep, volume_cu, image_row, tokens, config):
         """Per image, on the device: (tokens kept, of which DINS picks, contextual targets) under the
-        fixed budget (DESIGN.md "Fixed token budget"; the same rule as ``config.budget_split``), or
-        None without a budget. Only the IAF mask decides them."""
-        if config.budget is None:
-            return None
-        device = slice_keep.device
-        kept = slice_keep.long()
-        k = torch.zeros(volume_cu.numel() - 1, dtype=torch.long, device=device).index_add_(0, image_row, kept)
-        n = torch.zeros_like(k).index_add_(0, image_row, tokens * kept) // k.clamp(min=1)
-        if isinstance(config.budget, float):
-            total = torch.ceil(config.budget * (k * n).double()).long()
-        else:
-            total = torch.full_like(k, config.budget)
-        total = torch.minimum(torch.maximum(total, k), k * n)
-        rank = torch.cumsum(kept, 0) - kept - torch.cumsum(k, 0)[image_row] + k[image_row]
-        k_i = k[image_row].clamp(min=1)
-        share = total[image_row] // k_i + (rank < total[image_row] % k_i).long()
-        if config.merge:
-            per_slice = (config.context_frac * tokens.double()).long().clamp(min=1)
-            targets = torch.minimum(share - 1, per_slice).clamp(min=0)
-        else:
-            targets = torch.zeros_like(share)
-        # a dropped slice (paper mode) takes no part: all its tokens stay until the final mask
-        share = torch.where(slice_keep, share, tokens)
-        targets = torch.where(slice_keep, targets, 0)
-        return share, share - targets, targets
+        config's fixed budget (:func:`medpruner.config.budget_counts`, the device form of
+        ``budget_split``), or None without a budget. Only the IAF mask decides them."""
+        return budget_counts(
+            config.budget,
+            slice_keep,
+            image_row,
+            tokens,
+            volume_cu.numel() - 1,
+            merge=config.merge,
+            context_frac=config.context_frac,
+        )
 
     # ------------------------------------------------------------------------------------ DINS+merge
     def select_tokens(self, scores, keys, pooled, token_cu, enc_tokens, slice_keep, config, budget=None):
