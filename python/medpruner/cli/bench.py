@@ -48,7 +48,7 @@ except Exception as err:
 with open(info_path, "w") as out:
     json.dump(info, out)
 import pytest
-sys.exit(pytest.console_main())
+sys.exit(int(pytest.main()))
 """
 
 
