@@ -22,7 +22,6 @@ from _tiny_models import (
 from medpruner import MedPrunerConfig, apply_medpruner, remove_medpruner
 from medpruner.adapters.qwen3_vl import Qwen3VLAdapter
 from medpruner.eval import audit
-from medpruner.eval.model_hook import patch_with_selector, selector_adapter
 from medpruner.eval.readers import Sample, VolumeRef, read_dataset
 from medpruner.eval.report import pareto_front
 from medpruner.eval.runner import (
@@ -30,11 +29,12 @@ from medpruner.eval.runner import (
     EvalModel,
     EvalSettings,
     build_prompt,
+    patch_with_policy,
     read_records,
     resolve_methods,
     run_eval,
 )
-from medpruner.selectors import SELECTORS, get_selector
+from medpruner.selectors import SELECTORS, SelectorPolicy, get_selector
 
 BACKEND = "torch"
 SETTINGS = dict(gamma=0.05, tau=0.5, merge=True, context_frac=0.05)
@@ -58,6 +58,13 @@ def volume_inputs(tiny):
 
 def _config():
     return MedPrunerConfig(backend=BACKEND, tau=SETTINGS["tau"])
+
+
+def patch_with_selector(model, method, *, budgets=None, settings=None, config=None):
+    """The eval's way: the method as a policy, run by the model's own pipeline; returns the policy."""
+    policy = SelectorPolicy(method, budgets=budgets, settings=settings)
+    patch_with_policy(model, policy, config)
+    return policy
 
 
 def _explicit_call(model, inputs, slice_keep, token_keep, features):
@@ -100,22 +107,20 @@ def test_selector_inside_the_model_equals_the_unpatched_model_on_the_selection(t
     model, _ = tiny
     inputs = dict(volume_inputs)
     budget = [11] if get_selector(method).budgeted else None
-    adapter = patch_with_selector(model, method, budgets=budget, settings=SETTINGS, config=_config())
+    policy = patch_with_selector(model, method, budgets=budget, settings=SETTINGS, config=_config())
     try:
         with torch.no_grad():
             pruned = model(**inputs).logits[:, -1]
         stats = model.medpruner_stats
     finally:
         remove_medpruner(model)
-    (selection,) = adapter.selections
+    (selection,) = policy.selections
     if budget is not None:
         assert selection.kept_tokens == 11 or method == "uniform_slices"
     per_slice = [int(selection.token_keep[6 * s: 6 * s + 6].sum()) for s in range(5)]
     assert stats.tokens_per_slice == [per_slice] and stats.slices_kept == [int(selection.slice_keep.sum())]
+    # a dropped slice is never encoded: its features in the selection are zeros, and none of them is kept
     features = selection.features
-    if features is None:
-        features = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                            return_dict=True).pooler_output)
     call = _explicit_call(model, inputs, selection.slice_keep, selection.token_keep, features)
     with torch.no_grad():
         expected = model(**call).logits[:, -1]
@@ -123,10 +128,10 @@ def test_selector_inside_the_model_equals_the_unpatched_model_on_the_selection(t
 
 
 def test_selection_is_the_selector_on_the_towers_own_scores(tiny, volume_inputs):
-    """The hook hands the selector the adapter's encoding of every slice, per volume, with the token grid."""
+    """The pipeline hands the policy the adapter's encoding of every slice, per volume, with the token grid."""
     model, _ = tiny
     inputs = dict(volume_inputs)
-    adapter = patch_with_selector(model, "hiprune", budgets=[9], settings=SETTINGS, config=_config())
+    policy = patch_with_selector(model, "hiprune", budgets=[9], settings=SETTINGS, config=_config())
     try:
         with torch.no_grad():
             model(**inputs)
@@ -139,7 +144,7 @@ def test_selection_is_the_selector_on_the_towers_own_scores(tiny, volume_inputs)
     slice_cu = torch.tensor(layout.token_offsets, dtype=torch.int32)
     expected = get_selector("hiprune").select(encoded.scores.float(), encoded.keys.float(), encoded.features,
                                               slice_cu, 9, grid=(2, 3))
-    torch.testing.assert_close(adapter.selections[0].token_keep, expected.token_keep, rtol=0, atol=0)
+    torch.testing.assert_close(policy.selections[0].token_keep, expected.token_keep, rtol=0, atol=0)
 
 
 def test_medpruner_selector_in_the_model_is_apply_medpruner(tiny, volume_inputs):
@@ -205,16 +210,16 @@ def test_other_families(family):
     assert hiprune_stats.tokens_after == budget
 
 
-def test_selector_adapter_rejects_what_it_cannot_run(tiny):
+def test_selector_policy_rejects_what_it_cannot_run(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="needs budgets"):
-        selector_adapter(model, "topk")
+        SelectorPolicy("topk")
     with pytest.raises(ValueError, match="method must be one of"):
-        selector_adapter(model, "nope")
+        SelectorPolicy("nope")
     with pytest.raises(ValueError, match="fast mode"):
-        selector_adapter(model, "medpruner", config=MedPrunerConfig(mode="paper"))
+        patch_with_policy(model, SelectorPolicy("medpruner"), MedPrunerConfig(mode="paper"))
     with pytest.raises(TypeError, match="no adapter"):
-        selector_adapter(torch.nn.Linear(2, 2), "none")
+        patch_with_policy(torch.nn.Linear(2, 2), SelectorPolicy("none"), MedPrunerConfig())
 
 
 # ----------------------------------------------------------------------------------------- the runner

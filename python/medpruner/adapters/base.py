@@ -40,6 +40,8 @@ from medpruner.adapters.patching import _PATCH_ATTR, _PATCHED_NAMES, PatchedMeth
 # re-exported: the family files read the tower output flags from here
 from medpruner.adapters.patching import TOWER_OUTPUT_FLAGS as TOWER_OUTPUT_FLAGS
 from medpruner.config import PruneStats, budget_counts
+from medpruner.selectors.medpruner import MedPrunerPolicy
+from medpruner.selectors.policy import Policy
 from medpruner_kernels._validation import check_or_defer, raise_pending_errors
 
 logger = logging.getLogger("medpruner")
@@ -131,6 +133,8 @@ class Adapter:
     type_ids_key = "mm_token_type_ids"
     # inputs the pruned call no longer carries (the encoder output replaces them)
     consumed_keys = ("pixel_values",)
+    # the selection policy (None: MedPruner's, see :attr:`stages`); the eval sets a baseline's
+    policy: Policy | None = None
 
     # --------------------------------------------------------------------------------- family hooks
     def vision_depth(self, model) -> int:
@@ -174,6 +178,7 @@ class Adapter:
         ``repeats`` times when generate expanded them)."""
 
     def check_config(self, model, config) -> None:
+        self.stages.check_config(config)
         depth = self.vision_depth(model)
         if not -depth <= config.importance_layer < depth:
             raise ValueError(
@@ -270,8 +275,10 @@ class Adapter:
             enc_index = None if all_encoded else to_device(encoded, device)
             enc_budget = tuple(b if enc_index is None else b[enc_index] for b in budget)
         enc_keep = slice_keep if all_encoded else None
+        grid = self.token_grid(model, call) if self.stages.wants_grid else None
         keep, enc.features = self.select_tokens(
-            enc.scores, enc.keys, enc.features, token_cu, enc_tokens, enc_keep, config, budget=enc_budget
+            enc.scores, enc.keys, enc.features, token_cu, enc_tokens, enc_keep, config, budget=enc_budget,
+            slices=encoded, grid=grid,
         )
 
         if all_encoded:
@@ -340,12 +347,17 @@ class Adapter:
         prev_dropped = F.pad(dropped_seq[:, :-1], (1, 0), value=False)
         return ((input_ids == start_id) & next_dropped) | ((input_ids == end_id) & prev_dropped)
 
-    # ------------------------------------------------------------------------------------------ IAF
-    def _iaf(self, call, layout: SliceLayout, volume_cu: torch.Tensor, config) -> torch.Tensor:
-        """IAF over every volume of the batch: one call per run of equally sized images (usually one).
-        A size change inside a volume is reported through the deferred checks."""
-        from medpruner_kernels import iaf_select
+    # ------------------------------------------------------------------------------ the two stages
+    @property
+    def stages(self) -> Policy:
+        """The selection policy the pipeline runs: :attr:`policy` when set, else MedPruner's."""
+        return self.policy if self.policy is not None else MedPrunerPolicy()
 
+    def _iaf(self, call, layout: SliceLayout, volume_cu: torch.Tensor, config) -> torch.Tensor:
+        """The policy's slice stage over every volume of the batch (the pixels as :meth:`iaf_slices`
+        gives them): one call per run of equally sized images (usually one). A size change inside a
+        volume is reported through the deferred checks."""
+        policy = self.stages
         pixels = call[self.pixel_key]
         n_img = layout.num_images
         groups, start = [], 0
@@ -364,12 +376,13 @@ class Adapter:
                     "volume); pin it with volume_to_inputs(resolution=...)",
                 )
             keeps.append(
-                iaf_select(
+                policy.select_slices(
                     self.iaf_slices(rows, end - start),
-                    float(config.gamma),
-                    cu_seqlens=cu,
+                    cu,
+                    config=config,
                     max_seqlen=end - start,
-                    backend=config.backend,
+                    slice_tokens=layout.tokens[start:end],
+                    first=start,
                 )
             )
         return keeps[0] if len(keeps) == 1 else torch.cat(keeps)
@@ -390,55 +403,24 @@ class Adapter:
             context_frac=config.context_frac,
         )
 
-    # ------------------------------------------------------------------------------------ DINS+merge
-    def select_tokens(self, scores, keys, pooled, token_cu, enc_tokens, slice_keep, config, budget=None):
-        """DINS + merge over the encoded slices -> (final keep mask, features to gather from).
+    def select_tokens(self, scores, keys, pooled, token_cu, enc_tokens, slice_keep, config, budget=None, *,
+                      slices=None, grid=None):
+        """The policy's token stage over the encoded slices -> (final keep mask, features to gather from).
 
-        scores/keys/pooled: per LLM token of the encoded slices (flat, ``token_cu`` offsets); slice_keep:
-        the IAF mask of the encoded slices in paper mode (every slice encoded; a dropped one goes through
-        DINS and the merge like a kept one, then keeps only its first token, as the published code
-        does), None in fast mode; budget: per encoded slice (kept, DINS picks, targets)."""
-        from medpruner_kernels import merge_tokens, nucleus_select
-
-        temperature = config.resolved_temperature(self.default_temperature)
-        selection = {} if budget is None else {"counts": budget[1]}
-        keep = nucleus_select(
-            scores,
-            float(config.tau),
-            temperature=temperature,
-            cu_seqlens=token_cu,
-            max_seqlen=max(enc_tokens),
-            min_keep=config.min_keep,
-            backend=config.backend,
-            **selection,
+        scores/keys/pooled: per LLM token of the encoded slices (flat, ``token_cu`` offsets, ``enc_tokens``
+        the host counts); slice_keep: the IAF mask of the encoded slices in paper mode (every slice
+        encoded), None in fast mode; budget: per encoded slice (kept, DINS picks, targets); slices: the
+        batch indices of the encoded images (None: all); grid: their token grids (see ``wants_grid``)."""
+        return self.stages.select_tokens(
+            scores, keys, pooled, token_cu, slice_keep, budget, config=config,
+            temperature=config.resolved_temperature(self.default_temperature), slice_tokens=enc_tokens,
+            slices=slices, grid=grid,
         )
-        total = keep.numel()
-        paper = config.mode == "paper"
-        if paper:
-            slice_of_token = slice_keep.repeat_interleave(to_device(enc_tokens, keep.device), output_size=total)
-            first_token = torch.zeros_like(keep)
-            first_token[token_cu[:-1].long()] = True
-        features = pooled
-        if config.merge:
-            targets = {} if budget is None else {"num_targets": budget[2]}
-            features, keep = merge_tokens(
-                pooled,
-                keys,
-                keep,
-                cu_seqlens=token_cu,
-                context_frac=float(config.context_frac),
-                backend=config.backend,
-                **targets,
-            )
-            features = features.to(pooled.dtype)
-        if paper:
-            # The published code keeps (IAF mask) & (DINS + merge mask): of a dropped slice, token 0 when
-            # that slice's own selection has it. With the merge it always does (the targets start at
-            # the first token outside the nucleus), so token 0 reaches the LLM as the official code
-            # sends it: raw when in the nucleus, target + mean of its members otherwise. A budget gives
-            # a dropped slice all its tokens and no target (it stays outside the budget): raw token 0.
-            keep = torch.where(slice_of_token, keep, first_token)
-        return keep, features
+
+    def token_grid(self, model, call) -> list[tuple[int, int]] | None:
+        """(rows, cols) of LLM tokens per image where the processor says (a host read), for the policies
+        that want it; None: a square grid per image."""
+        return None
 
     # ------------------------------------------------- patching (the wrappers are in patching.py)
     def wants_pruning(self, call: dict[str, Any]) -> bool:

@@ -90,6 +90,14 @@ class QwenVLAdapter(Adapter):
         side = list(out.deepstack_features) if self.has_deepstack else []
         return Encoded(out, out.pooler_output, scores, keys, side)
 
+    def token_grid(self, model, call) -> list[tuple[int, int]] | None:
+        """The Qwen-VL grid of each image after the 2x2 merger."""
+        grid_thw = call.get("image_grid_thw")
+        if grid_thw is None:
+            return None
+        merge = model.model.visual.spatial_merge_size
+        return [(h // merge, w // merge) for _, h, w in grid_thw.tolist()]
+
     def package(self, encoded: Encoded, index: torch.Tensor):
         """The tower's own output (hidden states, attentions) with the kept features as its pooler
         output (one tensor; the pipeline splits it per image)."""

@@ -7,8 +7,9 @@ Per sample, in this order:
 1. ``none``: the unpruned model (no patch at all); its answer and first-token logits are the reference
    of the audit and of the fidelity measures;
 2. ``medpruner``: adaptive MedPruner (its kept visual-token count is the sample's budget);
-3. every other method, the budgeted ones at that budget, each through :mod:`.model_hook` (the selector
-   runs inside the model's own pipeline).
+3. every other method, the budgeted ones at that budget, each as a
+   :class:`~medpruner.selectors.SelectorPolicy` that the model's own pipeline runs (its slice stage
+   before the tower, its token stage after it; :func:`patch_with_policy`).
 
 ``none`` and ``medpruner`` are run whenever they are needed (the reference always; MedPruner when a
 budgeted method is asked for) and the summary says which were added. Greedy decoding throughout.
@@ -49,6 +50,7 @@ __all__ = [
     "eval_sample",
     "finish_eval",
     "load_failure",
+    "patch_with_policy",
     "plan_eval",
     "read_records",
     "record_key",
@@ -214,7 +216,7 @@ class _Generation:
     timing: dict | None = None
 
 
-def _generate(eval_model: EvalModel, inputs, max_new_tokens: int, deployed_tower: str = "all") -> _Generation:
+def _generate(eval_model: EvalModel, inputs, max_new_tokens: int) -> _Generation:
     import torch
 
     from medpruner.eval.cost import PrefillTimer, tower_module
@@ -234,26 +236,39 @@ def _generate(eval_model: EvalModel, inputs, max_new_tokens: int, deployed_tower
     new_tokens = output.sequences[0, inputs["input_ids"].shape[1]:]
     text = eval_model.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     return _Generation(text, output.logits[0][0].detach().float().cpu(), seconds,
-                       timing=timer.split(deployed_tower=deployed_tower))
+                       timing=timer.split())
+
+
+def patch_with_policy(model, policy, config):
+    """Patch ``model`` (``forward`` and ``generate``) to prune with ``policy``'s two stages in the
+    pipeline (``config``: its backend, importance layer and temperature); undo with
+    ``medpruner.remove_medpruner(model)``. Returns the adapter."""
+    from medpruner.adapters import adapter_for, unpatch
+
+    adapter = adapter_for(model)
+    adapter.policy = policy
+    adapter.check_config(model, config)
+    unpatch(model)
+    adapter.patch(model, config)
+    return adapter
 
 
 def _run_method(eval_model: EvalModel, inputs, method: str, settings: EvalSettings, budget, seed: int) -> _Generation:
     from medpruner import MedPrunerConfig, remove_medpruner
-    from medpruner.eval.model_hook import patch_with_selector
-    from medpruner.selectors import get_selector
+    from medpruner.selectors import SelectorPolicy
 
     model = eval_model.model
     if method == REFERENCE:
         return _generate(eval_model, inputs, settings.max_new_tokens)
     config = MedPrunerConfig(gamma=settings.gamma, tau=settings.tau, merge=settings.merge,
                              context_frac=settings.context_frac, backend=settings.backend)
-    adapter = patch_with_selector(model, method, budgets=None if budget is None else [budget],
-                                  settings=settings.selector_settings(), config=config, seed=seed)
-    # a slice-stage method decides on pixels: deployed, it encodes only its kept slices (the last call)
-    deployed = "last" if get_selector(method).slice_stage else "all"
+    policy = SelectorPolicy(method, budgets=None if budget is None else [budget],
+                            settings=settings.selector_settings(), seed=seed)
+    # the tower encodes the kept slices only, once: the measured tower time is the deployed one
+    patch_with_policy(model, policy, config)
     try:
-        result = _generate(eval_model, inputs, settings.max_new_tokens, deployed)
-        result.stats, result.selections = model.medpruner_stats, list(adapter.selections)
+        result = _generate(eval_model, inputs, settings.max_new_tokens)
+        result.stats, result.selections = model.medpruner_stats, list(policy.selections)
     finally:
         remove_medpruner(model)
     return result

@@ -1,5 +1,6 @@
-"""Token/slice selection methods of the eval: MedPruner and the baselines, one file each, one signature
-(see :mod:`medpruner.selectors.base`). Importing the package registers every method in ``SELECTORS``."""
+"""Selection policies: MedPruner and the baselines, one file each, two stages (see
+:mod:`medpruner.selectors.base` for a method's stages, :mod:`medpruner.selectors.policy` for what the
+pipeline calls). Importing the package registers every method in ``SELECTORS``."""
 
 from __future__ import annotations
 
@@ -17,5 +18,16 @@ from medpruner.selectors import (  # noqa: F401  (each module registers its meth
     visionzip,
 )
 from medpruner.selectors.base import SELECTORS, SelectorSpec, SelectResult, get_selector, stage_counts
+from medpruner.selectors.medpruner import MedPrunerPolicy
+from medpruner.selectors.policy import Policy, SelectorPolicy
 
-__all__ = ["SELECTORS", "SelectResult", "SelectorSpec", "get_selector", "stage_counts"]
+__all__ = [
+    "SELECTORS",
+    "MedPrunerPolicy",
+    "Policy",
+    "SelectResult",
+    "SelectorPolicy",
+    "SelectorSpec",
+    "get_selector",
+    "stage_counts",
+]

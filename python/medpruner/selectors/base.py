@@ -1,6 +1,15 @@
-"""The one signature every token/slice selection method of the eval shares, its result, and the registry.
+"""The two stages every selection method shares, its per-volume result, and the registry.
 
-A selector sees one sample (one volume) at a time::
+A method is two functions, registered together (``@register(..., slices=...)`` on the token stage):
+
+* the slice stage, before the encoder: ``slices(slice_pixels, slice_cu, budget, *, generator, **options)
+  -> slice_keep`` (bool ``[S]``; a method without one keeps every slice);
+* the token stage, after it, over the tokens of the kept slices only (a dropped slice is never encoded
+  in the fast mode): ``tokens(scores, keys, features, slice_cu, budget, *, generator, **options) ->
+  (token_keep, features)``.
+
+The pipeline runs them through a :class:`~medpruner.selectors.policy.Policy`; the eval and the tests
+run one volume at a time through :meth:`SelectorSpec.select`::
 
     select(scores, keys, features, slice_cu, budget, *, slice_pixels=None, generator=None, **options)
         -> SelectResult
@@ -19,15 +28,16 @@ A selector sees one sample (one volume) at a time::
                   slice stage (IAF's gamma is a mean absolute difference on that scale).
     generator:    torch.Generator for the methods that draw at random (seeded by the caller per sample;
                   None means a generator seeded with 0).
+    options:      each goes to the stage whose function takes it (TypeError when neither does).
 
-A selector works in two stages and reports them separately: the slice stage (``slice_keep``) decides
-which slices survive (a slice it drops would not be encoded in the fast mode), the token stage
-(``token_keep``) which tokens of the surviving slices reach the LLM. A token of a dropped slice is never
-kept. Token order never changes: filter with ``features[token_keep]``.
+``select`` reports the stages separately: ``slice_keep`` (the slice stage), ``token_keep`` over every
+token of the volume (False on every token of a dropped slice). Token order never changes: filter with
+``features[token_keep]``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +52,7 @@ __all__ = [
     "get_selector",
     "register",
     "resolve_budget",
+    "scatter_tokens",
     "slice_of_token",
     "top_k_mask",
 ]
@@ -94,32 +105,80 @@ def finish(slice_keep, token_keep, features, slice_cu) -> SelectResult:
     return SelectResult(slice_keep, token_keep, features, stage_counts(slice_keep, token_keep, slice_cu))
 
 
-Selector = Callable[..., SelectResult]
+SliceStage = Callable[..., torch.Tensor]
+TokenStage = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def stage_options(fn: Callable, options: dict) -> dict:
+    """The entries of ``options`` that the stage function ``fn`` takes as keywords."""
+    accepted = inspect.signature(fn).parameters
+    return {name: value for name, value in options.items() if name in accepted}
 
 
 @dataclass(frozen=True)
 class SelectorSpec:
     """A registered method: ``budgeted`` ones need ``budget``; ``slice_stage``/``token_stage`` say which
-    stages it acts in (a stage it does not act in keeps everything)."""
+    stages it acts in (a stage it does not act in keeps everything); ``tokens`` and ``slices`` (None:
+    every slice stays) are its stage functions."""
 
     name: str
-    select: Selector
+    tokens: TokenStage
+    slices: SliceStage | None
     budgeted: bool
     slice_stage: bool
     token_stage: bool
     description: str
 
+    def options(self) -> set[str]:
+        """The keyword options its stages take."""
+        names = set(inspect.signature(self.tokens).parameters)
+        if self.slices is not None:
+            names |= set(inspect.signature(self.slices).parameters)
+        return names - {"scores", "keys", "features", "slice_cu", "budget", "slice_pixels", "generator"}
+
+    def select_slices(self, slice_pixels, slice_cu: torch.Tensor, budget, *, generator=None, **options):
+        """bool ``[S]``: the slices the slice stage keeps."""
+        if self.slices is None:
+            return torch.ones(slice_cu.numel() - 1, dtype=torch.bool, device=slice_cu.device)
+        return self.slices(slice_pixels, slice_cu, budget, generator=generator, **stage_options(self.slices, options))
+
+    def select_tokens(self, scores, keys, features, slice_cu, budget, *, generator=None, **options):
+        """(token_keep ``[N]``, features) over the tokens of the kept slices (``slice_cu`` theirs)."""
+        return self.tokens(scores, keys, features, slice_cu, budget, generator=generator,
+                           **stage_options(self.tokens, options))
+
+    def select(self, scores, keys, features, slice_cu, budget=None, *, slice_pixels=None, generator=None,
+               **options) -> SelectResult:
+        """Both stages on one volume (see the module docstring)."""
+        unknown = sorted(set(options) - self.options())
+        if unknown:
+            raise TypeError(f"{self.name}: unexpected option(s) {unknown}; it takes {sorted(self.options())}")
+        check_inputs(self.name, scores, keys, features, slice_cu, slice_pixels)
+        slice_keep = self.select_slices(slice_pixels, slice_cu, budget, generator=generator, **options)
+        if bool(slice_keep.all()):
+            token_keep, out = self.select_tokens(scores, keys, features, slice_cu, budget, generator=generator,
+                                                 **options)
+            return finish(slice_keep, token_keep, out, slice_cu)
+        index, sub_cu = kept_slice_tokens(slice_keep, slice_cu)
+        sub_features = None if features is None else features[index]
+        sub_keep, sub_out = self.select_tokens(scores[index], keys[index], sub_features, sub_cu, budget,
+                                               generator=generator, **options)
+        token_keep, out = scatter_tokens(index, sub_keep, sub_out, features, scores.shape[0])
+        return finish(slice_keep, token_keep, out, slice_cu)
+
 
 SELECTORS: dict[str, SelectorSpec] = {}
 
 
-def register(name: str, *, budgeted: bool, slice_stage: bool, token_stage: bool, description: str):
-    """Decorator adding a selector to :data:`SELECTORS` under ``name``."""
+def register(name: str, *, budgeted: bool, slice_stage: bool, token_stage: bool, description: str,
+             slices: SliceStage | None = None):
+    """Decorator adding a method to :data:`SELECTORS` under ``name``: the decorated function is its token
+    stage, ``slices`` its slice stage."""
 
-    def add(fn: Selector) -> Selector:
+    def add(fn: TokenStage) -> TokenStage:
         if name in SELECTORS:
             raise ValueError(f"selector {name!r} is registered twice")
-        SELECTORS[name] = SelectorSpec(name, fn, budgeted, slice_stage, token_stage, description)
+        SELECTORS[name] = SelectorSpec(name, fn, slices, budgeted, slice_stage, token_stage, description)
         return fn
 
     return add
@@ -198,8 +257,20 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def all_kept(scores: torch.Tensor, slice_cu: torch.Tensor) -> torch.Tensor:
-    return torch.ones(slice_cu.numel() - 1, dtype=torch.bool, device=scores.device)
+def all_tokens(scores: torch.Tensor) -> torch.Tensor:
+    return torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+
+
+def scatter_tokens(index, sub_keep, sub_features, features, n):
+    """The token stage's result on the kept slices' tokens (``index`` into the volume's ``n`` tokens)
+    written back over the whole volume: False and the input features elsewhere."""
+    token_keep = torch.zeros(n, dtype=torch.bool, device=sub_keep.device)
+    token_keep[index] = sub_keep
+    if features is None or sub_features is None:
+        return token_keep, features
+    out = features.clone()
+    out[index] = sub_features.to(features.dtype)
+    return token_keep, out
 
 
 def uniform_tokens_per_slice(method: str, slice_cu: torch.Tensor, slice_keep: torch.Tensor | None = None) -> int:

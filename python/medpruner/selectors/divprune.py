@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from medpruner.selectors.base import all_kept, check_inputs, finish, register, resolve_budget
+from medpruner.selectors.base import register, resolve_budget
 
 _CHUNK_ELEMENTS = 1 << 24
 
 
 @register("divprune", budgeted=True, slice_stage=False, token_stage=True,
           description="greedy max-min cosine diversity over the volume's tokens (DivPrune)")
-def select_divprune(scores, keys, features, slice_cu, budget, *, slice_pixels=None, generator=None):
+def tokens_divprune(scores, keys, features, slice_cu, budget, *, generator=None):
     method = "divprune"
-    check_inputs(method, scores, keys, features, slice_cu, slice_pixels)
     total = scores.shape[0]
     budget = resolve_budget(method, budget, total)
     vectors = keys if features is None else features
@@ -28,7 +27,7 @@ def select_divprune(scores, keys, features, slice_cu, budget, *, slice_pixels=No
     unit = torch.nn.functional.normalize(vectors.to(compute), dim=1)
     keep = torch.zeros(total, dtype=torch.bool, device=scores.device)
     if budget == 0:
-        return finish(all_kept(scores, slice_cu), keep, features, slice_cu)
+        return keep, features
     nearest = torch.full((total,), float("inf"), dtype=compute, device=scores.device)
     rows = max(1, _CHUNK_ELEMENTS // max(total, 1))
     for start in range(0, total, rows):
@@ -44,4 +43,4 @@ def select_divprune(scores, keys, features, slice_cu, budget, *, slice_pixels=No
         chosen = int(torch.argmax(to_chosen.masked_fill(keep, -float("inf"))))
         keep[chosen] = True
         to_chosen = torch.minimum(to_chosen, 1 - unit @ unit[chosen])
-    return finish(all_kept(scores, slice_cu), keep, features, slice_cu)
+    return keep, features

@@ -10,15 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from medpruner.selectors.base import (
-    all_kept,
-    check_inputs,
-    finish,
-    register,
-    resolve_budget,
-    top_k_mask,
-    uniform_tokens_per_slice,
-)
+from medpruner.selectors.base import register, resolve_budget, top_k_mask, uniform_tokens_per_slice
 
 
 def change_scores(vectors: torch.Tensor, num_slices: int) -> torch.Tensor:
@@ -31,10 +23,9 @@ def change_scores(vectors: torch.Tensor, num_slices: int) -> torch.Tensor:
 
 @register("evs", budgeted=True, slice_stage=False, token_stage=True,
           description="EVS-like: global top-k of 1 - cosine to the same token of the previous slice")
-def select_evs(scores, keys, features, slice_cu, budget, *, slice_pixels=None, generator=None):
+def tokens_evs(scores, keys, features, slice_cu, budget, *, generator=None):
     method = "evs"
-    check_inputs(method, scores, keys, features, slice_cu, slice_pixels)
     budget = resolve_budget(method, budget, scores.shape[0])
     uniform_tokens_per_slice(method, slice_cu)
     change = change_scores(keys if features is None else features, slice_cu.numel() - 1)
-    return finish(all_kept(scores, slice_cu), top_k_mask(change, budget), features, slice_cu)
+    return top_k_mask(change, budget), features

@@ -14,15 +14,7 @@ import math
 
 import torch
 
-from medpruner.selectors.base import (
-    all_kept,
-    check_inputs,
-    finish,
-    register,
-    resolve_budget,
-    top_k_mask,
-    uniform_tokens_per_slice,
-)
+from medpruner.selectors.base import register, resolve_budget, top_k_mask, uniform_tokens_per_slice
 
 ANCHOR_FRAC = 0.1
 _STEPS = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -42,10 +34,9 @@ def _grid(method: str, grid, n: int) -> tuple[int, int]:
 
 @register("hiprune", budgeted=True, slice_stage=False, token_stage=True,
           description="HiPrune-like anchors + 4-neighbours + registers over the volume")
-def select_hiprune(scores, keys, features, slice_cu, budget, *, slice_pixels=None, generator=None,
-                   grid=None, anchor_frac=ANCHOR_FRAC, register_scores=None):
+def tokens_hiprune(scores, keys, features, slice_cu, budget, *, generator=None, grid=None, anchor_frac=ANCHOR_FRAC,
+                   register_scores=None):
     method = "hiprune"
-    check_inputs(method, scores, keys, features, slice_cu, slice_pixels)
     if not 0.0 <= anchor_frac <= 1.0:
         raise ValueError(f"{method}: anchor_frac must be in [0, 1], got {anchor_frac}")
     if register_scores is not None and register_scores.shape != scores.shape:
@@ -79,4 +70,4 @@ def select_hiprune(scores, keys, features, slice_cu, budget, *, slice_pixels=Non
     if remaining > 0:
         ranked = (scores if register_scores is None else register_scores).to(torch.float64)
         keep |= top_k_mask(ranked.masked_fill(keep, -float("inf")), remaining)
-    return finish(all_kept(scores, slice_cu), keep, features, slice_cu)
+    return keep, features

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from medpruner.selectors.base import check_inputs, finish, register, slice_of_token
+from medpruner.selectors.base import all_tokens, register
 from medpruner.selectors.medpruner import GAMMA, iaf_stage
 
 
-@register("iaf", budgeted=False, slice_stage=True, token_stage=False,
+def slices_iaf(slice_pixels, slice_cu, budget=None, *, generator=None, gamma=GAMMA, backend="auto"):
+    return iaf_stage("iaf", slice_pixels, gamma, backend)
+
+
+@register("iaf", budgeted=False, slice_stage=True, token_stage=False, slices=slices_iaf,
           description="IAF slice filtering only (all tokens of the kept slices)")
-def select_iaf(scores, keys, features, slice_cu, budget=None, *, slice_pixels=None, generator=None,
-               gamma=GAMMA, backend="auto"):
-    check_inputs("iaf", scores, keys, features, slice_cu, slice_pixels)
-    slice_keep = iaf_stage("iaf", slice_pixels, gamma, backend)
-    return finish(slice_keep, slice_keep[slice_of_token(slice_cu)], features, slice_cu)
+def tokens_iaf(scores, keys, features, slice_cu, budget=None, *, generator=None):
+    return all_tokens(scores), features

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from medpruner.selectors.base import all_kept, check_inputs, finish, register, resolve_budget, top_k_mask
+from medpruner.selectors.base import register, resolve_budget, top_k_mask
 
 CONTEXT_RATIO = 10 / 64
 
 
 @register("visionzip", budgeted=True, slice_stage=False, token_stage=True,
           description="VisionZip-style dominant (top attention) + contextual (merged) tokens over the volume")
-def select_visionzip(scores, keys, features, slice_cu, budget, *, slice_pixels=None, generator=None,
-                     context_ratio=CONTEXT_RATIO):
+def tokens_visionzip(scores, keys, features, slice_cu, budget, *, generator=None, context_ratio=CONTEXT_RATIO):
     method = "visionzip"
-    check_inputs(method, scores, keys, features, slice_cu, slice_pixels)
     if not 0.0 <= context_ratio < 1.0:
         raise ValueError(f"{method}: context_ratio must be in [0, 1), got {context_ratio}")
     budget = resolve_budget(method, budget, scores.shape[0])
@@ -30,7 +28,7 @@ def select_visionzip(scores, keys, features, slice_cu, budget, *, slice_pixels=N
     keep = top_k_mask(scores, budget - contextual)
     rest = (~keep).nonzero().flatten()
     if contextual == 0 or rest.numel() == 0:
-        return finish(all_kept(scores, slice_cu), keep, features, slice_cu)
+        return keep, features
     targets = rest[:: max(1, rest.numel() // contextual)][:contextual]
     is_target = torch.zeros_like(keep)
     is_target[targets] = True
@@ -46,4 +44,4 @@ def select_visionzip(scores, keys, features, slice_cu, budget, *, slice_pixels=N
         counts = torch.bincount(owner, minlength=targets.numel()).to(compute) + 1
         out = features.clone()
         out[targets] = (sums / counts.unsqueeze(1)).to(features.dtype)
-    return finish(all_kept(scores, slice_cu), keep, out, slice_cu)
+    return keep, out
