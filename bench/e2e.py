@@ -375,8 +375,9 @@ def measure_decode(model, inputs: dict, *, device, decode_tokens: int, repeats: 
 @contextlib.contextmanager
 def pruning_op_time(device):
     """Time the public ``medpruner_kernels`` ops (:data:`PRUNING_OPS`) called inside the block. They are
-    wrapped where the adapters look them up at call time (the package and its op modules); only the
-    outermost call of a nest counts. On CUDA each call is bracketed by events on the current stream (no
+    wrapped wherever the integration layer looks them up at call time (the package, its op modules and
+    every loaded ``medpruner`` module that imported them by name); only the outermost call of a nest
+    counts. On CUDA each call is bracketed by events on the current stream (no
     host sync in the forward, and the span includes the time the GPU waited for the op's launches); on
     CPU by the wall clock. Yields a dict that holds ``calls`` and ``ms`` once the block has exited."""
     import medpruner_kernels
@@ -410,8 +411,19 @@ def pruning_op_time(device):
 
         return wrapper
 
+    ops = {id(getattr(module, name)) for module in modules for name in PRUNING_OPS if hasattr(module, name)}
+    # Modules of the integration layer that imported an op by name (`from medpruner_kernels import
+    # iaf_select`, as the selectors do) hold their own binding: wrap it there too.
+    modules += [
+        module
+        for module_name, module in list(sys.modules.items())
+        if module is not None and (module_name == "medpruner" or module_name.startswith("medpruner."))
+    ]
     originals = [
-        (module, name, getattr(module, name)) for module in modules for name in PRUNING_OPS if hasattr(module, name)
+        (module, name, getattr(module, name))
+        for module in modules
+        for name in PRUNING_OPS
+        if id(getattr(module, name, None)) in ops
     ]
     wrappers = {}
     for module, name, fn in originals:
