@@ -29,7 +29,14 @@ try:
 except ImportError as err:
     _C = None
     CPP_AVAILABLE = False
-    CPP_IMPORT_ERROR = str(err)
+    _package = os.path.dirname(os.path.abspath(__file__))
+    # Without a built _C*.so, Python's own message ("cannot import name '_C' from partially initialized
+    # module ... (most likely due to a circular import)") points at the wrong cause.
+    if any(name.startswith("_C") and name.endswith((".so", ".pyd")) for name in os.listdir(_package)):
+        CPP_IMPORT_ERROR = str(err)
+    else:
+        CPP_IMPORT_ERROR = (f"no compiled extension _C in {_package}: this copy was never built (pip install "
+                            "--no-build-isolation ., or python setup.py build_ext --inplace in a checkout)")
     logger.info("medpruner_kernels._C is not available (%s); using Triton/torch paths", err)
 
 # find_spec: the flags are known before (and without) importing triton. The op modules import it

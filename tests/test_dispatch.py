@@ -48,3 +48,28 @@ def test_deferred_checks_follow_the_environment(monkeypatch):
     monkeypatch.setenv("MEDPRUNER_DEFER_CHECKS", "0")
     assert not _validation.checks_deferred(torch.device("cpu"))
     assert _validation.checks_deferred(CUDA)
+
+
+def test_a_copy_without_the_extension_says_so_instead_of_a_circular_import(tmp_path):
+    """A source tree never built (the checkout a user runs from) names the missing _C, not Python's
+    "partially initialized module (circular import)" text. ``-S``: no site hooks, so the editable
+    install's finder cannot supply this checkout's _C."""
+    import shutil
+    import site
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import medpruner_kernels
+
+    copy = tmp_path / "medpruner_kernels"
+    shutil.copytree(Path(medpruner_kernels.__file__).parent, copy,
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    paths = [str(tmp_path), *site.getsitepackages()]
+    code = "import medpruner_kernels._dispatch as d; print(d.CPP_AVAILABLE); print(d.CPP_IMPORT_ERROR)"
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    available, error = done.stdout.splitlines()
+    assert available == "False"
+    assert error.startswith(f"no compiled extension _C in {copy}") and "circular" not in error
