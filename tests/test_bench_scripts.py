@@ -505,8 +505,27 @@ def test_eval_table_rows_from_a_summary(tmp_path, capsys):
     assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "gamma 0.05, tau 0.9, 10 questions, model: m"
-    assert lines[4] == "| none | 0.700 [0.400, 0.900] | 1.000 | 0.500 | 2.000 | - | - |"
-    assert lines[5] == "| topk | 0.600 [0.300, 0.800] | 0.250 | 0.500 | 0.500 | 0.800 | 0.0123 |"
+    assert lines[4] == "| none | 0.700 [0.400, 0.900] | 1.000 | 0.500 | 2.000 | - | - | - | - | - |"
+    assert lines[5] == "| topk | 0.600 [0.300, 0.800] | 0.250 | 0.500 | 0.500 | 0.800 | 0.0123 | - | - | - |"
+    # with costs: the Pareto front over both runs is starred (accuracy against modelled prefill)
+    costly = json.loads(json.dumps(summary))
+    for name, ms, seconds in (("none", 40.0, 0.3), ("topk", 17.0, 0.2)):
+        costly["methods"][name]["cost"] = {"slices_encoded": 30.0, "seconds_median": {"total": seconds},
+                                           "modelled": {"qwen3-vl-8b": {"ms": ms}}}
+    second = json.loads(json.dumps(costly))
+    second["methods"]["topk"]["metrics"]["overall"]["accuracy"]["mean"] = 0.55
+    second["methods"]["topk"]["cost"]["modelled"]["qwen3-vl-8b"]["ms"] = 20.0
+    second["methods"]["none"]["cost"]["modelled"]["qwen3-vl-8b"]["ms"] = 45.0
+    (tmp_path / "c1.json").write_text(json.dumps(costly))
+    (tmp_path / "c2.json").write_text(json.dumps(second))
+    assert eval_table.main([str(tmp_path / "c1.json"), str(tmp_path / "c2.json"),
+                            "--cost-plot", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("| none") or line.startswith("| topk")]
+    assert rows[0].startswith("| none * |") and rows[1].startswith("| topk * |")
+    assert rows[1].endswith("| 30.0 | 0.200 | 17.0 |")
+    assert rows[2].startswith("| none |") and rows[3].startswith("| topk |")  # dominated by the first run
     path.write_text("{}")
     with pytest.raises(SystemExit):
         eval_table.main([str(path)])
