@@ -83,7 +83,10 @@ class PositionOffsets(torch.nn.Module):
         columns = self._columns(count)
         columns.zero_()
         if offsets is not None:
-            columns[:, is_multimodal.to(columns.device)] = offsets.T.to(columns.device)
+            # masked_scatter_ fills the True entries in row-major order (channel by channel) without the
+            # host sync a boolean-index assignment costs on CUDA
+            mask = is_multimodal.to(columns.device).unsqueeze(0).expand(POSITION_CHANNELS, -1)
+            columns.masked_scatter_(mask, offsets.T.contiguous().to(columns.device))
 
     def apply(self, positions: torch.Tensor) -> torch.Tensor:
         """``positions`` (``[3, n]``, the runner's buffer: left untouched) plus the pending offsets."""
