@@ -26,9 +26,11 @@ from medpruner.eval.readers import Sample, VolumeRef, read_dataset
 from medpruner.eval.report import pareto_front
 from medpruner.eval.runner import (
     RECORDS_NAME,
+    EngineEvent,
     EvalModel,
     EvalSettings,
     build_prompt,
+    drive_eval,
     patch_with_policy,
     read_records,
     resolve_methods,
@@ -409,6 +411,51 @@ def test_resume_skips_finished_samples_and_repairs_a_cut_line(tiny, tmp_path):
     records = read_records(out / RECORDS_NAME)
     assert len(records) == 12 and len({r["settings_id"] for r in records}) == 2
     assert all(entry["n"] == 1 for entry in summary["methods"].values())
+
+
+class _Replay:
+    """An engine replaying the records of another run, the samples in reverse order, some failing."""
+
+    name, label = "tiny", "replay"
+
+    def __init__(self, records, failing):
+        self.records, self.failing, self.pending = records, failing, None
+
+    def restrict(self, plan):
+        return plan
+
+    def run(self, plan, pending, settings):
+        self.pending = [sample.sample_id for _, sample in pending]
+        for index, sample in reversed(pending):
+            if sample.sample_id in self.failing:
+                yield EngineEvent(failure=(index, {"sample_id": sample.sample_id, "reason": "replayed"}), finished=1)
+                continue
+            yield EngineEvent(records=[r for r in self.records if r["sample_id"] == sample.sample_id], finished=1)
+
+
+def test_the_driver_writes_what_any_engine_yields_and_resumes_it(full_run, tmp_path):
+    """drive_eval over an engine that is not the HF one: every record written once, as it arrives (to
+    ``write`` or the records file), the failures in dataset order, the summary over the plan's samples;
+    a rerun hands the engine only the samples without records."""
+    dataset, summary, out = full_run
+    records = read_records(out / RECORDS_NAME)
+    written = []
+    got = drive_eval(dataset, _Replay(records, {"s0", "s2"}), _settings(), tmp_path / "a", progress=False,
+                     html=False, write=written.append)
+    assert written == [r for r in records if r["sample_id"] == "s1"]
+    assert not (tmp_path / "a" / RECORDS_NAME).exists()
+    assert [f["sample_id"] for f in got["failed_samples"]] == ["s0", "s2"]
+    assert all(entry["n"] == 1 for entry in got["methods"].values())
+
+    engine = _Replay(records, {"s2"})
+    got = drive_eval(dataset, engine, _settings(), tmp_path / "b", progress=False, html=False)
+    assert read_records(tmp_path / "b" / RECORDS_NAME) == [r for s in ("s1", "s0") for r in records
+                                                          if r["sample_id"] == s]
+    again = _Replay(records, set())
+    got = drive_eval(dataset, again, _settings(), tmp_path / "b", progress=False, html=False)
+    assert again.pending == ["s2"] and got["failed_samples"] == []
+    assert {k: v["retention"] for k, v in got["methods"].items()} == {
+        k: v["retention"] for k, v in summary["methods"].items()}
 
 
 def test_a_volume_that_fails_to_load_is_counted_and_the_run_goes_on(tiny, tmp_path):

@@ -7,10 +7,11 @@ Stages, per sample that misses a record (one row each):
 2. an actor pool (each actor loads the model once) runs :func:`~medpruner.eval.runner.eval_sample` on it:
    the same seeds (``seed + index`` of the sample in the dataset), records and resume keys.
 
-The driver appends each sample's records to ``OUT/samples.jsonl`` (with ``shard_rows``: to shards
-``OUT/samples-<k>.jsonl`` of that many records, see :mod:`.shards`) as its row arrives (a killed actor's
-batch is retried by Ray and only finished rows reach the driver, so none is lost or written twice), then
-writes the same summary and report as the single-process run. Both engines resume each other's files.
+:class:`RayEvalEngine` yields each sample's records as its row arrives (a killed actor's batch is retried by
+Ray and only finished rows reach the driver, so none is lost or written twice); the eval's one driver
+(:func:`medpruner.eval.runner.drive_eval`) appends them to ``OUT/samples.jsonl`` (with ``shard_rows``: to
+shards ``OUT/samples-<k>.jsonl`` of that many records, see :mod:`.shards`), then writes the same summary
+and report as the single-process run. Both engines resume each other's files.
 """
 
 from __future__ import annotations
@@ -19,16 +20,25 @@ import json
 import pickle
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medpruner.cli.common import pick_device
 from medpruner.distributed.job import RayOptions, _node_id, connect
 from medpruner.distributed.shards import ShardWriter
 from medpruner.eval.readers import Dataset, DatasetError
-from medpruner.eval.runner import EvalSettings, _append, eval_sample, finish_eval, load_failure, plan_eval
+from medpruner.eval.runner import (
+    RECORDS_NAME,
+    EngineEvent,
+    EvalPlan,
+    EvalSettings,
+    drive_eval,
+    eval_sample,
+    load_failure,
+)
 
-__all__ = ["EvalModelRef", "EvalStage", "eval_job"]
+__all__ = ["EvalModelRef", "EvalStage", "RayEvalEngine", "eval_job"]
+
 
 @dataclass(frozen=True)
 class EvalModelRef:
@@ -95,65 +105,97 @@ class EvalStage:
                                 existing, self.unavailable))
 
 
+@dataclass
+class RayEvalEngine:
+    """The eval engine over Ray Data: a CPU task loads each pending sample, an actor pool (``stage``)
+    makes its records; a row's records are yielded as it arrives. After a run: ``pending`` and
+    ``already_done`` samples, ``failed`` loads, records ``written``, ``nodes`` and ``seconds`` (from
+    connecting to the cluster to shutting it down)."""
+
+    model: EvalModelRef
+    options: RayOptions
+    stage: type = EvalStage
+    label: str = "medpruner eval (ray)"
+    pending: int = 0
+    already_done: int = 0
+    failed: int = 0
+    written: int = 0
+    seconds: float = 0.0
+    nodes: set = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def restrict(self, plan: EvalPlan) -> EvalPlan:
+        return plan
+
+    def run(self, plan: EvalPlan, pending, settings: EvalSettings):
+        import ray
+
+        options = self.options
+        self.pending, self.already_done = len(pending), len(plan.samples) - len(pending)
+        items = [
+            {"index": index, "sample": pickle.dumps(sample, protocol=5), "existing": json.dumps(plan.existing(sample))}
+            for index, sample in pending
+        ]
+        started = connect(options)
+        start = time.perf_counter()
+        try:
+            if items:
+                data = ray.data.from_items(items, override_num_blocks=len(items))
+                data = data.map(load_stage, fn_kwargs={"window": settings.window}, num_cpus=1)
+                data = data.map_batches(
+                    self.stage,
+                    fn_constructor_args=(self.model, settings, plan.methods, plan.settings_id, plan.unavailable),
+                    batch_size=options.batch_size,
+                    batch_format="numpy",
+                    concurrency=options.workers,
+                    num_cpus=1,
+                    num_gpus=options.gpus_per_actor or None,
+                    # as in the prune job: a killed actor is restarted and its batch retried
+                    max_restarts=-1,
+                    max_task_retries=-1,
+                )
+                for row in data.select_columns(["index", "records", "failure", "node"]).iter_rows():
+                    self.nodes.add(row["node"])
+                    if row["failure"]:
+                        self.failed += 1
+                        yield EngineEvent(failure=(int(row["index"]), json.loads(row["failure"])), finished=1)
+                        continue
+                    records = json.loads(row["records"])
+                    self.written += len(records)
+                    yield EngineEvent(records=records, finished=1)
+        finally:
+            if started:
+                ray.shutdown()
+            self.seconds = time.perf_counter() - start
+
+
 def eval_job(dataset: Dataset, model: EvalModelRef, settings: EvalSettings, out_dir, *, options: RayOptions,
              html: bool = True, stage: type = EvalStage, shard_rows: int | None = None) -> dict:
     """Run (or resume) the eval into ``out_dir`` on Ray and return the summary (the single-process run's,
     written with its report); a line with counts and throughput goes to stderr. ``stage``: the actor
     class (a subclass may wrap :meth:`EvalStage.run_one`); ``shard_rows``: records per shard
     ``samples-<k>.jsonl`` (default: all in ``samples.jsonl``)."""
-    import ray
-
     out_dir = Path(out_dir)
-    plan = plan_eval(dataset, model.name, settings, out_dir)
-    shards = None if shard_rows is None else ShardWriter(out_dir, plan.records_path.stem, shard_rows)
-    pending = plan.pending()
-    items = [
-        {"index": index, "sample": pickle.dumps(sample, protocol=5), "existing": json.dumps(plan.existing(sample))}
-        for index, sample in pending
-    ]
-    started = connect(options)
-    start = time.perf_counter()
-    failed: list[tuple[int, dict]] = []
-    written, nodes = 0, set()
-    try:
-        if items:
-            data = ray.data.from_items(items, override_num_blocks=len(items))
-            data = data.map(load_stage, fn_kwargs={"window": settings.window}, num_cpus=1)
-            data = data.map_batches(
-                stage,
-                fn_constructor_args=(model, settings, plan.methods, plan.settings_id, plan.unavailable),
-                batch_size=options.batch_size,
-                batch_format="numpy",
-                concurrency=options.workers,
-                num_cpus=1,
-                num_gpus=options.gpus_per_actor or None,
-                # as in the prune job: a killed actor is restarted and its batch retried
-                max_restarts=-1,
-                max_task_retries=-1,
-            )
-            with open(plan.records_path, "a", encoding="utf-8") as handle:
-                for row in data.select_columns(["index", "records", "failure", "node"]).iter_rows():
-                    nodes.add(row["node"])
-                    if row["failure"]:
-                        failed.append((int(row["index"]), json.loads(row["failure"])))
-                        continue
-                    for record in json.loads(row["records"]):
-                        plan.done[record["key"]] = record
-                        if shards is None:
-                            _append(handle, record)
-                        else:
-                            shards.write(json.dumps(record, allow_nan=False))
-                        written += 1
-    finally:
-        if started:
-            ray.shutdown()
-    seconds = time.perf_counter() - start
-    summary = finish_eval(plan, dataset, model.name, settings, out_dir, [f for _, f in sorted(failed)], html=html)
-    ran = len(pending) - len(failed)
+    write = None
+    if shard_rows is not None:
+        shards: list[ShardWriter] = []
+
+        def write(record: dict) -> None:
+            # opened at the first record: after the plan has read (and repaired) the existing shards
+            if not shards:
+                shards.append(ShardWriter(out_dir, Path(RECORDS_NAME).stem, shard_rows))
+            shards[0].write(json.dumps(record, allow_nan=False))
+
+    engine = RayEvalEngine(model, options, stage)
+    summary = drive_eval(dataset, engine, settings, out_dir, progress=False, html=html, write=write)
+    ran = engine.pending - engine.failed
     print(
-        f"medpruner eval (ray): {ran} sample(s) run, {len(plan.samples) - len(pending)} already done, "
-        f"{len(failed)} failed, {written} record(s) written in {seconds:.1f} s "
-        f"({ran / seconds if pending else 0:.2f} samples/s) on {len(nodes)} node(s)",
+        f"medpruner eval (ray): {ran} sample(s) run, {engine.already_done} already done, "
+        f"{engine.failed} failed, {engine.written} record(s) written in {engine.seconds:.1f} s "
+        f"({ran / engine.seconds if engine.pending else 0:.2f} samples/s) on {len(engine.nodes)} node(s)",
         file=sys.stderr,
     )
     return summary

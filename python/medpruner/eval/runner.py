@@ -20,6 +20,10 @@ whose records are all there, redoes the reference of a half-done sample (determi
 are not stored) and appends the rest; records of other settings stay in the file and are left out of the
 summary. A line cut short by an interruption is removed before appending. The Ray engine may write the
 records to shards ``samples-<k>.jsonl`` next to ``samples.jsonl``; resume and summary read them all.
+
+One driver (:func:`drive_eval`) plans, writes each record as it is made, counts the samples that fail to
+load and writes the summary, whatever runs the samples: an :class:`EvalEngine` (:class:`HFEngine` here,
+``VllmEngine`` in :mod:`.vllm_engine`, ``RayEvalEngine`` in :mod:`medpruner.distributed.eval_job`).
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -43,10 +48,15 @@ from medpruner.eval.readers import Dataset, DatasetError, Sample
 __all__ = [
     "RECORDS_NAME",
     "SUMMARY_NAME",
+    "EngineEvent",
+    "EvalEngine",
     "EvalModel",
     "EvalPlan",
     "EvalSettings",
+    "HFEngine",
+    "append_record",
     "build_prompt",
+    "drive_eval",
     "eval_sample",
     "finish_eval",
     "load_failure",
@@ -201,7 +211,8 @@ def record_key(sample_id: str, method: str, settings_id: str) -> str:
     return f"{sample_id}|{method}|{settings_id}"
 
 
-def _append(handle, record: dict) -> None:
+def append_record(handle, record: dict) -> None:
+    """One record as one JSON line, flushed (an interruption cuts at most the last line)."""
     handle.write(json.dumps(record, allow_nan=False) + "\n")
     handle.flush()
 
@@ -488,32 +499,93 @@ def finish_eval(plan: EvalPlan, dataset: Dataset, model_name: str, settings: Eva
     return summary
 
 
-def run_eval(dataset: Dataset, eval_model: EvalModel, settings: EvalSettings, out_dir, *, progress: bool = True,
-             html: bool = True) -> dict:
-    """Run (or resume) the eval into ``out_dir`` and return the summary (also written to
-    ``summary.json``; ``report.html`` and the plots with ``html``)."""
+# ------------------------------------------------------------------------------------ engines, driver
+@dataclass
+class EngineEvent:
+    """What an engine reports while it runs the pending samples: records to write, in the order made; a
+    sample's load failure as (its index, :func:`load_failure`); samples finished (the progress)."""
+
+    records: list[dict] = field(default_factory=list)
+    failure: tuple[int, dict] | None = None
+    finished: int = 0
+
+
+class EvalEngine(Protocol):
+    """What runs the samples of a plan. ``name``: the model name the records are keyed by (part of
+    ``settings_id``); ``label``: the progress bar's; :meth:`restrict`: the plan narrowed to the methods
+    the engine runs; :meth:`run`: the events of the ``pending`` samples ((index, sample), dataset order;
+    the index seeds the random selector), each record yielded once made."""
+
+    name: str
+    label: str
+
+    def restrict(self, plan: EvalPlan) -> EvalPlan: ...
+
+    def run(self, plan: EvalPlan, pending: list[tuple[int, Sample]], settings: EvalSettings) -> Iterator[EngineEvent]:
+        ...
+
+
+@dataclass
+class HFEngine:
+    """The Hugging Face model in this process, one sample after the other (:func:`eval_sample`)."""
+
+    model: EvalModel
+    label: str = "medpruner eval"
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def restrict(self, plan: EvalPlan) -> EvalPlan:
+        return plan
+
+    def run(self, plan: EvalPlan, pending, settings: EvalSettings) -> Iterator[EngineEvent]:
+        for index, sample in pending:
+            try:
+                volume = sample.load(settings.window)
+            except DatasetError as err:
+                yield EngineEvent(failure=(index, load_failure(sample, err)), finished=1)
+                continue
+            for record in eval_sample(self.model, sample, index, volume, plan.methods, settings, plan.settings_id,
+                                      plan.existing(sample), plan.unavailable):
+                yield EngineEvent(records=[record])
+            yield EngineEvent(finished=1)
+
+
+def drive_eval(dataset: Dataset, engine: EvalEngine, settings: EvalSettings, out_dir, *, progress: bool = True,
+               html: bool = True, write: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) the eval into ``out_dir`` with ``engine`` and return the summary (also written to
+    ``summary.json``; ``report.html`` and the plots with ``html``). Each record is written as it arrives:
+    appended to ``samples.jsonl``, or given to ``write`` (the Ray engine's shards)."""
     from tqdm.auto import tqdm
 
-    plan = plan_eval(dataset, eval_model.name, settings, out_dir)
-    pending = dict(plan.pending())
-    failed = []
-    with open(plan.records_path, "a", encoding="utf-8") as handle, tqdm(
-        total=len(pending), disable=not progress, unit="sample", desc="medpruner eval"
-    ) as bar:
-        for index, sample in enumerate(plan.samples):
-            if index in pending:
-                try:
-                    volume = sample.load(settings.window)
-                except DatasetError as err:
-                    failed.append(load_failure(sample, err))
-                    bar.update()
-                    continue
-                for record in eval_sample(eval_model, sample, index, volume, plan.methods, settings,
-                                          plan.settings_id, plan.existing(sample), plan.unavailable):
-                    plan.done[record["key"]] = record
-                    _append(handle, record)
-                bar.update()
-    return finish_eval(plan, dataset, eval_model.name, settings, out_dir, failed, html=html)
+    plan = engine.restrict(plan_eval(dataset, engine.name, settings, out_dir))
+    pending = plan.pending()
+    failed: list[tuple[int, dict]] = []
+    with ExitStack() as stack:
+        if write is None:
+            handle = stack.enter_context(open(plan.records_path, "a", encoding="utf-8"))
+
+            def write(record: dict) -> None:
+                append_record(handle, record)
+
+        bar = stack.enter_context(tqdm(total=len(pending), disable=not progress, unit="sample", desc=engine.label))
+        for event in stack.enter_context(closing(engine.run(plan, pending, settings))):
+            for record in event.records:
+                plan.done[record["key"]] = record
+                write(record)
+            if event.failure is not None:
+                failed.append(event.failure)
+            bar.update(event.finished)
+    failures = [failure for _, failure in sorted(failed, key=lambda item: item[0])]
+    return finish_eval(plan, dataset, engine.name, settings, Path(out_dir), failures, html=html)
+
+
+def run_eval(dataset: Dataset, eval_model: EvalModel, settings: EvalSettings, out_dir, *, progress: bool = True,
+             html: bool = True) -> dict:
+    """Run (or resume) the eval into ``out_dir`` with the HF model in this process and return the
+    summary (also written to ``summary.json``; ``report.html`` and the plots with ``html``)."""
+    return drive_eval(dataset, HFEngine(eval_model), settings, out_dir, progress=progress, html=html)
 
 
 def _budgeted(method: str) -> bool:

@@ -5,7 +5,8 @@ The plugin prunes to a fixed budget only, so two methods run here: ``none`` (the
 a negative gamma, which keeps every slice, and budget 1.0, which keeps every token: unpatched vLLM, as
 tests/test_vllm.py's identity test checks) and ``medpruner_budget`` at the user's budget with the run's
 gamma. The records, their keys, resume and the summary are :mod:`.runner`'s; ``settings_id`` covers the
-engine, the budget and the model through the model name given to :func:`.runner.plan_eval`.
+engine, the budget and the model through the model name given to :func:`.runner.plan_eval`; the loop
+is :func:`.runner.drive_eval`'s, over :class:`VllmEngine`.
 
 Each request is one volume: the slices resized as the HF path resizes them
 (:func:`medpruner.cli.models.model_slices`), as uint8 grey->RGB images, the prompt laid out as
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,18 +28,18 @@ from medpruner.config import MedPrunerConfig, budget_split
 from medpruner.eval.readers import Dataset, DatasetError
 from medpruner.eval.runner import (
     REFERENCE,
+    EngineEvent,
+    EvalPlan,
     EvalSettings,
-    _append,
     _Generation,
     _record,
     build_prompt,
-    finish_eval,
+    drive_eval,
     load_failure,
-    plan_eval,
     record_key,
 )
 
-__all__ = ["METHODS", "VllmModel", "load_vllm_model", "run_vllm_eval", "vllm_model"]
+__all__ = ["METHODS", "VllmEngine", "VllmModel", "load_vllm_model", "run_vllm_eval", "vllm_model"]
 
 BUDGETED = "medpruner_budget"
 METHODS = (REFERENCE, BUDGETED)
@@ -182,42 +182,43 @@ def _counts(blocks: list[int], full: list[int], expected: list[int]) -> dict:
     }
 
 
-def run_vllm_eval(dataset: Dataset, model: VllmModel, settings: EvalSettings, budget, out_dir, *,
-                  chunk: int = CHUNK, progress: bool = True, html: bool = True) -> dict:
-    """Run (or resume) ``settings.methods`` (a subset of :data:`METHODS`; ``none`` is added) at
-    ``budget`` (a float in (0, 1] or an int of tokens per volume) into ``out_dir``; returns the summary
-    (also written, with the report). ``settings.resolution`` is the slice side fed to the model."""
-    from tqdm.auto import tqdm
-    from vllm import SamplingParams
+@dataclass
+class VllmEngine:
+    """The eval engine over a vLLM ``LLM``: the pending samples a chunk at a time, each chunk's requests
+    (every method of every sample, the reference always) in one ``LLM.generate``; a chunk's records are
+    yielded when it finishes."""
 
-    from medpruner.vllm.engine import request_config
+    model: VllmModel
+    budget: Any
+    settings: EvalSettings
+    chunk: int = CHUNK
+    label: str = "medpruner eval (vllm)"
 
-    other = [m for m in settings.methods if m not in METHODS]
-    if other:
-        raise ValueError(f"methods {other}: the vLLM engine runs {list(METHODS)} only (the HF engine runs the rest)")
-    if settings.resolution is None:
-        raise ValueError("settings.resolution: the vLLM engine needs the slice side")
-    if (settings.merge, settings.context_frac) != (model.config.merge, model.config.context_frac):
-        raise ValueError("settings: merge and context_frac must be the engine's (they are set when it starts)")
-    request_config(model.config, {"gamma": settings.gamma, "budget": budget})
-    plan = plan_eval(dataset, model.name(budget), settings, out_dir)
-    methods = [m for m in plan.methods if m in METHODS]  # plan_eval adds the adaptive medpruner: not served
-    plan = replace(plan, methods=methods, added=[m for m in methods if m not in settings.methods])
-    tokenizer = model.processor.tokenizer
-    start, pad, end = tokenizer.convert_tokens_to_ids(list(_BLOCK))
-    params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=0, logprobs=-1)
-    pending = plan.pending()
-    failed = []
-    with open(plan.records_path, "a", encoding="utf-8") as handle, tqdm(
-        total=len(pending), disable=not progress, unit="sample", desc="medpruner eval (vllm)"
-    ) as bar:
-        for first in range(0, len(pending), chunk):
+    def __post_init__(self) -> None:
+        from vllm import SamplingParams
+
+        self.params = SamplingParams(max_tokens=self.settings.max_new_tokens, temperature=0, logprobs=-1)
+
+    @property
+    def name(self) -> str:
+        return self.model.name(self.budget)
+
+    def restrict(self, plan: EvalPlan) -> EvalPlan:
+        # plan_eval adds the adaptive medpruner (the budget source of the HF engine): not served
+        methods = [m for m in plan.methods if m in METHODS]
+        return replace(plan, methods=methods, added=[m for m in methods if m not in self.settings.methods])
+
+    def run(self, plan: EvalPlan, pending, settings: EvalSettings):
+        model, budget, methods, params = self.model, self.budget, plan.methods, self.params
+        tokenizer = model.processor.tokenizer
+        start, pad, end = tokenizer.convert_tokens_to_ids(list(_BLOCK))
+        for first in range(0, len(pending), self.chunk):
             requests = []
-            for index, sample in pending[first : first + chunk]:
+            for index, sample in pending[first : first + self.chunk]:
                 try:
                     volume = sample.load(settings.window)
                 except DatasetError as err:
-                    failed.append(load_failure(sample, err))
+                    yield EngineEvent(failure=(index, load_failure(sample, err)))
                     continue
                 requests.append(_prepare(model, index, sample, volume, settings, budget))
             # the reference always runs: its first-token logits are not stored
@@ -235,11 +236,11 @@ def run_vllm_eval(dataset: Dataset, model: VllmModel, settings: EvalSettings, bu
                 text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
                 results[request.index, method] = (_Generation(text, _first_logits(completion), seconds),
                                                   _blocks(output.prompt_token_ids, start, pad, end))
+            records = []
             for request in requests:
                 reference = results[request.index, REFERENCE][0]
                 for method in methods:
-                    key = record_key(request.sample.sample_id, method, plan.settings_id)
-                    if key in plan.done:
+                    if record_key(request.sample.sample_id, method, plan.settings_id) in plan.done:
                         continue
                     generation, blocks = results[request.index, method]
                     counts = _counts(blocks, request.full, request.expected[method])
@@ -249,7 +250,24 @@ def run_vllm_eval(dataset: Dataset, model: VllmModel, settings: EvalSettings, bu
                     record = _record(request.sample, method, plan.settings_id, generation, reference, tokens,
                                      plan.unavailable, settings.metrics)
                     record.update(counts)
-                    plan.done[key] = record
-                    _append(handle, record)
-            bar.update(len(pending[first : first + chunk]))
-    return finish_eval(plan, dataset, model.name(budget), settings, Path(out_dir), failed, html=html)
+                    records.append(record)
+            yield EngineEvent(records=records, finished=len(pending[first : first + self.chunk]))
+
+
+def run_vllm_eval(dataset: Dataset, model: VllmModel, settings: EvalSettings, budget, out_dir, *,
+                  chunk: int = CHUNK, progress: bool = True, html: bool = True) -> dict:
+    """Run (or resume) ``settings.methods`` (a subset of :data:`METHODS`; ``none`` is added) at
+    ``budget`` (a float in (0, 1] or an int of tokens per volume) into ``out_dir``; returns the summary
+    (also written, with the report). ``settings.resolution`` is the slice side fed to the model."""
+    from medpruner.vllm.engine import request_config
+
+    other = [m for m in settings.methods if m not in METHODS]
+    if other:
+        raise ValueError(f"methods {other}: the vLLM engine runs {list(METHODS)} only (the HF engine runs the rest)")
+    if settings.resolution is None:
+        raise ValueError("settings.resolution: the vLLM engine needs the slice side")
+    if (settings.merge, settings.context_frac) != (model.config.merge, model.config.context_frac):
+        raise ValueError("settings: merge and context_frac must be the engine's (they are set when it starts)")
+    request_config(model.config, {"gamma": settings.gamma, "budget": budget})
+    engine = VllmEngine(model, budget, settings, chunk)
+    return drive_eval(dataset, engine, settings, out_dir, progress=progress, html=html)
