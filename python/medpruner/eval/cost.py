@@ -4,9 +4,8 @@ Measured (per sample and method, on the machine that ran the eval): the seconds 
 the pruning (selection, merge and the sequence surgery) and of the LLM prefill, taken with forward hooks
 on the tower and a streamer that marks the prompt's hand-over to the LLM and its first token
 (:class:`PrefillTimer`). A method with a slice stage (MedPruner, IAF, uniform slices) decides on pixels
-before the encoder, so in a deployment its dropped slices are never encoded: the eval still encodes every
-slice first (the token methods need every slice's scores), and charges the method only for the tower
-call that encodes its kept slices.
+before the encoder, so its dropped slices are never encoded (the eval's pipeline encodes the kept slices
+only, once, as a deployment does).
 
 Modelled (:func:`prefill_cost`): FLOPs of the tower and the LLM prefill from a model's shape
 (:class:`ModelShape`, from a Hugging Face config), at a sample's volume size as each model's processor
@@ -275,10 +274,9 @@ class PrefillTimer:
         for handle in self._handles:
             handle.remove()
 
-    def split(self, *, deployed_tower: str = "all") -> dict[str, float] | None:
-        """Seconds of ``tower``, ``pruning`` and ``llm_prefill``; ``deployed_tower="last"`` charges only
-        the last tower call (a slice-stage method's encoding of its kept slices). None when the
-        generation did not reach a first token."""
+    def split(self) -> dict[str, float] | None:
+        """Seconds of ``tower`` (every call), ``pruning`` and ``llm_prefill``; None when the generation
+        did not reach a first token."""
         if len(self.marks) < 3:
             return None
         start, handed, first = self.marks[:3]
@@ -287,9 +285,7 @@ class PrefillTimer:
             return sum(end - begin for begin, end in self.tower_calls if begin >= a and end <= b)
 
         before, during = inside(start, handed), inside(handed, first)
-        calls = [end - begin for begin, end in self.tower_calls]
-        tower = calls[-1] if deployed_tower == "last" and calls else before + during
-        return {"tower": tower, "pruning": max(0.0, handed - start - before),
+        return {"tower": before + during, "pruning": max(0.0, handed - start - before),
                 "llm_prefill": max(0.0, first - handed - during)}
 
 
