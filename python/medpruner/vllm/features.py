@@ -13,8 +13,9 @@ before any worker starts, so a refusal is one ``ValueError`` raised by ``LLM(...
   Proposers that run a drafter network (EAGLE/EAGLE3, MTP, draft models, Medusa, ...) are refused: the
   drafter is fed the target's multimodal embeddings, which carry the plugin's 3 position channels, and
   vLLM's EAGLE set-up looks up the image token by the upstream class names.
-* ``cudagraph_mode``: every mode works; the position offsets reach the language model through a
-  persistent buffer a captured graph reads (``models.py``, "CUDA graphs").
+* ``cudagraph_mode``: no mode is refused; the position offsets reach the language model through a
+  persistent buffer a captured graph reads (``models.py``, "CUDA graphs"), tested by replaying a traced
+  forward on CPU; no GPU has run it yet.
 * Chunked prefill (a chunk may end inside a slice's placeholders) and prefix caching work: the offsets
   ride with each token's embedding, and the per-slice counts are kept with the CPU metadata a
   prefix-cache hit keeps.
