@@ -123,7 +123,9 @@ def _prepare(model: VllmModel, index, sample, volume, settings: EvalSettings, bu
     grid = inputs["image_grid_thw"]
     full = (grid.prod(-1) // (merge * merge)).tolist()
     pixels = grid[0, 1].item() * grid[0, 2].item() * image_processor.patch_size ** 2
-    adapter = {"qwen3_vl": Qwen3VLAdapter, "qwen2_5_vl": Qwen25VLAdapter}[model.family]()
+    # the slices IAF compares are on the checkpoint's own normalisation, as the plugin's processor has them
+    adapter = (Qwen25VLAdapter(image_std=image_processor.image_std) if model.family == "qwen2_5_vl"
+               else Qwen3VLAdapter())
     # the reference's knobs keep every slice and token: only the budgeted request needs IAF and the split
     config = request_config(model.config, _knobs(settings, budget)[BUDGETED])
     expected = {REFERENCE: list(full),
