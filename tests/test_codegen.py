@@ -120,6 +120,7 @@ def _check_importance_load_widths(report):
     assert len(seen) == 2 * 2 * 3 * 2, sorted(seen)
 
 
+@pytest.mark.slow  # compiles every Triton launch for two architectures (~30 s)
 def test_every_launch_compiles_without_spills(tmp_path):
     out = tmp_path / "codegen.json"
     run = subprocess.run(

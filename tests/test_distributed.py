@@ -32,6 +32,9 @@ from medpruner.eval.readers import read_dataset  # noqa: E402
 from medpruner.eval.runner import RECORDS_NAME, EvalSettings, read_records, record_files, run_eval  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+# local Ray clusters start in seconds each: skip with -m "not slow" locally; CI runs them
+pytestmark = pytest.mark.slow
+
 GOOD, GAMMA = 18, 0.1
 RUN = dict(gamma=GAMMA, window="percentile", slice_axis=None, frame=None, backend="torch", device="cpu")
 TOKENS = dict(tau=0.9, mode="fast", merge=True, prompt="Describe.", resolution=32, max_new_tokens=1)

@@ -48,6 +48,7 @@ def _run(root, fmt, *extra, built=None):
                  *extra])
 
 
+@pytest.mark.slow  # every method through the model, once per format
 @pytest.mark.parametrize("fmt", sorted(BUILDERS))
 def test_every_format_and_every_method_at_matched_budgets(tmp_path, fmt, capsys):
     built = BUILDERS[fmt](tmp_path)
