@@ -42,8 +42,9 @@ def pareto(summaries: list[dict]) -> set[tuple[int, str]]:
             cost = _modelled_ms(entry)
             if stats.get("mean") is not None and cost is not None:
                 points.append(((run, name), cost, stats["mean"]))
-    return {key for key, x, y in points
-            if not any(x2 <= x and y2 >= y and (x2 < x or y2 > y) for other, x2, y2 in points if other != key)}
+    from medpruner.eval.report import pareto_front
+
+    return set(pareto_front(points))
 
 
 def table(summary: dict, front: set[str] | None = None) -> str:

@@ -12,7 +12,7 @@ from _tiny_models import tiny_gemma3, tiny_qwen2_5_vl, tiny_qwen3_vl
 from medpruner.eval import cost as cost_module
 from medpruner.eval.cost import PUBLISHED, ModelShape, PrefillTimer, prefill_cost, published_costs
 from medpruner.eval.cost_report import cost_table, plot_cost
-from medpruner.eval.runner import cost_check
+from medpruner.eval.summary import cost_check
 
 SMALL = ModelShape(name="small", vis_layers=1, vis_hidden=2, vis_mlp=3, vis_mlp_mats=2, patch=1, temporal=1, merge=1,
                    window=0, full_blocks=0, mergers=1, layers=1, hidden=5, mlp=7, heads=1, kv_heads=1, head_dim=5,
