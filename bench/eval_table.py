@@ -84,8 +84,17 @@ def cost_plot(summaries: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from medpruner.eval.cost_report import dodge
 
     front = pareto(summaries)
+    # coincident points of a run (methods at one cost and score) side by side, so none hides another
+    shifted = {}
+    for run, summary in enumerate(summaries):
+        points = [((run, name), _modelled_ms(entry), (entry["metrics"]["overall"]["accuracy"]["mean"],))
+                  for name, entry in summary["methods"].items()
+                  if _modelled_ms(entry) is not None and (entry["metrics"]["overall"].get("accuracy") or {}).get("mean")
+                  is not None]
+        shifted.update(dodge(points))
     figure, axis = plt.subplots(figsize=(9.5, 5.2))
     colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pPX*h"
     names = list(dict.fromkeys(name for s in summaries for name in s["methods"]))
@@ -98,7 +107,7 @@ def cost_plot(summaries: list[dict], path: Path) -> None:
             cost = None if entry is None else _modelled_ms(entry)
             if cost is None or stats.get("ci_low") is None:
                 continue
-            rows.append((cost, stats["mean"], stats["ci_low"], stats["ci_high"]))
+            rows.append((shifted[(run, name)], stats["mean"], stats["ci_low"], stats["ci_high"]))
             if (run, name) in front:
                 on_front.append((cost, stats["mean"]))
         if not rows:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medpruner.eval.cost import PUBLISHED
 
-__all__ = ["COST_PLOT", "cost_points", "cost_table", "plot_cost"]
+__all__ = ["COST_PLOT", "cost_points", "cost_table", "dodge", "plot_cost"]
 
 COST_PLOT = "cost.png"
 DEFAULT_CONFIG = "qwen3-vl-8b"
@@ -73,8 +73,8 @@ def cost_table(summary: dict) -> list[dict]:
     return rows
 
 
-def _dodge(points) -> dict[str, float]:
-    """x per method, coincident points (within 1% of the x span and 0.5% of the y span) spread side by
+def dodge(points) -> dict:
+    """x per point key, coincident points (within 1% of the x span and 0.5% of the y span) spread side by
     side by 1.5% of the x span so that none hides another (the front line keeps the true x)."""
     if not points:
         return {}
@@ -116,7 +116,7 @@ def plot_cost(summary: dict, out_dir, config: str = DEFAULT_CONFIG) -> Path | No
     axes = figure.subplots(1, 2)
     handles = {}
     for axis_obj, (_, label, points) in zip(axes, data, strict=True):
-        shifted = _dodge(points)
+        shifted = dodge(points)
         for name, x, (mean, low, high) in points:
             colour, marker = style[name]
             x = shifted[name]
