@@ -6,6 +6,7 @@ Importing this package is cheap: it never initialises CUDA and never imports tra
 from medpruner_kernels._dispatch import CPP_AVAILABLE, TRITON_AVAILABLE
 from medpruner_kernels._validation import raise_pending_errors
 from medpruner_kernels.iaf import anchor_distances, iaf_select
+from medpruner_kernels.iaf_local import iaf_local_select
 from medpruner_kernels.importance import attention_importance
 from medpruner_kernels.merge import merge_tokens
 from medpruner_kernels.nucleus import nucleus_indices, nucleus_select
@@ -17,6 +18,7 @@ __all__ = [
     "TRITON_AVAILABLE",
     "anchor_distances",
     "attention_importance",
+    "iaf_local_select",
     "iaf_select",
     "merge_tokens",
     "nucleus_indices",

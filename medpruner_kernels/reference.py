@@ -39,6 +39,26 @@ def iaf_select(slices: torch.Tensor, gamma: float, cu_seqlens: torch.Tensor, dty
     return keep, distance
 
 
+def iaf_local_select(slices: torch.Tensor, gamma: float, cu_seqlens: torch.Tensor, block: int, dtype=torch.float64):
+    """Local-change IAF: as :func:`iaf_select` with d = the largest mean |x[s] - x[anchor]| over the
+    blocks of ``block`` contiguous elements of each flattened slice."""
+    x = slices.to(dtype)
+    keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    distance = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+    for start, end in segments(cu_seqlens):
+        if end <= start:
+            continue
+        keep[start] = True
+        anchor = start
+        for s in range(start + 1, end):
+            d = (x[s] - x[anchor]).abs().reshape(-1, block).mean(dim=1).max()
+            distance[s] = d
+            if d.item() > gamma:
+                keep[s] = True
+                anchor = s
+    return keep, distance
+
+
 def anchor_distances(slices: torch.Tensor, keep: torch.Tensor, cu_seqlens: torch.Tensor, dtype=torch.float64):
     """Per slice, mean |x[s] - x[a]| where a is the last kept slice before s in its volume (0 for the
     first slice of a volume). ``keep[start]`` is treated as True whatever it holds."""
