@@ -111,7 +111,9 @@ if TRITON_AVAILABLE:
         tl.store(keep_ptr + start, 1, mask=start < end)
         tl.store(dist_ptr + start, 0.0, mask=start < end)
         anchor = start
-        for s in range(start + 1, end):
+        for step in range(start + 1, end):
+            # The loop index may be an int32 or a Python int (the interpreter's): offsets must be int64.
+            s = start * 0 + step
             lag = s - anchor
             if lag <= BAND:
                 d = tl.load(band_ptr + anchor * BAND + lag - 1)
