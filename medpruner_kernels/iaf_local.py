@@ -144,7 +144,17 @@ def _launch_local(slices: torch.Tensor, cu: torch.Tensor, block: int, gamma: flo
         slices, _row_ends(cu, rows), band, flags, slices.stride(0), block, BAND=BAND, CHUNK=CHUNK, num_warps=4
     )
     torch.library.wrap_triton(_local_scan_kernel)[(cu.numel() - 1,)](
-        slices, band, cu, keep, dist, slices.stride(0), num_blocks, block, gamma, BAND=BAND, CHUNK=CHUNK,
+        slices,
+        band,
+        cu,
+        keep,
+        dist,
+        slices.stride(0),
+        num_blocks,
+        block,
+        gamma,
+        BAND=BAND,
+        CHUNK=CHUNK,
         num_warps=1,
     )
     # A flagged slice poisons its distance, so the one finite-check below sees it.
@@ -231,16 +241,16 @@ def _block_layout(op: str, volume: torch.Tensor, block, batched: bool) -> tuple[
         if block < 1 or (size and size % block):
             raise ValueError(f"{op}: block={block} must be >= 1 and divide the slice size {size}")
         return volume, block
-    if not isinstance(block, (tuple, list)) or not all(isinstance(b, int) and not isinstance(b, bool)
-                                                       for b in block):
+    if not isinstance(block, (tuple, list)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in block):
         raise TypeError(f"{op}: block must be an int or a tuple of ints, got {block!r}")
     if len(block) != len(slice_shape) or any(b < 1 or dim % b for b, dim in zip(block, slice_shape, strict=True)):
-        raise ValueError(f"{op}: block={tuple(block)} must give one size per slice dim, each dividing it "
-                         f"(slice shape {slice_shape})")
+        raise ValueError(
+            f"{op}: block={tuple(block)} must give one size per slice dim, each dividing it (slice shape {slice_shape})"
+        )
     split = [n for dim, b in zip(slice_shape, block, strict=True) for n in (dim // b, b)]
     tiled = volume.reshape(*volume.shape[:lead], *split)
     dims = len(slice_shape)
-    order = (list(range(lead)) + [lead + 2 * i for i in range(dims)] + [lead + 2 * i + 1 for i in range(dims)])
+    order = list(range(lead)) + [lead + 2 * i for i in range(dims)] + [lead + 2 * i + 1 for i in range(dims)]
     return tiled.permute(order).reshape(volume.shape), math.prod(block)
 
 
@@ -290,8 +300,7 @@ def iaf_local_select(
         raise TypeError(f"{op}: volume dtype {volume.dtype} is not supported; use one of {VOLUME_DTYPES}")
     lead = 2 if batched else 1
     if volume.dim() <= lead:
-        raise ValueError(f"{op}: volume must have slice dims after the first {lead}, got shape "
-                         f"{tuple(volume.shape)}")
+        raise ValueError(f"{op}: volume must have slice dims after the first {lead}, got shape {tuple(volume.shape)}")
     volume, block_len = _block_layout(op, volume, block, batched)
     slices, cu, max_len, mask_shape = _as_rows(op, volume, cu_seqlens, batched, max_seqlen)
     rows = slices.shape[0]

@@ -7,8 +7,8 @@ import torch
 from conftest import DEVICE, available_backends
 from test_iaf import DECISION_RTOL, _InterpreterCounter, _random_volume, _real_volume, _slow_drift_volume
 
-from medpruner_kernels import iaf_local_select, iaf_select, reference
 from medpruner_kernels import iaf_local as local_module
+from medpruner_kernels import iaf_local_select, iaf_select, reference
 
 BACKENDS = available_backends(cpp_ops=("iaf_local_select",))
 VOLUME_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int16]
