@@ -50,7 +50,7 @@ TARGETS = (80, 90)
 # Stack bytes tolerated per (kernel, sm); everything else: 0. Empty: every known spill is either fixed
 # or meant to fail this check until it is (issue 13: _assign_kernel's 8 bytes on sm_90).
 STACK_ALLOWANCE: dict[tuple[str, int], int] = {}
-OP_MODULES = ("iaf", "nucleus", "importance", "merge")
+OP_MODULES = ("iaf", "iaf_local", "nucleus", "importance", "merge")
 
 # (name, heads, head dim, row stride of q/k in elements, LLM hidden size, tokens per slice after the
 # vision merger for 384^2 and 512^2 slices). Qwen reads q/k as views of the fused qkv projection
@@ -171,6 +171,35 @@ def _case_iaf_real(dtype):
             anchor_distances(volume, torch.arange(slices) % 3 == 0, backend="triton")
 
 
+# Local IAF's block: one merged patch of Qwen3-VL pixel rows (2x2 patches of 3 x 2 x 16 x 16 values);
+# a 384^2 slice holds 144 of them. The launch keys follow the sizes' divisibility by 16 only, so 16
+# blocks a slice stand in for 144 (checked against the real size, recorded without running).
+IAF_LOCAL_BLOCK = 4 * 3 * 2 * 16 * 16
+IAF_LOCAL_STAND_IN_BLOCKS = 16
+IAF_LOCAL_REAL_BLOCKS = 144
+
+
+def _case_iaf_local(dtype, quick):
+    import torch
+
+    from medpruner_kernels import iaf_local_select
+
+    cols = IAF_LOCAL_STAND_IN_BLOCKS * IAF_LOCAL_BLOCK
+    many = torch.rand(STAND_IN_SLICES // 4, cols).to(dtype)
+    few = (torch.full((STAND_IN_SLICES // 2, cols), 0.5) + 1e-3 * torch.rand(STAND_IN_SLICES // 2, 1)).to(dtype)
+    for volume in (few,) if quick else (many, few):
+        iaf_local_select(volume, 0.05, block=IAF_LOCAL_BLOCK, backend="triton")
+
+
+def _case_iaf_local_real(dtype):
+    import torch
+
+    from medpruner_kernels import iaf_local_select
+
+    volume = torch.full((IAF_REAL_SLICES[0], IAF_LOCAL_REAL_BLOCKS * IAF_LOCAL_BLOCK), 0.5, dtype=dtype)
+    iaf_local_select(volume, 0.05, block=IAF_LOCAL_BLOCK, backend="triton")
+
+
 def cases(quick=False):
     """(op, description, thunk, real-shape thunk or None) for every model shape and dtype. Cases whose
     inputs equal an earlier case's (MedGemma's slices and head dim are Qwen3-VL's 256-token ones for
@@ -203,6 +232,13 @@ def cases(quick=False):
             (dname,),
             lambda d=dtype: _case_iaf(d, quick),
             lambda d=dtype: _case_iaf_real(d),
+        )
+        add(
+            "iaf_local",
+            f"{IAF_LOCAL_STAND_IN_BLOCKS} for {IAF_LOCAL_REAL_BLOCKS} Qwen3-VL merged patches a slice {dname}",
+            (dname,),
+            lambda d=dtype: _case_iaf_local(d, quick),
+            lambda d=dtype: _case_iaf_local_real(d),
         )
     return out
 
