@@ -44,33 +44,71 @@ double block_sum<double>(const double* a, const double* b, int64_t n) {
   return total;
 }
 
-// The largest block mean of |a - b|. NaN anywhere makes the result NaN (std::max would drop it).
+// The largest block mean of |a - b| over blocks [first, last). NaN anywhere makes the result NaN
+// (std::max would drop it).
 template <typename T>
-double local_distance(const T* a, const T* b, int64_t cols, int64_t block, bool parallel) {
-  const int64_t blocks = cols / block;
+double local_distance(const T* a, const T* b, int64_t block, int64_t first, int64_t last) {
   double largest = 0.0;
-  bool poisoned = false;
-#pragma omp parallel for if (parallel) reduction(max : largest) reduction(|| : poisoned) schedule(static)
-  for (int64_t k = 0; k < blocks; ++k) {
+  for (int64_t k = first; k < last; ++k) {
     const double mean = block_sum(a + k * block, b + k * block, block) / static_cast<double>(block);
-    poisoned = poisoned || std::isnan(mean);
-    largest = std::max(largest, mean);
+    largest = std::isnan(mean) || std::isnan(largest) ? std::nan("") : std::max(largest, mean);
   }
-  return poisoned ? std::nan("") : largest;
+  return largest;
 }
 
 template <typename T>
 void scan_segment(const T* x, int64_t row_stride, int64_t cols, int64_t block, int64_t start, int64_t end,
-                  double gamma, bool parallel, bool* keep, float* dist) {
+                  double gamma, bool* keep, float* dist) {
   if (end <= start) return;
   keep[start] = true;
   dist[start] = 0.f;
   int64_t anchor = start;
   for (int64_t s = start + 1; s < end; ++s) {
-    const double d = local_distance(x + s * row_stride, x + anchor * row_stride, cols, block, parallel);
+    const double d = local_distance(x + s * row_stride, x + anchor * row_stride, block, 0, cols / block);
     dist[s] = static_cast<float>(d);
     keep[s] = d > gamma;
     if (keep[s]) anchor = s;
+  }
+}
+
+// One volume on all threads: a single parallel region for the whole scan (a region per comparison
+// waits for a sleeping thread to wake each time: 7 ms a comparison beside a busy neighbour), each
+// thread owning the same blocks of every slice. Per comparison the threads publish their partial
+// maxima, meet at one barrier (double-buffered partials: a thread may start the next comparison while
+// others still read this one), and each derives the same decision from all the partials.
+template <typename T>
+void scan_segment_parallel(const T* x, int64_t row_stride, int64_t cols, int64_t block, int64_t start,
+                           int64_t end, double gamma, bool* keep, float* dist) {
+  if (end <= start) return;
+  keep[start] = true;
+  dist[start] = 0.f;
+  struct alignas(64) Partial {
+    double largest;
+  };
+  const int threads = omp_get_max_threads();
+  std::vector<Partial> partial(2 * static_cast<size_t>(threads));
+  const int64_t blocks = cols / block;
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num();
+    const int team = omp_get_num_threads();
+    const int64_t first = blocks * thread / team;
+    const int64_t last = blocks * (thread + 1) / team;
+    int64_t anchor = start;
+    for (int64_t s = start + 1; s < end; ++s) {
+      Partial* slot = partial.data() + ((s - start) & 1) * threads;
+      slot[thread].largest = local_distance(x + s * row_stride, x + anchor * row_stride, block, first, last);
+#pragma omp barrier
+      double d = 0.0;
+      for (int t = 0; t < team; ++t)
+        d = std::isnan(slot[t].largest) || std::isnan(d) ? std::nan("") : std::max(d, slot[t].largest);
+      const bool kept = d > gamma;
+      if (thread == 0) {
+        dist[s] = static_cast<float>(d);
+        keep[s] = kept;
+      }
+      if (kept) anchor = s;
+    }
   }
 }
 
@@ -91,13 +129,13 @@ std::tuple<at::Tensor, at::Tensor> iaf_local_select_cpu(const at::Tensor& slices
     using T = decltype(tag);
     const T* x = slices.data_ptr<T>();
     const int64_t row_stride = slices.stride(0);
-    if (segments >= omp_get_max_threads() || cols < kParallelThreshold) {
+    if (segments >= omp_get_max_threads() || cols < kParallelThreshold || cols / block < 2) {
 #pragma omp parallel for schedule(dynamic, 1)
       for (int64_t b = 0; b < segments; ++b)
-        scan_segment(x, row_stride, cols, block, cu[b], cu[b + 1], gamma, false, keep_out, dist_out);
+        scan_segment(x, row_stride, cols, block, cu[b], cu[b + 1], gamma, keep_out, dist_out);
     } else {
       for (int64_t b = 0; b < segments; ++b)
-        scan_segment(x, row_stride, cols, block, cu[b], cu[b + 1], gamma, true, keep_out, dist_out);
+        scan_segment_parallel(x, row_stride, cols, block, cu[b], cu[b + 1], gamma, keep_out, dist_out);
     }
   });
   std::vector<int64_t> lone_rows;

@@ -190,6 +190,30 @@ def test_real_mri_volume(backend, dtype):
         assert_matches_reference(tiled, gamma, rows * cols, keep, dist)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("blocks", [2, 7, 64])
+def test_cpp_scan_splits_wide_slices_across_threads(dtype, threads, blocks):
+    # From 32768 values a slice one volume's scan runs on all threads, each owning a range of blocks
+    # (7 blocks over 3 threads: unequal ranges; 2 blocks: a thread without any).
+    block = 33000 // blocks
+    volume = _random_volume((30, blocks * block), dtype, drift=0.05)
+    gamma = _gamma_between(volume, block, 0.5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        keep, dist = iaf_local_select(volume, gamma, block=block, backend="cpp", return_distances=True)
+        if dtype.is_floating_point:
+            poisoned = volume.clone()
+            poisoned[17, 5] = float("nan")
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                iaf_local_select(poisoned, gamma, block=block, backend="cpp")
+    finally:
+        torch.set_num_threads(previous)
+    assert_matches_reference(volume, gamma, block, keep, dist)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_gamma_keeps_every_slice(backend):
     volume = _random_volume((20, 3, 4), torch.float32).to(DEVICE)

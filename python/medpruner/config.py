@@ -19,6 +19,8 @@ from medpruner_kernels._dispatch import BACKENDS
 from medpruner_kernels._validation import check_tau
 
 MODES = ("fast", "paper")
+IAF_RULES = ("mean", "local")
+ALLOCATIONS = ("even", "change")
 
 # One name per model family, used by volume_to_inputs, the adapters, the CLI and the eval. A Gemma3
 # checkpoint is named by the medical model built on it; "gemma3" is accepted as an alias.
@@ -58,6 +60,16 @@ class MedPrunerConfig:
     backend: kernel backend, "auto" | "triton" | "cpp" | "torch".
     record_tokens: keep CPU copies of the token scores and the final keep mask in the stats (for
         heatmaps and debugging); costs one device-to-host copy per request, so off by default.
+    iaf: "mean" (the paper: a slice's mean change against gamma) | "local" (the largest mean change of
+        any block against ``gamma_local``: a change confined to one merged patch, such as a small
+        lesion, counts in full; :func:`medpruner_kernels.iaf_local_select`).
+    gamma_local: the local rule's threshold, on the same [-1, 1] scale as gamma.
+    iaf_block: pixel values per block of the local rule; None takes the family's merged patch (the
+        pixels of one LLM token).
+    allocation: how a fixed budget is split across the kept slices: "even" (DESIGN.md) | "change" (in
+        proportion to each slice's change to its anchor, the first slice weighing as the volume's
+        largest change; :func:`change_split`). The change is known before the encoder, so an engine can
+        still reserve placeholders. Needs ``budget``.
     """
 
     gamma: float = 0.05
@@ -71,6 +83,10 @@ class MedPrunerConfig:
     backend: str = "auto"
     record_tokens: bool = False
     budget: float | int | None = None
+    iaf: str = "mean"
+    gamma_local: float = 0.1
+    iaf_block: int | None = None
+    allocation: str = "even"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +128,26 @@ class MedPrunerConfig:
                     raise ValueError(f"MedPrunerConfig.budget as an int must be >= 1 tokens, got {self.budget}")
             elif not 0.0 < self.budget <= 1.0:
                 raise ValueError(f"MedPrunerConfig.budget as a float must be in (0, 1], got {self.budget!r}")
+        if self.iaf not in IAF_RULES:
+            raise ValueError(f"MedPrunerConfig.iaf must be one of {IAF_RULES}, got {self.iaf!r}")
+        _check_real("gamma_local", self.gamma_local)
+        if not math.isfinite(float(self.gamma_local)):
+            raise ValueError(f"MedPrunerConfig.gamma_local must be finite, got {self.gamma_local!r}")
+        if self.iaf_block is not None:
+            if isinstance(self.iaf_block, bool) or not isinstance(self.iaf_block, int):
+                raise TypeError(
+                    f"MedPrunerConfig.iaf_block must be an int or None, got {type(self.iaf_block).__name__}"
+                )
+            if self.iaf_block < 1:
+                raise ValueError(f"MedPrunerConfig.iaf_block must be >= 1, got {self.iaf_block}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"MedPrunerConfig.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.mode == "paper" and (self.iaf != "mean" or self.allocation != "even"):
+            raise ValueError("MedPrunerConfig: mode='paper' is the published method, unchanged: it takes "
+                             "iaf='mean' and allocation='even'")
+        if self.allocation == "change" and self.budget is None:
+            raise ValueError("MedPrunerConfig.allocation='change' splits a fixed budget: set budget too (the "
+                             "adaptive DINS has no split)")
 
     def resolved_temperature(self, family_default: float) -> float:
         return float(family_default if self.temperature is None else self.temperature)
@@ -153,6 +189,82 @@ def budget_split(budget: float | int, kept_slices: int, tokens_per_slice: int) -
     total = math.ceil(budget * (k * n)) if isinstance(budget, float) else int(budget)
     total = min(max(total, k), k * n)
     return [total // k + (1 if i < total % k else 0) for i in range(k)]
+
+
+def change_split(budget: float | int, changes, tokens_per_slice: int) -> list[int]:
+    """Tokens of each kept slice of a volume under a fixed budget, in proportion to its change.
+
+    ``changes``: per kept slice, in slice order, its IAF distance to its anchor (>= 0; the volume's
+    first slice, compared with nothing, weighs as the largest change). The total ``B`` is
+    :func:`budget_split`'s; every slice keeps at least 1 and at most ``tokens_per_slice`` tokens. The
+    ``B - k`` tokens above the minimum are water-filled: each slice's share is ``level * change``,
+    capped at ``n - 1``, with one level for the volume; the integer shares take the floors and give
+    the remaining tokens one each by the largest fractional part (ties: lower slice). Without any
+    change (all zero) this is :func:`budget_split`.
+    """
+    weights = [float(c) for c in changes]
+    k, n = len(weights), int(tokens_per_slice)
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"change_split: changes must be finite and >= 0, got {weights}")
+    if k == 0:
+        return []
+    if k > 1:
+        weights[0] = max(weights[1:])
+    even = budget_split(budget, k, n)
+    extra = sum(even) - k
+    if extra == 0 or sum(weights) == 0:
+        return even
+    ideal = [0.0] * k
+    active = [i for i in range(k) if weights[i] > 0]
+    left = float(extra)
+    while active:
+        level = left / sum(weights[i] for i in active)
+        capped = [i for i in active if level * weights[i] >= n - 1]
+        if not capped:
+            for i in active:
+                ideal[i] = level * weights[i]
+            break
+        for i in capped:
+            ideal[i] = float(n - 1)
+            left -= n - 1
+        active = [i for i in active if i not in capped]
+    above = [min(math.floor(x), n - 1) for x in ideal]
+    remainder = extra - sum(above)
+    order = sorted((i for i in range(k) if above[i] < n - 1), key=lambda i: (-(ideal[i] - above[i]), i))
+    # More tokens than the fractional parts place (all changes capped or zero): one each in slice order,
+    # round after round, among the slices with room.
+    while remainder > 0:
+        for i in order:
+            if remainder == 0:
+                break
+            if above[i] < n - 1:
+                above[i] += 1
+                remainder -= 1
+        order = [i for i in range(k) if above[i] < n - 1]
+    return [1 + a for a in above]
+
+
+def change_counts(budget: float | int, keep: list, change: list, images_per_volume: list[int], tokens: list[int],
+                  *, merge: bool, context_frac: float) -> tuple[list[int], list[int], list[int]]:
+    """The host counts of ``allocation="change"``, in :func:`budget_counts`' form: per image (tokens
+    kept, of which DINS picks, contextual targets), a kept slice's share from :func:`change_split` over
+    its volume's kept slices, a dropped slice (all its tokens, all of them, 0). ``keep``, ``change``,
+    ``tokens``: per image, volumes in order; ``images_per_volume``: images of each volume."""
+    share, picks, targets = [], [], []
+    start = 0
+    for count in images_per_volume:
+        images = range(start, start + count)
+        kept = [i for i in images if keep[i]]
+        split = change_split(budget, [change[i] for i in kept], tokens[kept[0]]) if kept else []
+        allocated = dict(zip(kept, split, strict=True))
+        for i in images:
+            b = allocated.get(i, tokens[i])
+            c = context_targets(b, tokens[i], context_frac) if merge and i in allocated else 0
+            share.append(b)
+            picks.append(b - c)
+            targets.append(c)
+        start += count
+    return share, picks, targets
 
 
 def context_targets(kept: int, tokens_per_slice: int, context_frac: float) -> int:

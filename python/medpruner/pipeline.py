@@ -55,6 +55,10 @@ def apply_medpruner(
     backend: str = "auto",
     record_tokens: bool = False,
     budget: float | int | None = None,
+    iaf: str = "mean",
+    gamma_local: float = 0.1,
+    iaf_block: int | None = None,
+    allocation: str = "even",
     config: MedPrunerConfig | None = None,
 ):
     """Patch a loaded Hugging Face VLM in place so that its ``forward`` and ``generate`` prune visual
@@ -108,6 +112,10 @@ def apply_medpruner(
             backend=backend,
             record_tokens=record_tokens,
             budget=budget,
+            iaf=iaf,
+            gamma_local=gamma_local,
+            iaf_block=iaf_block,
+            allocation=allocation,
         )
     elif not isinstance(config, MedPrunerConfig):
         raise TypeError(f"config must be a MedPrunerConfig, got {type(config).__name__}")

@@ -39,7 +39,7 @@ from medpruner.adapters.patching import _PATCH_ATTR, _PATCHED_NAMES, PatchedMeth
 
 # re-exported: the family files read the tower output flags from here
 from medpruner.adapters.patching import TOWER_OUTPUT_FLAGS as TOWER_OUTPUT_FLAGS
-from medpruner.config import PruneStats, budget_counts
+from medpruner.config import PruneStats, budget_counts, change_counts
 from medpruner.selectors.medpruner import MedPrunerPolicy
 from medpruner.selectors.policy import Policy
 from medpruner_kernels._validation import check_or_defer, raise_pending_errors
@@ -54,11 +54,14 @@ class SliceLayout:
     """Host metadata of a request's images (one image per slice, volumes in batch-row order).
 
     tokens: LLM tokens per image; rows: leading-dim rows of the pixel tensor per image; source: the
-    input named when the placeholders in ``input_ids`` do not match the images."""
+    input named when the placeholders in ``input_ids`` do not match the images; token_pixels: pixel
+    values of one LLM token, contiguous in an image's flattened pixels (the local IAF block), when the
+    family's layout has them so."""
 
     tokens: list[int]
     rows: list[int]
     source: str
+    token_pixels: int | None = None
     row_offsets: list[int] = field(init=False)
     token_offsets: list[int] = field(init=False)
 
@@ -102,14 +105,19 @@ class PrunedCall:
 def host_read(*tensors: torch.Tensor, last: bool = False) -> list[list[int]]:
     """The one place the pipeline reads device values: every tensor (integer or bool, any shape) in a
     single device-to-host copy, returned as flat Python lists. ``last=True`` marks a request's final
-    read, where the checks the kernels deferred (CUDA, or ``deferred_checks``) are raised."""
-    flat = [t.reshape(-1).to(torch.long) for t in tensors]
+    read, where the checks the kernels deferred (CUDA, or ``deferred_checks``) are raised. Float
+    tensors come back as Python floats (exact for float32 and float64)."""
+    # Floats travel as the int64 bits of their float64 value, in the same copy, and come back as floats.
+    flat = [t.reshape(-1).double().view(torch.long) if t.is_floating_point() else t.reshape(-1).to(torch.long)
+            for t in tensors]
     values = torch.cat(flat).tolist()
     if last:
         raise_pending_errors()
     out, start = [], 0
-    for t in flat:
-        out.append(values[start : start + t.numel()])
+    for t, source in zip(flat, tensors, strict=True):
+        chunk = values[start : start + t.numel()]
+        out.append(torch.tensor(chunk, dtype=torch.long).view(torch.float64).tolist()
+                   if source.is_floating_point() else chunk)
         start += t.numel()
     return out
 
@@ -225,14 +233,17 @@ class Adapter:
         positions, position_state = self.position_inputs(model, call, attention_mask)
         volume_cu = F.pad(images_per_row.cumsum(0), (1, 0)).to(torch.int32)
 
-        slice_keep = self._iaf(call, layout, volume_cu, config)
+        slice_keep, change = self._iaf(call, layout, volume_cu, config)
+        # allocation="change": the counts follow each slice's change, split on the host after the read
+        # of the IAF mask (the same one read: the counts are known before the encoder).
+        change_budget = config.budget is not None and config.allocation == "change"
         tokens_dev = to_device(layout.tokens, device)
         # the batch row of each image; searched, not repeated, so that a wrong image count (reported by
         # the deferred check above) cannot fail here first
         image_row = torch.searchsorted(
             images_per_row.cumsum(0), torch.arange(n_img, device=device), right=True
         ).clamp(max=batch - 1)
-        budget = self._budget_counts(slice_keep, volume_cu, image_row, tokens_dev, config)
+        budget = None if change_budget else self._budget_counts(slice_keep, volume_cu, image_row, tokens_dev, config)
         # Flat [B*L] rank of every placeholder among the images' tokens (robust to a mismatch, which
         # the deferred check above reports): gathers replace a masked scatter that would fail first.
         rank = (torch.cumsum(is_image.reshape(-1), 0) - 1).clamp(0, max(total_tokens - 1, 0)).view_as(is_image)
@@ -252,14 +263,19 @@ class Adapter:
         row_counts = kept_counts = None
         if fast:
             reads = [images_per_row, slice_keep]
-            if budget is not None:
+            if change_budget:
+                reads += [(seq_base & span).sum(1), change]
+            elif budget is not None:
                 kept_tokens = torch.where(slice_keep, budget[0], 0)
                 removed = torch.zeros(batch, dtype=torch.long, device=device)
                 removed.index_add_(0, image_row, torch.where(slice_keep, tokens_dev - kept_tokens, 0))
                 reads += [(seq_base & span).sum(1) - removed, kept_tokens]
-            host = host_read(*reads, last=budget is not None)
+            host = host_read(*reads, last=config.budget is not None)
             per_row, flags = host[0], host[1]
-            if budget is not None:
+            if change_budget:
+                budget, row_counts, kept_counts = self._change_budget(flags, host[3], host[2], per_row, layout.tokens,
+                                                                      config, device)
+            elif budget is not None:
                 row_counts, kept_counts = host[2], host[3]
             encoded = [i for i in range(n_img) if flags[i]]
         else:
@@ -353,10 +369,21 @@ class Adapter:
         """The selection policy the pipeline runs: :attr:`policy` when set, else MedPruner's."""
         return self.policy if self.policy is not None else MedPrunerPolicy()
 
-    def _iaf(self, call, layout: SliceLayout, volume_cu: torch.Tensor, config) -> torch.Tensor:
+    def local_blocks(self, rows: torch.Tensor, num_images: int, layout: SliceLayout, config):
+        """(rows, block) for the local IAF rule: ``rows`` as :meth:`iaf_slices` gives them, reordered if
+        need be so that each block of ``block`` contiguous values is the pixels of one LLM token. The
+        default takes ``config.iaf_block``, else the layout's ``token_pixels``."""
+        block = config.iaf_block if config.iaf_block is not None else layout.token_pixels
+        if block is None:
+            raise ValueError(f"{type(self).__name__}: iaf='local' needs MedPrunerConfig.iaf_block here (the "
+                             "pixels of one LLM token are not known for this family)")
+        return rows, block
+
+    def _iaf(self, call, layout: SliceLayout, volume_cu: torch.Tensor, config):
         """The policy's slice stage over every volume of the batch (the pixels as :meth:`iaf_slices`
         gives them): one call per run of equally sized images (usually one). A size change inside a
-        volume is reported through the deferred checks."""
+        volume is reported through the deferred checks. Returns (keep, change): change, float32 per
+        image, only when the policy gives it (``allocation="change"``), else None."""
         policy = self.stages
         pixels = call[self.pixel_key]
         n_img = layout.num_images
@@ -365,9 +392,12 @@ class Adapter:
             if i == n_img or layout.rows[i] != layout.rows[start]:
                 groups.append((start, i))
                 start = i
-        keeps = []
+        keeps, changes = [], []
         for start, end in groups:
-            rows = pixels[layout.row_offsets[start] : layout.row_offsets[end]]
+            rows = self.iaf_slices(pixels[layout.row_offsets[start] : layout.row_offsets[end]], end - start)
+            block = None
+            if config.iaf == "local":
+                rows, block = self.local_blocks(rows, end - start, layout, config)
             cu = volume_cu if len(groups) == 1 else (volume_cu.clamp(start, end) - start).to(torch.int32)
             if len(groups) > 1 and start > 0:
                 check_or_defer(
@@ -375,19 +405,37 @@ class Adapter:
                     "all slices of a volume must share one resolution (the image sizes change inside a "
                     "volume); pin it with volume_to_inputs(resolution=...)",
                 )
-            keeps.append(
-                policy.select_slices(
-                    self.iaf_slices(rows, end - start),
-                    cu,
-                    config=config,
-                    max_seqlen=end - start,
-                    slice_tokens=layout.tokens[start:end],
-                    first=start,
-                )
+            selected = policy.select_slices(
+                rows,
+                cu,
+                config=config,
+                max_seqlen=end - start,
+                slice_tokens=layout.tokens[start:end],
+                first=start,
+                iaf_block=block,
             )
-        return keeps[0] if len(keeps) == 1 else torch.cat(keeps)
+            keep, change = selected if isinstance(selected, tuple) else (selected, None)
+            keeps.append(keep)
+            changes.append(change)
+        if any(c is None for c in changes):
+            changes = [None]
+        if len(keeps) == 1:
+            return keeps[0], changes[0]
+        return torch.cat(keeps), (None if changes[0] is None else torch.cat(changes))
 
     # --------------------------------------------------------------------------------------- budget
+    @staticmethod
+    def _change_budget(flags, change, spans, per_row, tokens, config, device):
+        """``allocation="change"`` from the host values of the one read: (per image budget counts on
+        the device, tokens per row after pruning, tokens kept per image)."""
+        share, picks, targets = change_counts(config.budget, flags, change, per_row, tokens, merge=config.merge,
+                                              context_frac=config.context_frac)
+        kept_counts = [b if f else 0 for b, f in zip(share, flags, strict=True)]
+        row_counts = [spans[r] - sum(tokens[i] - kept_counts[i] for i in range(a, b) if flags[i])
+                      for r, (a, b) in enumerate(count_ranges(per_row))]
+        budget = tuple(to_device(v, device) for v in (share, picks, targets))
+        return budget, row_counts, kept_counts
+
     @staticmethod
     def _budget_counts(slice_keep, volume_cu, image_row, tokens, config):
         """Per image, on the device: (tokens kept, of which DINS picks, contextual targets) under the

@@ -19,12 +19,15 @@ tokens of that block. Temperature 2 by default.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from medpruner.adapters.base import Adapter, Encoded, SliceLayout, block_scores, to_device
+
+CHANNELS = 3  # SigLIP's RGB input
 
 
 class Gemma3Adapter(Adapter):
@@ -39,6 +42,20 @@ class Gemma3Adapter(Adapter):
     def layout(self, model, call) -> SliceLayout:
         num_images = call["pixel_values"].shape[0]
         return SliceLayout(tokens=[_tokens_per_image(model)] * num_images, rows=[1] * num_images, source="pixel_values")
+
+    def local_blocks(self, rows, num_images, layout, config):
+        """SigLIP's pixels are ``[C, S, S]`` per image and the projector pools an ``S/side``-pixel square
+        into each LLM token: the rows are reordered so that each square (all channels) is contiguous."""
+        if config.iaf_block is not None:
+            return rows, config.iaf_block
+        side = math.isqrt(layout.tokens[0])
+        size = math.isqrt(rows.shape[1] // CHANNELS)
+        if side * side != layout.tokens[0] or CHANNELS * size * size != rows.shape[1] or size % side:
+            raise ValueError(f"Gemma3Adapter: iaf='local' needs square images whose side ({size}) the token grid "
+                             f"({layout.tokens[0]} tokens) divides; set MedPrunerConfig.iaf_block")
+        tile = size // side
+        tiled = rows.reshape(num_images, CHANNELS, side, tile, side, tile).permute(0, 2, 4, 1, 3, 5)
+        return tiled.reshape(num_images, -1), CHANNELS * tile * tile
 
     def encode(self, model, call, layout, encoded, layer, config) -> Encoded:
         inner = model.model

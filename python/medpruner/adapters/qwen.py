@@ -67,7 +67,10 @@ class QwenVLAdapter(Adapter):
                 f"pixel_values has {call['pixel_values'].shape[0]} patch rows but image_grid_thw describes "
                 f"{sum(rows)} ({len(rows)} images)"
             )
-        return SliceLayout(tokens=[r // unit for r in rows], rows=rows, source="image_grid_thw")
+        # The processor orders patch rows merge window by merge window: one LLM token's pixels are
+        # ``unit`` consecutive rows.
+        return SliceLayout(tokens=[r // unit for r in rows], rows=rows, source="image_grid_thw",
+                           token_pixels=unit * call["pixel_values"].shape[1])
 
     def encode(self, model, call, layout, encoded, layer, config) -> Encoded:
         visual = model.model.visual

@@ -14,7 +14,7 @@ import torch
 from medpruner.config import budget_split, context_targets
 from medpruner.selectors.base import register, uniform_tokens_per_slice
 from medpruner.selectors.policy import Policy
-from medpruner_kernels import iaf_select, merge_tokens, nucleus_select
+from medpruner_kernels import iaf_local_select, iaf_select, merge_tokens, nucleus_select
 
 # Paper-faithful defaults (DESIGN.md): gamma on the [-1, 1] pixel scale, tau, context_frac.
 GAMMA = 0.05
@@ -105,9 +105,16 @@ class MedPrunerPolicy(Policy):
 
     name = "medpruner"
 
-    def select_slices(self, slice_pixels, volume_cu, *, config, max_seqlen=None, **context):
+    def select_slices(self, slice_pixels, volume_cu, *, config, max_seqlen=None, iaf_block=None, **context):
+        """IAF by the config's rule (``iaf``: the mean change against gamma, or any block's against
+        ``gamma_local``, blocks of ``iaf_block`` values); with ``allocation="change"`` also each slice's
+        change to its anchor, which splits the budget."""
+        change = config.allocation == "change"
+        if config.iaf == "local":
+            return iaf_local_select(slice_pixels, float(config.gamma_local), block=iaf_block, cu_seqlens=volume_cu,
+                                    max_seqlen=max_seqlen, return_distances=change, backend=config.backend)
         return iaf_select(slice_pixels, float(config.gamma), cu_seqlens=volume_cu, max_seqlen=max_seqlen,
-                          backend=config.backend)
+                          return_distances=change, backend=config.backend)
 
     def select_tokens(self, scores, keys, features, slice_cu, slice_keep, budget, *, config, temperature,
                       slice_tokens, **context):

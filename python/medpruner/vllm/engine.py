@@ -1,8 +1,9 @@
 """The ``LLM(...)`` keyword arguments for a checkpoint served with MedPruner, and the per-request knobs.
 
 Engine-wide settings travel in the Hugging Face config (``hf_overrides["medpruner"]``), where both the
-multimodal processor (front end) and the model (worker) read them; ``gamma`` and ``budget`` may be
-overridden per request through ``mm_processor_kwargs``, which vLLM folds into each image's cache key.
+multimodal processor (front end) and the model (worker) read them; the slice-stage knobs (``gamma``,
+``budget``, ``iaf``, ``gamma_local``, ``allocation``) may be overridden per request through
+``mm_processor_kwargs``, which vLLM folds into each image's cache key.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ UPSTREAM = {
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
-REQUEST_KNOBS = ("gamma", "budget")
+REQUEST_KNOBS = ("gamma", "budget", "iaf", "gamma_local", "allocation")
 # fields a served engine does not use: the stats live in the HF path only
 _NOT_SERVED = ("record_tokens",)
 
@@ -38,7 +39,7 @@ def serving_config(values: dict[str, Any] | None = None) -> MedPrunerConfig:
 
 
 def request_config(engine: MedPrunerConfig, overrides: dict[str, Any]) -> MedPrunerConfig:
-    """``engine`` with a request's ``gamma``/``budget``; ValueError naming the knob when it is bad or
+    """``engine`` with a request's :data:`REQUEST_KNOBS`; ValueError naming the knob when it is bad or
     when no budget is set (vLLM reserves each slice's placeholders before the vision tower runs)."""
     values = engine.to_dict()
     for name in REQUEST_KNOBS:
@@ -76,9 +77,10 @@ def llm_kwargs(model: str | os.PathLike, *, family: str | None = None, config: M
     }
 
 
-def request_kwargs(*, gamma: float | None = None, budget: float | int | None = None) -> dict[str, Any]:
+def request_kwargs(*, gamma: float | None = None, budget: float | int | None = None, iaf: str | None = None,
+                   gamma_local: float | None = None, allocation: str | None = None) -> dict[str, Any]:
     """The ``mm_processor_kwargs`` of one request's prompt dict (only the knobs given)."""
-    values = {"gamma": gamma, "budget": budget}
+    values = {"gamma": gamma, "budget": budget, "iaf": iaf, "gamma_local": gamma_local, "allocation": allocation}
     return {"mm_processor_kwargs": {k: v for k, v in values.items() if v is not None}}
 
 

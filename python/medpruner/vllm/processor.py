@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from medpruner.adapters.base import Adapter, SliceLayout
+from medpruner.config import change_counts
 from medpruner.vllm._compat import (
     MultiModalFieldConfig,
     MultiModalHasher,
@@ -55,12 +56,18 @@ def slice_counts(adapter: Adapter, pixel_values: torch.Tensor, grid_thw: torch.T
     n = grid.shape[0]
     rows = grid.prod(-1)
     tokens = rows // (merge_size * merge_size)
-    layout = SliceLayout(tokens=tokens.tolist(), rows=rows.tolist(), source="image_grid_thw")
+    layout = SliceLayout(tokens=tokens.tolist(), rows=rows.tolist(), source="image_grid_thw",
+                         token_pixels=merge_size * merge_size * pixel_values.shape[1])
     volume_cu = torch.tensor([0, n], dtype=torch.int32)
-    keep = adapter._iaf({adapter.pixel_key: pixel_values.float()}, layout, volume_cu, config)
-    share, picks, targets = adapter._budget_counts(
-        keep, volume_cu, torch.zeros(n, dtype=torch.long), tokens, config
-    )
+    keep, change = adapter._iaf({adapter.pixel_key: pixel_values.float()}, layout, volume_cu, config)
+    if config.budget is not None and config.allocation == "change":
+        counts = change_counts(config.budget, keep.tolist(), change.tolist(), [n], tokens.tolist(),
+                               merge=config.merge, context_frac=config.context_frac)
+        share, picks, targets = (torch.tensor(c, dtype=torch.long) for c in counts)
+    else:
+        share, picks, targets = adapter._budget_counts(
+            keep, volume_cu, torch.zeros(n, dtype=torch.long), tokens, config
+        )
     keep_list = keep.tolist()
     if not keep_list[0]:
         raise RuntimeError("IAF dropped the first slice of a volume; it always keeps its anchor")
