@@ -215,3 +215,39 @@ def test_generate_runs_with_the_variants(family):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+# ------------------------------------------------------------------------------ as eval methods
+@pytest.mark.parametrize("method", ["medpruner_local", "medpruner_change", "medpruner_local_change"])
+@pytest.mark.parametrize("budget", [9, 40])
+def test_variant_selectors_match_the_references(method, budget):
+    from medpruner.selectors import get_selector
+
+    g = torch.Generator().manual_seed(7)
+    slices, tokens, block = 10, 16, 4
+    pixels = torch.rand(slices, 8, 8, generator=g) * 2 - 1
+    pixels[1::2] = pixels[0::2] + 0.02 * torch.randn(5, 8, 8, generator=g)
+    pixels[5, :2, :4] += 0.8  # a change confined to two blocks
+    scores = torch.rand(slices * tokens, generator=g)
+    keys = torch.randn(slices * tokens, 8, generator=g)
+    slice_cu = torch.arange(0, slices * tokens + 1, tokens, dtype=torch.int32)
+    local = method != "medpruner_change"
+    knobs = {"gamma_local": 0.3, "iaf_block": block} if local else {"gamma": 0.05}
+    result = get_selector(method).select(
+        scores, keys, None, slice_cu, budget, slice_pixels=pixels, backend="torch", **knobs
+    )
+    flat = pixels.reshape(slices, -1).double()
+    cu = torch.tensor([0, slices])
+    if local:
+        keep, change = reference.iaf_local_select(flat, 0.3, cu, block)
+    else:
+        keep, change = reference.iaf_select(flat, 0.05, cu)
+    assert torch.equal(result.slice_keep, keep)
+    kept = keep.nonzero().flatten().tolist()
+    if method == "medpruner_local":
+        shares = budget_split(budget, len(kept), tokens)
+    else:
+        shares = change_split(budget, [float(change[i]) for i in kept], tokens)
+    per_slice = result.token_keep.view(slices, tokens).sum(1)
+    assert per_slice[kept].tolist() == shares
+    assert int(per_slice.sum()) == sum(shares)

@@ -18,7 +18,9 @@ KERNEL_METHODS = ("medpruner", "medpruner_budget", "iaf", "dins")
 
 
 def options(name):
-    return KERNEL if name in KERNEL_METHODS else {}
+    # make_sample's 8x8 slices hold 16 tokens: 4 pixel values a token
+    blocks = {"iaf_block": 4} if "iaf_block" in get_selector(name).options() else {}
+    return {**(KERNEL if name in KERNEL_METHODS else {}), **blocks}
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -108,8 +110,9 @@ def ref_merge_slice(x, keys, keep, num_targets, average_with_target=False):
     return out, keep
 
 
-def ref_medpruner(scores, keys, features, slice_cu, pixels, *, gamma, tau, temperature, merge, context_frac,
-                  budget=None):
+def ref_medpruner(
+    scores, keys, features, slice_cu, pixels, *, gamma, tau, temperature, merge, context_frac, budget=None
+):
     slice_keep = ref_iaf(pixels, gamma) if pixels is not None else torch.ones(slice_cu.numel() - 1, dtype=torch.bool)
     keep = [False] * scores.numel()
     out = features.double().clone()
@@ -148,11 +151,29 @@ def ref_medpruner(scores, keys, features, slice_cu, pixels, *, gamma, tau, tempe
 def test_medpruner_adaptive_matches_reference(num_slices, tau, merge, temperature, backend):
     scores, keys, features, slice_cu, pixels = make_sample(num_slices, seed=num_slices)
     result = get_selector("medpruner").select(
-        scores, keys, features, slice_cu, None, slice_pixels=pixels, tau=tau, merge=merge,
-        temperature=temperature, backend=backend,
+        scores,
+        keys,
+        features,
+        slice_cu,
+        None,
+        slice_pixels=pixels,
+        tau=tau,
+        merge=merge,
+        temperature=temperature,
+        backend=backend,
     )
-    slice_keep, keep, out = ref_medpruner(scores, keys, features, slice_cu, pixels, gamma=0.05, tau=tau,
-                                          temperature=temperature, merge=merge, context_frac=0.05)
+    slice_keep, keep, out = ref_medpruner(
+        scores,
+        keys,
+        features,
+        slice_cu,
+        pixels,
+        gamma=0.05,
+        tau=tau,
+        temperature=temperature,
+        merge=merge,
+        context_frac=0.05,
+    )
     assert torch.equal(result.slice_keep, slice_keep)
     assert torch.equal(result.token_keep, keep)
     torch.testing.assert_close(result.features[keep].double(), out[keep], rtol=1e-5, atol=1e-5)
@@ -168,8 +189,19 @@ def test_medpruner_budget_matches_reference(budget, merge, backend):
     result = get_selector("medpruner_budget").select(
         scores, keys, features, slice_cu, budget, slice_pixels=pixels, merge=merge, context_frac=0.2, backend=backend
     )
-    slice_keep, keep, out = ref_medpruner(scores, keys, features, slice_cu, pixels, gamma=0.05, tau=1.0,
-                                          temperature=None, merge=merge, context_frac=0.2, budget=budget)
+    slice_keep, keep, out = ref_medpruner(
+        scores,
+        keys,
+        features,
+        slice_cu,
+        pixels,
+        gamma=0.05,
+        tau=1.0,
+        temperature=None,
+        merge=merge,
+        context_frac=0.2,
+        budget=budget,
+    )
     assert torch.equal(result.slice_keep, slice_keep)
     assert torch.equal(result.token_keep, keep)
     torch.testing.assert_close(result.features[keep].double(), out[keep], rtol=1e-5, atol=1e-5)
@@ -183,8 +215,9 @@ def test_iaf_and_dins_are_the_two_stages_of_medpruner():
     full = get_selector("medpruner").select(scores, keys, features, slice_cu, None, slice_pixels=pixels, **KERNEL)
     iaf = get_selector("iaf").select(scores, keys, features, slice_cu, None, slice_pixels=pixels, **KERNEL)
     dins = get_selector("dins").select(scores, keys, features, slice_cu, None, **KERNEL)
-    _, dins_ref, _ = ref_medpruner(scores, keys, features, slice_cu, None, gamma=0.05, tau=0.9, temperature=None,
-                                   merge=True, context_frac=0.05)
+    _, dins_ref, _ = ref_medpruner(
+        scores, keys, features, slice_cu, None, gamma=0.05, tau=0.9, temperature=None, merge=True, context_frac=0.05
+    )
     assert torch.equal(iaf.slice_keep, ref_iaf(pixels, 0.05))
     assert torch.equal(iaf.token_keep, iaf.slice_keep.repeat_interleave(16))
     assert bool(dins.slice_keep.all()) and torch.equal(dins.token_keep, dins_ref)
@@ -335,8 +368,9 @@ def ref_hiprune(scores, register_scores, budget, n, h, w, anchor_frac):
 def test_hiprune_matches_reference(budget, anchor_frac, grid):
     scores, keys, features, slice_cu, _ = make_sample(6, seed=budget)
     registers = torch.rand(96)
-    result = get_selector("hiprune").select(scores, keys, features, slice_cu, budget, grid=grid,
-                                            anchor_frac=anchor_frac, register_scores=registers)
+    result = get_selector("hiprune").select(
+        scores, keys, features, slice_cu, budget, grid=grid, anchor_frac=anchor_frac, register_scores=registers
+    )
     h, w = grid or (4, 4)
     expected = torch.zeros(96, dtype=torch.bool)
     expected[ref_hiprune(scores.tolist(), registers.tolist(), budget, 16, h, w, anchor_frac)] = True
@@ -394,8 +428,15 @@ def test_bad_inputs_name_the_argument(name):
         args = dict(scores=scores, keys=keys, features=features, slice_cu=slice_cu, slice_pixels=pixels)
         args.update(change)
         with pytest.raises(ValueError, match=word):
-            select(args["scores"], args["keys"], args["features"], args["slice_cu"], 8,
-                   slice_pixels=args["slice_pixels"], **options(name))
+            select(
+                args["scores"],
+                args["keys"],
+                args["features"],
+                args["slice_cu"],
+                8,
+                slice_pixels=args["slice_pixels"],
+                **options(name),
+            )
 
 
 def test_iaf_methods_need_pixels_and_one_grid_methods_check_it():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from medpruner.cli.common import (
     Interrupted,
     check_backend,
     check_output_dir,
+    gamma_option,
     pick_device,
     tau_option,
 )
@@ -82,23 +82,6 @@ def cmd_prune(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ parser
-# Mean |difference| of two slices on the [-1, 1] scale lies in [0, 2]: a gamma outside it is a typo
-# (below 0 keeps every slice, above 2 drops every slice but the first).
-GAMMA_RANGE = (0.0, 2.0)
-
-
-def _gamma(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"gamma must be a number, got {text!r}") from err
-    if not (math.isfinite(value) and GAMMA_RANGE[0] <= value <= GAMMA_RANGE[1]):
-        raise argparse.ArgumentTypeError(
-            f"gamma must be in [0, 2] (a mean |difference| on the [-1, 1] scale), got {text!r}"
-        )
-    return value
-
-
 def _window(text: str) -> str:
     try:
         resolve_window(text)
@@ -130,7 +113,7 @@ def _positive_int(text: str) -> int:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gamma",
-        type=_gamma,
+        type=gamma_option,
         default=DEFAULT_GAMMA,
         help="IAF threshold in [0, 2]: mean |slice difference| on the models' [-1, 1] scale (default 0.05, "
         "as in the paper)",

@@ -4,6 +4,7 @@ choice, and the one-line report of an interrupted run."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +38,24 @@ def check_output_dir(path, option: str = "--out") -> Path:
         what = "write to the folder" if existing == out else f"create the folder (in {existing})"
         raise CommandError(f"{option} {out}: cannot {what}: {err.strerror or err}") from err
     return out
+
+
+# Mean |difference| of two slices on the [-1, 1] scale lies in [0, 2]: a gamma outside it is a typo
+# (below 0 keeps every slice, above 2 drops every slice but the first).
+GAMMA_RANGE = (0.0, 2.0)
+
+
+def gamma_option(text: str) -> float:
+    """The argparse type of ``--gamma`` and ``--gamma-local``: a mean |difference| in [0, 2]."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"gamma must be a number, got {text!r}") from err
+    if not (math.isfinite(value) and GAMMA_RANGE[0] <= value <= GAMMA_RANGE[1]):
+        raise argparse.ArgumentTypeError(
+            f"gamma must be in [0, 2] (a mean |difference| on the [-1, 1] scale), got {text!r}"
+        )
+    return value
 
 
 def tau_option(text: str) -> float:

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medpruner.cli.common import CommandError, Interrupted, check_output_dir, pick_device, tau_option
+from medpruner.cli.common import CommandError, Interrupted, check_output_dir, gamma_option, pick_device, tau_option
 
 DEFAULT_METHODS = (
     "medpruner", "medpruner_budget", "iaf", "dins", "uniform_slices", "random", "topk", "visionzip", "divprune",
@@ -179,6 +179,9 @@ def add_parser(commands, add_run_options, positive_int) -> None:
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                         help="malformed rows: skip and count them (default) or stop at the first")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N samples")
+    parser.add_argument("--gamma-local", type=gamma_option, default=0.1,
+                        help="threshold of the local-change IAF methods (medpruner_local*): the largest mean "
+                             "|change| of one merged patch, on the [-1, 1] scale, in [0, 2] (default 0.1)")
     parser.add_argument("--tau", type=tau_option, default=0.9,
                         help="DINS nucleus mass (default 0.9)")
     parser.add_argument("--context-frac", type=unit_float("context-frac", low_open=False), default=0.05,
@@ -238,7 +241,8 @@ def cmd_eval(args) -> int:
     resolution = args.resolution or default_resolution(args.model)
     max_new_tokens = args.max_new_tokens or (REPORT_TOKENS if any(s.report for s in dataset) else ANSWER_TOKENS)
     settings = EvalSettings(
-        methods=tuple(args.methods), gamma=args.gamma, tau=args.tau, merge=not args.no_merge,
+        methods=tuple(args.methods), gamma=args.gamma, gamma_local=args.gamma_local, tau=args.tau,
+        merge=not args.no_merge,
         context_frac=args.context_frac, backend=args.backend, max_new_tokens=max_new_tokens, seed=args.seed,
         window=args.window, resolution=resolution, limit=args.limit, bootstrap=args.bootstrap, metrics=args.metrics,
         allow_other_settings=args.allow_other_settings,

@@ -95,7 +95,8 @@ class EvalModel:
 @dataclass
 class EvalSettings:
     """The knobs of a run. ``methods``: selector names (see :func:`resolve_methods`); gamma, tau, merge,
-    context_frac: MedPruner's (DESIGN.md defaults), passed to every selector that takes them; backend:
+    context_frac: MedPruner's (DESIGN.md defaults), gamma_local the local-change IAF's threshold, passed
+    to every selector that takes them; backend:
     kernel backend; max_new_tokens: greedy answer length; seed: the random selector's seed (per sample
     ``seed + index``); window: CT window for volumes in Hounsfield units; resolution: the slice size the
     caller resized to (recorded only); limit: the first N samples; bootstrap: resamples of the
@@ -106,6 +107,7 @@ class EvalSettings:
 
     methods: tuple[str, ...]
     gamma: float = 0.05
+    gamma_local: float = 0.1
     tau: float = 0.9
     merge: bool = True
     context_frac: float = 0.05
@@ -120,7 +122,8 @@ class EvalSettings:
     allow_other_settings: bool = False
 
     def selector_settings(self) -> dict[str, Any]:
-        return {"gamma": self.gamma, "tau": self.tau, "merge": self.merge, "context_frac": self.context_frac}
+        return {"gamma": self.gamma, "gamma_local": self.gamma_local, "tau": self.tau, "merge": self.merge,
+                "context_frac": self.context_frac}
 
     def settings_id(self, model_name: str) -> str:
         """A short hash of everything that changes a record's content (not ``methods``, ``limit`` or

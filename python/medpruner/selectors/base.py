@@ -3,10 +3,11 @@
 A method is two functions, registered together (``@register(..., slices=...)`` on the token stage):
 
 * the slice stage, before the encoder: ``slices(slice_pixels, slice_cu, budget, *, generator, **options)
-  -> slice_keep`` (bool ``[S]``; a method without one keeps every slice);
+  -> slice_keep`` (bool ``[S]``; a method without one keeps every slice), or ``(slice_keep, change)``
+  with each slice's float change to the slice it was compared with;
 * the token stage, after it, over the tokens of the kept slices only (a dropped slice is never encoded
   in the fast mode): ``tokens(scores, keys, features, slice_cu, budget, *, generator, **options) ->
-  (token_keep, features)``.
+  (token_keep, features)``; one that takes ``slice_change`` gets the kept slices' changes.
 
 The pipeline runs them through a :class:`~medpruner.selectors.policy.Policy`; the eval and the tests
 run one volume at a time through :meth:`SelectorSpec.select`::
@@ -134,13 +135,15 @@ class SelectorSpec:
         names = set(inspect.signature(self.tokens).parameters)
         if self.slices is not None:
             names |= set(inspect.signature(self.slices).parameters)
-        return names - {"scores", "keys", "features", "slice_cu", "budget", "slice_pixels", "generator"}
+        return names - {"scores", "keys", "features", "slice_cu", "budget", "slice_pixels", "generator", "slice_change"}
 
     def select_slices(self, slice_pixels, slice_cu: torch.Tensor, budget, *, generator=None, **options):
-        """bool ``[S]``: the slices the slice stage keeps."""
+        """(bool ``[S]``, the slices the slice stage keeps; float ``[S]``, each slice's change to the
+        slice it was compared with, or None when the stage gives none)."""
         if self.slices is None:
-            return torch.ones(slice_cu.numel() - 1, dtype=torch.bool, device=slice_cu.device)
-        return self.slices(slice_pixels, slice_cu, budget, generator=generator, **stage_options(self.slices, options))
+            return torch.ones(slice_cu.numel() - 1, dtype=torch.bool, device=slice_cu.device), None
+        out = self.slices(slice_pixels, slice_cu, budget, generator=generator, **stage_options(self.slices, options))
+        return out if isinstance(out, tuple) else (out, None)
 
     def select_tokens(self, scores, keys, features, slice_cu, budget, *, generator=None, **options):
         """(token_keep ``[N]``, features) over the tokens of the kept slices (``slice_cu`` theirs)."""
@@ -154,7 +157,9 @@ class SelectorSpec:
         if unknown:
             raise TypeError(f"{self.name}: unexpected option(s) {unknown}; it takes {sorted(self.options())}")
         check_inputs(self.name, scores, keys, features, slice_cu, slice_pixels)
-        slice_keep = self.select_slices(slice_pixels, slice_cu, budget, generator=generator, **options)
+        slice_keep, change = self.select_slices(slice_pixels, slice_cu, budget, generator=generator, **options)
+        if change is not None:
+            options = {**options, "slice_change": change[slice_keep]}
         if bool(slice_keep.all()):
             token_keep, out = self.select_tokens(scores, keys, features, slice_cu, budget, generator=generator,
                                                  **options)

@@ -32,7 +32,7 @@ from medpruner.selectors.base import SelectResult, finish, get_selector, scatter
 __all__ = ["Policy", "SelectorPolicy"]
 
 # The knobs a method may take, filled from the run's settings when one of its stages takes them.
-SHARED_OPTIONS = ("gamma", "tau", "temperature", "merge", "context_frac", "backend")
+SHARED_OPTIONS = ("gamma", "gamma_local", "tau", "temperature", "merge", "context_frac", "backend")
 
 
 class Policy:
@@ -96,7 +96,13 @@ class SelectorPolicy(Policy):
             raise ValueError(f"{self.name}: {len(self.budgets)} budgets for more volumes")
         return self.budgets[volume]
 
-    def select_slices(self, slice_pixels, volume_cu, *, config, slice_tokens, first=0, **context):
+    @property
+    def wants_blocks(self) -> bool:
+        """The pipeline passes ``iaf_block`` (and lays the pixels out in blocks) when the method's slice
+        stage takes it."""
+        return "iaf_block" in self.spec.options()
+
+    def select_slices(self, slice_pixels, volume_cu, *, config, slice_tokens, first=0, iaf_block=None, **context):
         if first == 0:
             self._slices = {}
         bounds = volume_cu.tolist()
@@ -109,10 +115,12 @@ class SelectorPolicy(Policy):
             for n in slice_tokens[a:b]:
                 offsets.append(offsets[-1] + n)
             slice_cu = torch.tensor(offsets, dtype=torch.int32, device=slice_pixels.device)
-            keep = self.spec.select_slices(slice_pixels[a:b], slice_cu, self._budget(volume),
-                                           generator=self._generator(volume, slice_pixels.device),
-                                           **self._options(config)).to(torch.bool)
-            self._slices[volume] = (first + a, keep, slice_cu)
+            blocks = {"iaf_block": iaf_block} if self.wants_blocks else {}
+            keep, change = self.spec.select_slices(slice_pixels[a:b], slice_cu, self._budget(volume),
+                                                   generator=self._generator(volume, slice_pixels.device),
+                                                   **self._options(config), **blocks)
+            keep = keep.to(torch.bool)
+            self._slices[volume] = (first + a, keep, slice_cu, None if change is None else change[keep])
             keeps.append(keep)
         return torch.cat(keeps)
 
@@ -129,7 +137,7 @@ class SelectorPolicy(Policy):
         keeps, outs, self.selections = [], [], []
         position = 0
         for volume in sorted(self._slices):
-            first, volume_keep, volume_cu = self._slices[volume]
+            first, volume_keep, volume_cu, change = self._slices[volume]
             count = int(volume_keep.sum())
             mine = encoded[position : position + count]
             if [i - first for i in mine] != volume_keep.nonzero().flatten().tolist():
@@ -138,6 +146,8 @@ class SelectorPolicy(Policy):
             position += count
             sub_cu = slice_cu[position - count : position + 1] - start
             extra = {} if grid is None or "grid" not in self.spec.options() else {"grid": grid[first]}
+            if change is not None:
+                extra["slice_change"] = change  # dropped by select_tokens when the stage does not take it
             keep, out = self.spec.select_tokens(
                 scores[start:end].float(), keys[start:end].float(), features[start:end], sub_cu,
                 self._budget(volume), generator=self._generator(volume, scores.device), **options, **extra,
