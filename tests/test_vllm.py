@@ -147,8 +147,9 @@ def test_gamma_is_on_the_checkpoints_own_scale(tmp_path, device_normalize):
 
     depth = 8
     images = _images(synthetic_volume(depth, 64, seed=11, repeat_every=3))
-    prompt = PROMPT.replace("<|vision_start|><|image_pad|><|vision_end|>" * SLICES,
-                            "<|vision_start|><|image_pad|><|vision_end|>" * depth)
+    prompt = PROMPT.replace(
+        "<|vision_start|><|image_pad|><|vision_end|>" * SLICES, "<|vision_start|><|image_pad|><|vision_end|>" * depth
+    )
     mv.register()
     checkpoints = {"clip": (CLIP_MEAN, CLIP_STD), "half": ([0.5] * 3, [0.5] * 3)}
     processors, models, inputs = {}, {}, {}
@@ -156,8 +157,13 @@ def test_gamma_is_on_the_checkpoints_own_scale(tmp_path, device_normalize):
         path = tmp_path / name
         _save_tiny("qwen2_5_vl", path, stats=stats)
         served = mv.llm_kwargs(path, budget=BUDGET, gamma=GAMMA)
-        config = ModelConfig(model=served["model"], hf_overrides=served["hf_overrides"], dtype="float32",
-                             limit_mm_per_prompt={"image": depth}, mm_device_do_normalize=device_normalize)
+        config = ModelConfig(
+            model=served["model"],
+            hf_overrides=served["hf_overrides"],
+            dtype="float32",
+            limit_mm_per_prompt={"image": depth},
+            mm_device_do_normalize=device_normalize,
+        )
         processors[name] = MULTIMODAL_REGISTRY.create_processor(config)
         models[name] = _hf_class("qwen2_5_vl").from_pretrained(path, dtype=torch.float32).eval()
         inputs[name] = AutoProcessor.from_pretrained(path)(text=[prompt], images=[images], return_tensors="pt")
@@ -173,8 +179,11 @@ def test_gamma_is_on_the_checkpoints_own_scale(tmp_path, device_normalize):
         expected = reference.iaf_select(paper, gamma, cu)[0].tolist()
         for name in checkpoints:
             out = processors[name].apply(
-                ProcessorInputs(prompt=token_ids, mm_data_items=processors[name].info.parse_mm_data({"image": images}),
-                                hf_processor_mm_kwargs={"gamma": gamma}),
+                ProcessorInputs(
+                    prompt=token_ids,
+                    mm_data_items=processors[name].info.parse_mm_data({"image": images}),
+                    hf_processor_mm_kwargs={"gamma": gamma},
+                ),
                 TimingContext(enabled=False),
             )
             assert _kept_slices(out["mm_kwargs"]["image"]) == expected, (name, gamma)
@@ -199,22 +208,34 @@ def test_compat_names_are_checked_when_the_plugin_registers(monkeypatch, caplog)
     assert _compat.missing_names() == []
     assert _compat.in_tested_range(_compat.vllm_version())
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert re.findall(r'^vllm = \[(.*)\]$', pyproject, re.MULTILINE) == [f'"vllm{_compat.TESTED_RANGE}"']
+    assert re.findall(r"^vllm = \[(.*)\]$", pyproject, re.MULTILINE) == [f'"vllm{_compat.TESTED_RANGE}"']
     assert [_compat.in_tested_range(v) for v in ("0.32.0", "0.32.3.dev2+gabc", "0.31.9", "0.33.0")] == [
-        True, True, False, False,
+        True,
+        True,
+        False,
+        False,
     ]
 
     module, _ = _compat.NAMES["load_norm_params"]
     monkeypatch.setitem(_compat.NAMES, "load_norm_params", (module, "_load_norm_params_v2"))
-    monkeypatch.setattr(_compat, "MEMBERS", (*_compat.MEMBERS, ("MultiModalFieldConfig", "batched", ("on_cpu",)),
-                                             ("PlaceholderRange", "start", ())))
+    monkeypatch.setattr(
+        _compat,
+        "MEMBERS",
+        (*_compat.MEMBERS, ("MultiModalFieldConfig", "batched", ("on_cpu",)), ("PlaceholderRange", "start", ())),
+    )
     monkeypatch.setattr(_compat, "_resolved", {})
     monkeypatch.setattr(_compat, "_checked", False)
     with pytest.raises(_compat.VllmCompatError) as error:
         mv.register()
     message = str(error.value)
-    for part in (f"{module}._load_norm_params_v2", "MultiModalFieldConfig.batched(on_cpu=)", "PlaceholderRange.start",
-                 f"vllm{_compat.TESTED_RANGE}", "3 name(s)", "VLLM_PLUGINS"):
+    for part in (
+        f"{module}._load_norm_params_v2",
+        "MultiModalFieldConfig.batched(on_cpu=)",
+        "PlaceholderRange.start",
+        f"vllm{_compat.TESTED_RANGE}",
+        "3 name(s)",
+        "VLLM_PLUGINS",
+    ):
         assert part in message, (part, message)
 
     monkeypatch.setattr(_compat, "NAMES", {k: v for k, v in _compat.NAMES.items() if k != "load_norm_params"})
@@ -229,8 +250,11 @@ def test_compat_names_are_checked_when_the_plugin_registers(monkeypatch, caplog)
     "feature, engine, message",
     [
         ("evs", {"video_pruning_rate": 0.5}, "EVS \\(video_pruning_rate=0.5\\)"),
-        ("drafter", {"speculative_config": {"method": "draft_model", "num_speculative_tokens": 2}},
-         "method 'draft_model' runs a drafter network"),
+        (
+            "drafter",
+            {"speculative_config": {"method": "draft_model", "num_speculative_tokens": 2}},
+            "method 'draft_model' runs a drafter network",
+        ),
     ],
 )
 def test_unsupported_features_are_refused_at_start_up(tmp_path, feature, engine, message):
@@ -332,8 +356,11 @@ def _request(images, **knobs):
 def _token_ids(path) -> dict[str, int]:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
         config = json.load(handle)
-    return {"start": config["vision_start_token_id"], "image": config["image_token_id"],
-            "end": config["vision_end_token_id"]}
+    return {
+        "start": config["vision_start_token_id"],
+        "image": config["image_token_id"],
+        "end": config["vision_end_token_id"],
+    }
 
 
 def _params(logits: bool = False):
@@ -413,20 +440,23 @@ class _Recorder:
         return values[0]
 
 
-def _hf_reference(family, path, images, recorder):
+def _hf_reference(family, path, images, recorder, **knobs):
     from medpruner import apply_medpruner
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
     inputs = processor(text=[PROMPT], images=[images], return_tensors="pt")
     model = _hf_class(family).from_pretrained(path, dtype=torch.float32).eval()
-    apply_medpruner(model, gamma=GAMMA, budget=BUDGET)
+    apply_medpruner(model, gamma=GAMMA, budget=BUDGET, **knobs)
     handle = recorder.hf_hook(model)
     recorder.phase = "hf"
     try:
         with torch.no_grad():
             out = model.generate(
-                **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                **inputs,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                output_logits=True,
                 return_dict_in_generate=True,
             )
     finally:
@@ -464,7 +494,7 @@ def test_plugin_matches_hf_budget_mode(served, volume, monkeypatch):
     logits = _raw_logits(out.outputs[0], hf_logits.shape[1])
 
     # the processor's IAF mask and budget split are the HF path's, exactly
-    assert torch.equal(recorder.one("vllm", "iaf"), recorder.one("hf", "iaf"))
+    assert torch.equal(recorder.one("vllm", "iaf")[0], recorder.one("hf", "iaf")[0])
     for hf_count, vllm_count in zip(recorder.one("hf", "counts"), recorder.one("vllm", "counts"), strict=True):
         assert torch.equal(vllm_count, hf_count)
     # the tower's scores and the selection over the kept slices
@@ -497,10 +527,41 @@ def test_plugin_matches_hf_budget_mode(served, volume, monkeypatch):
             break
 
 
+def test_slice_stage_variants_match_hf(served, volume, monkeypatch):
+    """Per-request local-change IAF and the change-following split: the processor keeps the slices and
+    reserves the counts the HF path keeps, and generates its tokens."""
+    family, path, llm = served
+    recorder = _Recorder(monkeypatch)
+    knobs = {"iaf": "local", "gamma_local": 0.1, "allocation": "change"}
+    _, stats, expected, _ = _hf_reference(family, path, volume, recorder, **knobs)
+    assert 0 < stats.slices_kept[0] < SLICES, "the volume must exercise local IAF (some slices dropped)"
+    llm.reset_mm_cache()
+    llm.reset_prefix_cache()
+    recorder.phase = "vllm"
+    try:
+        out = llm.generate(_request(volume, gamma=GAMMA, budget=BUDGET, **knobs), _params(), use_tqdm=False)[0]
+    finally:
+        recorder.phase = None
+    hf_keep, hf_change = recorder.one("hf", "iaf")
+    keep, change = recorder.one("vllm", "iaf")
+    assert torch.equal(keep, hf_keep)
+    torch.testing.assert_close(change, hf_change, **TOWER_TOL)
+    # the counts the processor reserved are the HF path's, slice by slice
+    hf_counts = stats.tokens_per_slice[0]
+    assert sum(hf_counts) == stats.tokens_after
+    hf_scores, hf_keep_tokens, _ = recorder.one("hf", "select")
+    _, keep_tokens, _ = recorder.one("vllm", "select")
+    assert torch.equal(keep_tokens, hf_keep_tokens)
+    assert list(out.outputs[0].token_ids)[:1] == expected[:1]
+
+
 @pytest.mark.parametrize(
     "case, message",
-    [("nan_gamma", "gamma must be finite"), ("zero_budget", "budget as an int must be >= 1"),
-     ("sizes", "share one resolution")],
+    [
+        ("nan_gamma", "gamma must be finite"),
+        ("zero_budget", "budget as an int must be >= 1"),
+        ("sizes", "share one resolution"),
+    ],
 )
 def test_bad_request_fails_alone(served, volume, case, message):
     _, _, llm = served
@@ -570,13 +631,23 @@ def test_eval_engine_records_match_direct_generation(served, tmp_path):
     lines = []
     for k in range(3):
         np.save(tmp_path / f"v{k}.npy", synthetic_volume(SLICES, 64, seed=10 + k).numpy())
-        lines.append(json.dumps({"id": f"s{k}", "volume": f"v{k}.npy", "unit_range": True, "category": "c",
-                                 "question": "Is there a lesion?", "options": {"A": "yes", "B": "no"},
-                                 "answer": "yes", "answer_letter": "A"}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"s{k}",
+                    "volume": f"v{k}.npy",
+                    "unit_range": True,
+                    "category": "c",
+                    "question": "Is there a lesion?",
+                    "options": {"A": "yes", "B": "no"},
+                    "answer": "yes",
+                    "answer_letter": "A",
+                }
+            )
+        )
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     dataset = read_dataset(tmp_path / "d.jsonl", "jsonl")
-    settings = EvalSettings(methods=("medpruner_budget",), gamma=GAMMA, resolution=64, max_new_tokens=4,
-                            bootstrap=20)
+    settings = EvalSettings(methods=("medpruner_budget",), gamma=GAMMA, resolution=64, max_new_tokens=4, bootstrap=20)
     model = vllm_model(llm, path, MedPrunerConfig(gamma=GAMMA, budget=BUDGET))
     out = tmp_path / "out"
     summary = run_vllm_eval(dataset, model, settings, BUDGET, out, chunk=2, progress=False, html=False)
@@ -715,8 +786,9 @@ def test_chunked_prefill_and_prefix_cache(served, volume, monkeypatch):
     recorder = _Recorder(monkeypatch)
     _, _, expected, hf_logits = _hf_reference(family, path, volume, recorder)
     hf_prefill = recorder.calls[("hf", "positions")][0]
-    first, second = _generate_on_own_engine(path, volume, recorder, 2, max_num_batched_tokens=CHUNK,
-                                            enable_prefix_caching=True)
+    first, second = _generate_on_own_engine(
+        path, volume, recorder, 2, max_num_batched_tokens=CHUNK, enable_prefix_caching=True
+    )
 
     prompt, ids = list(first.prompt_token_ids), _token_ids(path)
     length = len(prompt)
