@@ -97,3 +97,12 @@ def test_to_device_pins_only_for_cuda(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
     out = base.to_device([1, 2, 3], torch.device("cpu"))
     assert out.tolist() == [1, 2, 3] and out.dtype == torch.long and not pinned
+
+
+def test_compact_indices_are_the_true_positions():
+    from medpruner.adapters.base import compact_indices
+
+    for seed in range(5):
+        mask = torch.rand(200, generator=torch.Generator().manual_seed(seed)) < 0.3
+        assert torch.equal(compact_indices(mask, int(mask.sum())), mask.nonzero().flatten())
+    assert compact_indices(torch.zeros(4, dtype=torch.bool), 0).numel() == 0

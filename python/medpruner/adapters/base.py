@@ -500,12 +500,8 @@ class Adapter:
 # ------------------------------------------------------------------------------- shared surgery
 def compact_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the True entries of a 1-D ``mask``, given their ``count`` (already on the host), with
-    no host sync: each True entry scatters its index to its rank; False entries go to a spare slot."""
-    rank = torch.cumsum(mask, dim=0) - 1
-    slot = torch.where(mask, rank, torch.full_like(rank, count))
-    out = torch.zeros(count + 1, dtype=torch.long, device=mask.device)
-    out.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))
-    return out[:count]
+    no host sync (``torch.nonzero_static``: the output size is ``count``, not read from the device)."""
+    return torch.nonzero_static(mask, size=count).flatten()
 
 
 def per_image_outputs(output, kept_counts: list[int]):
