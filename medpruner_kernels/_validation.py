@@ -1,15 +1,16 @@
 """Input checks shared by the ops: every bad input is a ValueError/TypeError naming the argument.
 
 Checks that need tensor *values* (NaN, cu_seqlens monotonicity) run eagerly on CPU. On CUDA they
-would force a host sync, so they are queued as device flag tensors instead and raised by
-:func:`raise_pending_errors` at the caller's last host read of a request (the adapters and the CLI
-call it there). :func:`deferred_checks` (or ``MEDPRUNER_DEFER_CHECKS=1``) makes CPU runs queue them
+would force a host sync, so they are queued as device flag tensors instead, in the scope of the request
+that made them (:func:`error_scope`; the thread's own scope outside any request), and raised by
+:func:`raise_pending_errors` at the request's last host read (the adapters and the CLI call it there). :func:`deferred_checks` (or ``MEDPRUNER_DEFER_CHECKS=1``) makes CPU runs queue them
 too, so the CUDA error path can be tested on a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import threading
@@ -20,67 +21,124 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 VOLUME_DTYPES = FLOAT_DTYPES + (torch.uint8, torch.int16)
 
 _pending = threading.local()
-_MAX_PENDING = 256
 
 
-def _queue() -> list[tuple[str, torch.Tensor]]:
-    if not hasattr(_pending, "items"):
-        _pending.items = []
-    return _pending.items
+class ErrorScope:
+    """The deferred value checks of one request: per message, the OR of every flag queued with it, so
+    nothing is lost however many checks a request queues (memory grows with the distinct messages, a
+    bounded set, never with the call count) and no other request sees them."""
+
+    def __init__(self) -> None:
+        self._flags: dict[str, torch.Tensor] = {}
+
+    def add(self, message: str, bad: torch.Tensor) -> None:
+        flag = bad.reshape(()).to(torch.bool)
+        previous = self._flags.get(message)
+        self._flags[message] = flag if previous is None else previous | flag
+
+    def __len__(self) -> int:
+        return len(self._flags)
+
+    def clear(self) -> None:
+        self._flags.clear()
+
+    def raise_pending(self) -> None:
+        """Read the flags (one host sync) and raise the first failure, in queueing order, as ValueError."""
+        if not self._flags:
+            return
+        items = list(self._flags.items())
+        self._flags.clear()
+        flags = torch.stack([flag.to(items[0][1].device) for _, flag in items]).cpu()
+        for (message, _), bad in zip(items, flags.tolist(), strict=True):
+            if bad:
+                raise ValueError(message)
+
+
+# The scope of the request running in this context (a thread, or an asyncio task: each has its own copy
+# of the context), None outside any request: then the thread's own scope collects the checks.
+_current_scope: contextvars.ContextVar[ErrorScope | None] = contextvars.ContextVar(
+    "medpruner_error_scope", default=None
+)
+
+
+def _scope() -> ErrorScope:
+    scope = _current_scope.get()
+    if scope is not None:
+        return scope
+    if not hasattr(_pending, "scope"):
+        _pending.scope = ErrorScope()
+    return _pending.scope
+
+
+@torch.compiler.disable
+def open_scope() -> contextvars.Token:
+    """Start a request's own :class:`ErrorScope`; pass the token to :func:`close_scope`. Plain calls
+    (not a context manager) for frames Dynamo skips but whose callees it would trace."""
+    return _current_scope.set(ErrorScope())
+
+
+@torch.compiler.disable
+def close_scope(token: contextvars.Token) -> None:
+    _current_scope.reset(token)
+
+
+@contextlib.contextmanager
+def error_scope():
+    """A request's own deferred checks: within the block, checks queue into a fresh
+    :class:`ErrorScope` (yielded), which :func:`raise_pending_errors` reads; on exit the enclosing
+    scope is back, untouched by this request's checks. The pipeline opens one per request."""
+    token = open_scope()
+    try:
+        yield _current_scope.get()
+    finally:
+        close_scope(token)
 
 
 def _defer(message: str, bad: torch.Tensor) -> None:
-    queue = _queue()
-    if len(queue) >= _MAX_PENDING:
-        # Bounded: a caller that never checks must not leak memory; fold old flags into one.
-        folded = torch.stack([flag for _, flag in queue]).any()
-        queue[:] = [("an earlier medpruner_kernels call had invalid input", folded)]
-    queue.append((message, bad.reshape(())))
+    _scope().add(message, bad)
+
+
+# Whether CPU checks are deferred here: None follows MEDPRUNER_DEFER_CHECKS. A context variable, so that
+# a block of one thread or asyncio task does not leak into another that interleaves with it.
+_forced: contextvars.ContextVar[bool | None] = contextvars.ContextVar("medpruner_defer_checks", default=None)
 
 
 @contextlib.contextmanager
 def deferred_checks(enabled: bool = True):
-    """Within the block, value checks on CPU tensors are queued as on CUDA (this thread only), to be
-    raised by :func:`raise_pending_errors`. The queue is left as it is on exit."""
-    previous = getattr(_pending, "forced", None)
-    _pending.forced = enabled
+    """Within the block, value checks on CPU tensors are queued as on CUDA (this thread or task only),
+    to be raised by :func:`raise_pending_errors`. The queue is left as it is on exit."""
+    token = _forced.set(enabled)
     try:
         yield
     finally:
-        _pending.forced = previous
+        _forced.reset(token)
 
 
 def checks_deferred(device: torch.device) -> bool:
     """True when a value check on ``device`` is queued instead of raised at once."""
     if device.type != "cpu":
         return True
-    forced = getattr(_pending, "forced", None)
+    forced = _forced.get()
     if forced is None:
         return os.environ.get("MEDPRUNER_DEFER_CHECKS", "0") == "1"
     return forced
 
 
 def pending_error_count() -> int:
-    """Checks queued and not yet raised (on this thread)."""
-    return len(_queue())
+    """Distinct checks queued and not yet raised in the current scope (the request's, or this
+    thread's outside any request)."""
+    return len(_scope())
 
 
 def clear_pending_errors() -> None:
-    """Drop the queued checks without reading them (no host sync)."""
-    _queue().clear()
+    """Drop the current scope's queued checks without reading them (no host sync)."""
+    _scope().clear()
 
 
 def raise_pending_errors() -> None:
-    """Read the queued CUDA validity flags (one host sync) and raise the first failure as ValueError."""
-    queue = _queue()
-    if not queue:
-        return
-    items = list(queue)
-    queue.clear()
-    flags = torch.stack([flag.to(torch.bool) for _, flag in items]).cpu()
-    for (message, _), bad in zip(items, flags.tolist(), strict=True):
-        if bad:
-            raise ValueError(message)
+    """Read the current scope's queued validity flags (one host sync) and raise the first failure as
+    ValueError."""
+    _scope().raise_pending()
 
 
 def check_or_defer(bad: torch.Tensor, message: str) -> None:
@@ -143,9 +201,7 @@ def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name
     check_cu_structure(op, cu_seqlens, device, name)
     cu = cu_seqlens.to(torch.int64)
     bad = (cu[0] != 0) | (cu[-1] != total) | (cu[1:] < cu[:-1]).any()
-    check_or_defer(
-        bad, f"{op}: {name} must start at 0, be non-decreasing and end at the number of rows ({total})"
-    )
+    check_or_defer(bad, f"{op}: {name} must start at 0, be non-decreasing and end at the number of rows ({total})")
     if checks_deferred(device) and not torch.compiler.is_compiling():
         # The check above is only queued: until it is raised, the kernels must not read or write out
         # of bounds (on CUDA that is a sticky illegal-address error), so they get offsets forced into

@@ -76,3 +76,66 @@ def test_valid_offsets_pass_through_unchanged():
         out = _validation.check_cu_seqlens("op", cu, 8, cu.device)
     assert torch.equal(out, cu)
     mk.raise_pending_errors()
+
+
+# ------------------------------------------------------------------------------ request scopes
+def _bad_volume(value=float("nan")):
+    volume = torch.rand(6, 4, 4)
+    volume[3, 1, 1] = value
+    return volume
+
+
+def test_nothing_is_lost_past_a_count():
+    """Many queued checks keep every failing one with its own message (no folding past a count)."""
+    with _validation.deferred_checks(), _validation.error_scope():
+        for _ in range(600):
+            mk.iaf_select(torch.rand(6, 4, 4), 0.1, backend="torch")
+        mk.nucleus_select(torch.tensor([[1.0, float("nan")]]), 0.9, backend="torch")
+        for _ in range(600):
+            mk.iaf_select(torch.rand(6, 4, 4), 0.1, backend="torch")
+        assert _validation.pending_error_count() <= 4
+        with pytest.raises(ValueError, match="nucleus_select: scores"):
+            mk.raise_pending_errors()
+
+
+def test_a_request_never_sees_another_requests_errors():
+    with _validation.deferred_checks(), _validation.error_scope() as outer:
+        mk.iaf_select(_bad_volume(), 0.1, backend="torch")
+        with _validation.error_scope() as inner:
+            mk.iaf_select(torch.rand(6, 4, 4), 0.1, backend="torch")
+            mk.raise_pending_errors()  # the inner request is clean
+            assert len(inner) == 0
+        assert len(outer) == 1
+        with pytest.raises(ValueError, match="iaf_select: volume contains NaN"):
+            mk.raise_pending_errors()
+
+
+def test_scopes_are_per_thread_and_per_task():
+    import asyncio
+    import threading
+
+    raised = {}
+
+    async def request(name, bad):
+        with _validation.deferred_checks(), _validation.error_scope():
+            mk.iaf_select(_bad_volume() if bad else torch.rand(6, 4, 4), 0.1, backend="torch")
+            await asyncio.sleep(0)  # the other task queues its checks here
+            try:
+                mk.raise_pending_errors()
+                raised[name] = None
+            except ValueError as error:
+                raised[name] = str(error)
+
+    async def both():
+        await asyncio.gather(request("task-bad", True), request("task-good", False))
+
+    asyncio.run(both())
+    worker = threading.Thread(target=lambda: asyncio.run(request("thread-good", False)))
+    with _validation.deferred_checks(), _validation.error_scope():
+        mk.iaf_select(_bad_volume(), 0.1, backend="torch")
+        worker.start()
+        worker.join()
+        with pytest.raises(ValueError, match="NaN"):
+            mk.raise_pending_errors()
+    assert "NaN" in raised["task-bad"]
+    assert raised["task-good"] is None and raised["thread-good"] is None

@@ -431,6 +431,21 @@ def test_deferred_checks_raise_in_the_request_that_queued_them(family, entry):
     assert _validation.pending_error_count() == 0
 
 
+@only("qwen3_vl")
+def test_a_request_leaves_the_callers_pending_checks_alone(family):
+    """Errors belong to the request (issue 29 item 4): a patched call raises only what it queued, and
+    a check the caller queued before it stays the caller's."""
+    model = copy.deepcopy(family.model)
+    apply_medpruner(model, gamma=0.05, tau=0.6, budget=0.5, backend="torch")
+    with _validation.deferred_checks():
+        _validation.check_or_defer(torch.tensor(True), "caller: an earlier op's bad input")
+        with torch.no_grad():
+            model(**family.single())
+        assert _validation.pending_error_count() == 1
+        with pytest.raises(ValueError, match="caller: an earlier op's bad input"):
+            _validation.raise_pending_errors()
+
+
 # --------------------------------------------------------------------------- 8. the caller's layout
 def _type_keys(inputs):
     return [k for k in ("mm_token_type_ids", "token_type_ids") if k in inputs]

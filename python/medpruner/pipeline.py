@@ -155,7 +155,7 @@ def prune_inputs(model, inputs, *, config: MedPrunerConfig | None = None, return
     (``inputs_embeds``, videos) is a ValueError naming the reason; kernel checks deferred on CUDA are
     raised here."""
     from medpruner.adapters.patching import TOWER_OUTPUT_FLAGS
-    from medpruner_kernels._validation import raise_pending_errors
+    from medpruner_kernels._validation import error_scope, raise_pending_errors
 
     if config is None:
         config = MedPrunerConfig(**knobs)
@@ -174,9 +174,9 @@ def prune_inputs(model, inputs, *, config: MedPrunerConfig | None = None, return
     if reason is not None:
         raise ValueError(f"prune_inputs: this request cannot be pruned: {reason}")
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), error_scope():
         pruned = adapter.prune(model, config, {k: v for k, v in call.items() if k not in TOWER_OUTPUT_FLAGS})
-    raise_pending_errors()
+        raise_pending_errors()
     pruned.stats.prune_seconds = time.perf_counter() - start
     return (pruned.call, pruned.stats) if return_stats else pruned.call
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from medpruner_kernels._validation import raise_pending_errors
+from medpruner_kernels._validation import close_scope, open_scope, raise_pending_errors
 
 _PATCH_ATTR = "_medpruner_patch"
 _PATCHED_NAMES = ("forward", "generate")
@@ -60,7 +60,13 @@ class PatchedMethod:
     @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
         call = _patched_forward if self.name == "forward" else _patched_generate
-        return call(self.model, *args, **kwargs)
+        # The request's own deferred checks: another request (another thread, task, or an enclosing
+        # call) never sees them, nor this one theirs.
+        token = open_scope()
+        try:
+            return call(self.model, *args, **kwargs)
+        finally:
+            close_scope(token)
 
     @property
     def __signature__(self) -> inspect.Signature:
