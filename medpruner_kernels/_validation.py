@@ -3,8 +3,9 @@
 Checks that need tensor *values* (NaN, cu_seqlens monotonicity) run eagerly on CPU. On CUDA they
 would force a host sync, so they are queued as device flag tensors instead, in the scope of the request
 that made them (:func:`error_scope`; the thread's own scope outside any request), and raised by
-:func:`raise_pending_errors` at the request's last host read (the adapters and the CLI call it there). :func:`deferred_checks` (or ``MEDPRUNER_DEFER_CHECKS=1``) makes CPU runs queue them
-too, so the CUDA error path can be tested on a machine without a GPU.
+:func:`raise_pending_errors` at the request's last host read (the adapters and the CLI call it
+there). :func:`deferred_checks` (or ``MEDPRUNER_DEFER_CHECKS=1``) makes CPU runs queue them too, so the
+CUDA error path can be tested on a machine without a GPU.
 """
 
 from __future__ import annotations
