@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 from _releases import (
     M3D_HEADER,
@@ -295,3 +296,21 @@ def test_the_progress_bar_counts_only_the_work_left(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(tqdm.auto, "tqdm", spy)
     assert _run(tmp_path, "m3d", "--methods", "iaf", "--no-html", built=built) == 0
     assert totals == [1]  # one of the two samples is left
+
+
+def test_the_synthetic_validation_split_is_its_own_stream(tmp_path):
+    """Tune on val, report test once (issue 27): without --data, --split val writes the validation
+    volumes, disjoint from the test ones; other splits are refused (the training stream is not one)."""
+    from medpruner.cli.common import CommandError
+    from medpruner.cli.eval import synthetic_dataset
+
+    val = synthetic_dataset(tmp_path, 3, "val")
+    test = synthetic_dataset(tmp_path, 3, "test")
+    assert val.parent.name == "synthetic-val" and test.parent.name == "synthetic-test"
+    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in
+            (("val", val), ("test", test))}
+    assert rows["val"] and rows["test"]
+    first = {name: np.load(path.parent / rows[name][0]["volume"]) for name, path in (("val", val), ("test", test))}
+    assert first["val"].shape != first["test"].shape or not np.array_equal(first["val"], first["test"])
+    with pytest.raises(CommandError, match="synthetic task .* has the splits test, val"):
+        synthetic_dataset(tmp_path, 3, "train")

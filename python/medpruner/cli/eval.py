@@ -30,6 +30,8 @@ DEFAULT_METHODS = (
 ANSWER_TOKENS = 8
 REPORT_TOKENS = 512
 SYNTHETIC_DIR = "synthetic-test"
+# Without --data: the test split to report, the validation split to tune on (never the training stream).
+SYNTHETIC_SPLITS = ("test", "val")
 SYNTHETIC_VOLUMES = 200
 
 
@@ -50,16 +52,20 @@ def default_resolution(model_path: str | None) -> int:
     return MODEL_RESOLUTION if model_path else TINY_VQA_RESOLUTION
 
 
-def synthetic_dataset(out_dir: Path, volumes: int) -> Path:
-    """The synthetic task's test split (its first ``volumes`` volumes, about 3 questions each) written
-    as generic JSONL under ``out_dir/synthetic-test`` (categories: the lesion class, long-tailed, for
-    the audit), reused when already there with the same size. Returns the JSONL path."""
+def synthetic_dataset(out_dir: Path, volumes: int, split: str = "test") -> Path:
+    """The synthetic task's ``split`` ("test", or "val" to tune on: disjoint seeded streams), its first
+    ``volumes`` volumes (about 3 questions each), written as generic JSONL under
+    ``out_dir/synthetic-<split>`` (categories: the lesion class, long-tailed, for the audit), reused
+    when already there with the same size. Returns the JSONL path."""
     from medpruner.synthetic import generate_split, write_jsonl
 
-    folder = out_dir / SYNTHETIC_DIR
-    path = folder / f"test-{volumes}.jsonl"
+    if split not in SYNTHETIC_SPLITS:
+        raise CommandError(f"--split {split}: the synthetic task (without --data) has the splits "
+                           f"{', '.join(SYNTHETIC_SPLITS)}")
+    folder = out_dir / (SYNTHETIC_DIR if split == "test" else f"synthetic-{split}")
+    path = folder / f"{split}-{volumes}.jsonl"
     if not path.is_file():
-        written = write_jsonl(generate_split("test", volumes), folder, name=path.name + ".partial", category="class")
+        written = write_jsonl(generate_split(split, volumes), folder, name=path.name + ".partial", category="class")
         written.replace(path)
     return path
 
@@ -145,7 +151,7 @@ def add_parser(commands, add_run_options, positive_int) -> None:
                              "report generation), jsonl")
     parser.add_argument("--split", default=DEFAULT_SPLIT,
                         help="which split a release folder gives (default test; M3D-VQA: test, val, train, "
-                             "test5k, yn_train; 3D-RAD: test, train)")
+                             "test5k, yn_train; 3D-RAD: test, train; the synthetic task: test, val)")
     parser.add_argument("--subtask", default=None,
                         help="3D-RAD: comma-separated tasks or subtasks to keep (Task4, 4, "
                              "Task4_Existence_Detection, 'Lung nodule'); default all, each subtask a category")
@@ -224,7 +230,7 @@ def cmd_eval(args) -> int:
     if args.data is None:
         if args.format not in (None, "jsonl"):
             raise CommandError(f"--format {args.format} needs --data (without --data the synthetic split is jsonl)")
-        args.data, args.format = str(synthetic_dataset(Path(args.out), args.synthetic_volumes)), "jsonl"
+        args.data, args.format = str(synthetic_dataset(Path(args.out), args.synthetic_volumes, args.split)), "jsonl"
     elif args.format is None:
         raise CommandError(f"--data needs --format (one of {', '.join(FORMATS)})")
     if args.subtask is not None and args.format != "3drad":
