@@ -71,14 +71,13 @@ def _scope() -> ErrorScope:
     return _pending.scope
 
 
-@torch.compiler.disable
 def open_scope() -> contextvars.Token:
     """Start a request's own :class:`ErrorScope`; pass the token to :func:`close_scope`. Plain calls
-    (not a context manager) for frames Dynamo skips but whose callees it would trace."""
+    (not a context manager), which a caller Dynamo must skip wraps in ``torch.compiler.disable``
+    (not done here: that imports Dynamo, and with it Triton, at ``import medpruner_kernels``)."""
     return _current_scope.set(ErrorScope())
 
 
-@torch.compiler.disable
 def close_scope(token: contextvars.Token) -> None:
     _current_scope.reset(token)
 
@@ -119,7 +118,8 @@ def checks_deferred(device: torch.device) -> bool:
     """True when a value check on ``device`` is queued instead of raised at once."""
     if device.type != "cpu":
         return True
-    forced = _forced.get()
+    # Dynamo cannot trace ContextVar.get; a compiled graph never defers (it cannot raise either).
+    forced = None if torch.compiler.is_compiling() else _forced.get()
     if forced is None:
         return os.environ.get("MEDPRUNER_DEFER_CHECKS", "0") == "1"
     return forced
@@ -203,7 +203,7 @@ def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, name
     cu = cu_seqlens.to(torch.int64)
     bad = (cu[0] != 0) | (cu[-1] != total) | (cu[1:] < cu[:-1]).any()
     check_or_defer(bad, f"{op}: {name} must start at 0, be non-decreasing and end at the number of rows ({total})")
-    if checks_deferred(device) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and checks_deferred(device):
         # The check above is only queued: until it is raised, the kernels must not read or write out
         # of bounds (on CUDA that is a sticky illegal-address error), so they get offsets forced into
         # shape, without a host read. Valid offsets pass through unchanged.

@@ -28,6 +28,11 @@ import torch
 
 from medpruner_kernels._validation import close_scope, open_scope, raise_pending_errors
 
+# Dynamo skips the patched methods' frames but traces what they call: the scope's context variable
+# must stay out of its sight.
+_open_scope = torch.compiler.disable(open_scope)
+_close_scope = torch.compiler.disable(close_scope)
+
 _PATCH_ATTR = "_medpruner_patch"
 _PATCHED_NAMES = ("forward", "generate")
 # forward arguments that ask the vision tower for more outputs (returned with the image outputs)
@@ -62,11 +67,11 @@ class PatchedMethod:
         call = _patched_forward if self.name == "forward" else _patched_generate
         # The request's own deferred checks: another request (another thread, task, or an enclosing
         # call) never sees them, nor this one theirs.
-        token = open_scope()
+        token = _open_scope()
         try:
             return call(self.model, *args, **kwargs)
         finally:
-            close_scope(token)
+            _close_scope(token)
 
     @property
     def __signature__(self) -> inspect.Signature:
