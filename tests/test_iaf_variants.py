@@ -27,7 +27,7 @@ from _tiny_models import (  # noqa: E402
     tiny_qwen3_vl,
 )
 from medpruner import MedPrunerConfig, apply_medpruner, remove_medpruner  # noqa: E402
-from medpruner.config import budget_split, change_split  # noqa: E402
+from medpruner.config import budget_split, change_split, proportional_split  # noqa: E402
 
 from medpruner_kernels import reference  # noqa: E402
 
@@ -218,7 +218,8 @@ def test_generate_runs_with_the_variants(family):
 
 
 # ------------------------------------------------------------------------------ as eval methods
-@pytest.mark.parametrize("method", ["medpruner_local", "medpruner_change", "medpruner_local_change"])
+@pytest.mark.parametrize("method", ["medpruner_local", "medpruner_change", "medpruner_local_change",
+                                    "medpruner_attention"])
 @pytest.mark.parametrize("budget", [9, 40])
 def test_variant_selectors_match_the_references(method, budget):
     from medpruner.selectors import get_selector
@@ -228,10 +229,12 @@ def test_variant_selectors_match_the_references(method, budget):
     pixels = torch.rand(slices, 8, 8, generator=g) * 2 - 1
     pixels[1::2] = pixels[0::2] + 0.02 * torch.randn(5, 8, 8, generator=g)
     pixels[5, :2, :4] += 0.8  # a change confined to two blocks
-    scores = torch.rand(slices * tokens, generator=g)
+    # slices as peaked as 1 token or as flat as 16: nucleus sizes that differ, for the attention split
+    peaks = 1 + 8 * torch.rand(slices, 1, generator=g)
+    scores = torch.rand(slices, tokens, generator=g).pow(peaks).flatten()
     keys = torch.randn(slices * tokens, 8, generator=g)
     slice_cu = torch.arange(0, slices * tokens + 1, tokens, dtype=torch.int32)
-    local = method != "medpruner_change"
+    local = "local" in method
     knobs = {"gamma_local": 0.3, "iaf_block": block} if local else {"gamma": 0.05}
     result = get_selector(method).select(
         scores, keys, None, slice_cu, budget, slice_pixels=pixels, backend="torch", **knobs
@@ -246,6 +249,12 @@ def test_variant_selectors_match_the_references(method, budget):
     kept = keep.nonzero().flatten().tolist()
     if method == "medpruner_local":
         shares = budget_split(budget, len(kept), tokens)
+    elif method == "medpruner_attention":
+        # the attention split: each kept slice's nucleus size at tau 0.9 (masses scores / sum)
+        sizes = [reference.nucleus_count(reference.nucleus_probabilities(scores[i * tokens:(i + 1) * tokens], None),
+                                         0.9, 1, None) for i in kept]
+        shares = proportional_split(budget, sizes, tokens)
+        assert len(set(sizes)) > 1 and len(set(shares)) > 1, "the attention split must be exercised"
     else:
         shares = change_split(budget, [float(change[i]) for i in kept], tokens)
     per_slice = result.token_keep.view(slices, tokens).sum(1)

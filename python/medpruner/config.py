@@ -195,21 +195,30 @@ def change_split(budget: float | int, changes, tokens_per_slice: int) -> list[in
     """Tokens of each kept slice of a volume under a fixed budget, in proportion to its change.
 
     ``changes``: per kept slice, in slice order, its IAF distance to its anchor (>= 0; the volume's
-    first slice, compared with nothing, weighs as the largest change). The total ``B`` is
-    :func:`budget_split`'s; every slice keeps at least 1 and at most ``tokens_per_slice`` tokens. The
-    ``B - k`` tokens above the minimum are water-filled: each slice's share is ``level * change``,
-    capped at ``n - 1``, with one level for the volume; the integer shares take the floors and give
-    the remaining tokens one each by the largest fractional part (ties: lower slice). Without any
-    change (all zero) this is :func:`budget_split`.
+    first slice, compared with nothing, weighs as the largest change); the split is
+    :func:`proportional_split`'s. Without any change (all zero) this is :func:`budget_split`.
     """
     weights = [float(c) for c in changes]
-    k, n = len(weights), int(tokens_per_slice)
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"change_split: changes must be finite and >= 0, got {weights}")
+    if len(weights) > 1:
+        weights[0] = max(weights[1:])
+    return proportional_split(budget, weights, tokens_per_slice)
+
+
+def proportional_split(budget: float | int, weights, tokens_per_slice: int) -> list[int]:
+    """Tokens of each of the k kept slices of a volume under a fixed budget, in proportion to
+    ``weights`` (finite, >= 0). The total ``B`` is :func:`budget_split`'s; every slice keeps at least 1
+    and at most ``tokens_per_slice`` (n) tokens. The ``B - k`` tokens above the minimum are
+    water-filled: each slice's share is ``level * weight``, capped at ``n - 1``, with one level for the
+    volume; the integer shares take the floors and give the remaining tokens one each by the largest
+    fractional part (ties: lower slice). All weights zero: :func:`budget_split`."""
+    weights = [float(w) for w in weights]
+    k, n = len(weights), int(tokens_per_slice)
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"proportional_split: weights must be finite and >= 0, got {weights}")
     if k == 0:
         return []
-    if k > 1:
-        weights[0] = max(weights[1:])
     even = budget_split(budget, k, n)
     extra = sum(even) - k
     if extra == 0 or sum(weights) == 0:
@@ -231,7 +240,7 @@ def change_split(budget: float | int, changes, tokens_per_slice: int) -> list[in
     above = [min(math.floor(x), n - 1) for x in ideal]
     remainder = extra - sum(above)
     order = sorted((i for i in range(k) if above[i] < n - 1), key=lambda i: (-(ideal[i] - above[i]), i))
-    # More tokens than the fractional parts place (all changes capped or zero): one each in slice order,
+    # More tokens than the fractional parts place (all weights capped or zero): one each in slice order,
     # round after round, among the slices with room.
     while remainder > 0:
         for i in order:

@@ -23,7 +23,7 @@ from medpruner.cli.common import CommandError, Interrupted, check_output_dir, ga
 
 DEFAULT_METHODS = (
     "medpruner", "medpruner_budget", "iaf", "dins", "uniform_slices", "random", "topk", "visionzip", "divprune",
-    "evs", "hiprune", "medpruner_local", "medpruner_change", "medpruner_local_change",
+    "evs", "hiprune", "medpruner_local", "medpruner_change", "medpruner_local_change", "medpruner_attention",
 )
 
 

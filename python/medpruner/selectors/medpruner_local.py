@@ -4,7 +4,10 @@ budget, for the eval to compare against every method:
 * ``medpruner_local``: local-change IAF (a slice is kept when any block, one LLM token's pixels, changed
   by more than ``gamma_local``), the budget split evenly, DINS mass order and the merge;
 * ``medpruner_change``: the paper's IAF, the budget split by each kept slice's change to its anchor;
-* ``medpruner_local_change``: both.
+* ``medpruner_local_change``: both;
+* ``medpruner_attention``: the paper's IAF, the budget split by each kept slice's attention: its DINS
+  nucleus size at ``tau`` (the tokens that hold ``tau`` of its attention mass), known only after the
+  encoder, so HF (and the eval) only: a serving engine reserves placeholders before it.
 
 Each slice stage returns the kept mask and each slice's change; the token stage takes the kept slices'
 changes as ``slice_change``.
@@ -14,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from medpruner.config import budget_split, change_split, context_targets
+from medpruner.config import budget_split, change_split, context_targets, proportional_split
 from medpruner.selectors.base import register, uniform_tokens_per_slice
-from medpruner.selectors.medpruner import CONTEXT_FRAC, GAMMA, _check_budget, dins_merge
-from medpruner_kernels import iaf_local_select, iaf_select
+from medpruner.selectors.medpruner import CONTEXT_FRAC, GAMMA, TAU, _check_budget, dins_merge
+from medpruner_kernels import iaf_local_select, iaf_select, nucleus_select
 
 GAMMA_LOCAL = 0.1
 
@@ -201,3 +204,20 @@ def tokens_local_change(
         context_frac=context_frac,
         backend=backend,
     )
+
+
+def slices_attention(slice_pixels, slice_cu, budget, *, generator=None, gamma=GAMMA, backend="auto"):
+    _check_budget("medpruner_attention", budget)
+    return _mean("medpruner_attention", slice_pixels, gamma, backend)[0]
+
+
+@register("medpruner_attention", budgeted=True, slice_stage=True, token_stage=True, slices=slices_attention,
+          description="IAF + the budget split by each kept slice's DINS nucleus size at tau, DINS + merge")
+def tokens_attention(scores, keys, features, slice_cu, budget, *, generator=None, tau=TAU, temperature=None,
+                     merge=True, context_frac=CONTEXT_FRAC, backend="auto"):
+    def shares(budget, k, n):
+        nucleus = nucleus_select(scores.view(k, n), tau, temperature=temperature, backend=backend)
+        return proportional_split(budget, nucleus.sum(dim=1).tolist(), n)
+
+    return _budgeted_tokens("medpruner_attention", scores, keys, features, slice_cu, budget, shares,
+                            temperature=temperature, merge=merge, context_frac=context_frac, backend=backend)
