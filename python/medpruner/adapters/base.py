@@ -396,7 +396,7 @@ class Adapter:
         for start, end in groups:
             rows = self.iaf_slices(pixels[layout.row_offsets[start] : layout.row_offsets[end]], end - start)
             block = None
-            if config.iaf == "local" or getattr(policy, "wants_blocks", False):
+            if config.iaf == "local" or policy.wants_blocks:
                 rows, block = self.local_blocks(rows, end - start, layout, config)
             cu = volume_cu if len(groups) == 1 else (volume_cu.clamp(start, end) - start).to(torch.int32)
             if len(groups) > 1 and start > 0:

@@ -22,11 +22,12 @@ TAU = 0.9
 CONTEXT_FRAC = 0.05
 
 
-def iaf_stage(method: str, slice_pixels, gamma: float, backend: str) -> torch.Tensor:
-    """bool ``[S]``: the slices IAF keeps (``gamma`` on the [-1, 1] scale of ``slice_pixels``)."""
+def iaf_stage(method: str, slice_pixels, gamma: float, backend: str, *, return_distances: bool = False):
+    """bool ``[S]``: the slices IAF keeps (``gamma`` on the [-1, 1] scale of ``slice_pixels``); with
+    ``return_distances`` also each slice's distance to its anchor."""
     if slice_pixels is None:
         raise ValueError(f"{method}: slice_pixels is required for the IAF slice stage")
-    return iaf_select(slice_pixels, gamma, backend=backend)
+    return iaf_select(slice_pixels, gamma, return_distances=return_distances, backend=backend)
 
 
 def dins_merge(scores, keys, features, slice_cu, *, tau, temperature, merge, context_frac, backend,
@@ -81,13 +82,21 @@ def tokens_medpruner_budget(scores, keys, features, slice_cu, budget, *, generat
                             merge=True, context_frac=CONTEXT_FRAC, backend="auto"):
     """MedPruner at a fixed budget: an int (tokens per volume) or a float in (0, 1] (a fraction of the
     kept slices' tokens), split by ``budget_split``; every kept slice must have the same token count."""
-    method = "medpruner_budget"
-    _check_budget(method, budget)
+    _check_budget("medpruner_budget", budget)
+    return budgeted_dins_merge("medpruner_budget", scores, keys, features, slice_cu, budget, budget_split,
+                               temperature=temperature, merge=merge, context_frac=context_frac, backend=backend)
+
+
+def budgeted_dins_merge(method, scores, keys, features, slice_cu, budget, shares, *, temperature, merge,
+                        context_frac, backend):
+    """DINS mass order and the merge at per-slice shares of ``budget``: ``shares(budget, k, n)`` gives
+    the tokens of each of the k kept slices of n tokens (every kept slice must have n), of which the
+    ``context_targets`` rule's are merge targets. The token stage of every budgeted MedPruner method."""
     n = uniform_tokens_per_slice(method, slice_cu)
     k = slice_cu.numel() - 1
     if k == 0 or n == 0:
         return torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device), features
-    per_slice = budget_split(budget, k, n)
+    per_slice = shares(budget, k, n)
     targets = [context_targets(b, n, context_frac) if merge else 0 for b in per_slice]
     top = torch.tensor([b - c for b, c in zip(per_slice, targets, strict=True)], dtype=torch.int32,
                        device=scores.device)

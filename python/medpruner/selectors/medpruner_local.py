@@ -15,12 +15,10 @@ changes as ``slice_change``.
 
 from __future__ import annotations
 
-import torch
-
-from medpruner.config import budget_split, change_split, context_targets, proportional_split
-from medpruner.selectors.base import register, uniform_tokens_per_slice
-from medpruner.selectors.medpruner import CONTEXT_FRAC, GAMMA, TAU, _check_budget, dins_merge
-from medpruner_kernels import iaf_local_select, iaf_select, nucleus_select
+from medpruner.config import budget_split, change_split, proportional_split
+from medpruner.selectors.base import register
+from medpruner.selectors.medpruner import CONTEXT_FRAC, GAMMA, TAU, _check_budget, budgeted_dins_merge, iaf_stage
+from medpruner_kernels import iaf_local_select, nucleus_select
 
 GAMMA_LOCAL = 0.1
 
@@ -31,41 +29,6 @@ def _local(method, slice_pixels, gamma_local, iaf_block, backend):
     if iaf_block is None:
         raise ValueError(f"{method}: iaf_block (pixel values of one LLM token) is required for local IAF")
     return iaf_local_select(slice_pixels, gamma_local, block=iaf_block, return_distances=True, backend=backend)
-
-
-def _mean(method, slice_pixels, gamma, backend):
-    if slice_pixels is None:
-        raise ValueError(f"{method}: slice_pixels is required for the IAF slice stage")
-    return iaf_select(slice_pixels, gamma, return_distances=True, backend=backend)
-
-
-def _budgeted_tokens(
-    method, scores, keys, features, slice_cu, budget, shares, *, temperature, merge, context_frac, backend
-):
-    """DINS mass order and the merge at the given per-slice shares of the budget."""
-    n = uniform_tokens_per_slice(method, slice_cu)
-    k = slice_cu.numel() - 1
-    if k == 0 or n == 0:
-        return torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device), features
-    per_slice = shares(budget, k, n)
-    targets = [context_targets(b, n, context_frac) if merge else 0 for b in per_slice]
-    top = torch.tensor(
-        [b - c for b, c in zip(per_slice, targets, strict=True)], dtype=torch.int32, device=scores.device
-    )
-    num_targets = torch.tensor(targets, dtype=torch.int32, device=scores.device)
-    return dins_merge(
-        scores,
-        keys,
-        features,
-        slice_cu,
-        tau=1.0,
-        temperature=temperature,
-        merge=merge,
-        context_frac=context_frac,
-        backend=backend,
-        counts=top,
-        num_targets=num_targets,
-    )
 
 
 def slices_local(
@@ -96,7 +59,7 @@ def tokens_local(
     context_frac=CONTEXT_FRAC,
     backend="auto",
 ):
-    return _budgeted_tokens(
+    return budgeted_dins_merge(
         "medpruner_local",
         scores,
         keys,
@@ -113,7 +76,7 @@ def tokens_local(
 
 def slices_change(slice_pixels, slice_cu, budget, *, generator=None, gamma=GAMMA, backend="auto"):
     _check_budget("medpruner_change", budget)
-    return _mean("medpruner_change", slice_pixels, gamma, backend)
+    return iaf_stage("medpruner_change", slice_pixels, gamma, backend, return_distances=True)
 
 
 def _by_change(slice_change):
@@ -147,7 +110,7 @@ def tokens_change(
     context_frac=CONTEXT_FRAC,
     backend="auto",
 ):
-    return _budgeted_tokens(
+    return budgeted_dins_merge(
         "medpruner_change",
         scores,
         keys,
@@ -191,7 +154,7 @@ def tokens_local_change(
     context_frac=CONTEXT_FRAC,
     backend="auto",
 ):
-    return _budgeted_tokens(
+    return budgeted_dins_merge(
         "medpruner_local_change",
         scores,
         keys,
@@ -208,7 +171,7 @@ def tokens_local_change(
 
 def slices_attention(slice_pixels, slice_cu, budget, *, generator=None, gamma=GAMMA, backend="auto"):
     _check_budget("medpruner_attention", budget)
-    return _mean("medpruner_attention", slice_pixels, gamma, backend)[0]
+    return iaf_stage("medpruner_attention", slice_pixels, gamma, backend)
 
 
 @register("medpruner_attention", budgeted=True, slice_stage=True, token_stage=True, slices=slices_attention,
@@ -219,5 +182,5 @@ def tokens_attention(scores, keys, features, slice_cu, budget, *, generator=None
         nucleus = nucleus_select(scores.view(k, n), tau, temperature=temperature, backend=backend)
         return proportional_split(budget, nucleus.sum(dim=1).tolist(), n)
 
-    return _budgeted_tokens("medpruner_attention", scores, keys, features, slice_cu, budget, shares,
+    return budgeted_dins_merge("medpruner_attention", scores, keys, features, slice_cu, budget, shares,
                             temperature=temperature, merge=merge, context_frac=context_frac, backend=backend)

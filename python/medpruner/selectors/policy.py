@@ -37,10 +37,12 @@ SHARED_OPTIONS = ("gamma", "gamma_local", "tau", "temperature", "merge", "contex
 
 class Policy:
     """The interface (see the module docstring). ``wants_grid``: the pipeline passes each image's token
-    grid to :meth:`select_tokens` (a host read of the processor's grid)."""
+    grid to :meth:`select_tokens` (a host read of the processor's grid); ``wants_blocks``: it passes
+    ``iaf_block`` to :meth:`select_slices`, with the pixels laid out in blocks."""
 
     name = "policy"
     wants_grid = False
+    wants_blocks = False
 
     def check_config(self, config) -> None:
         """ValueError for a pipeline config this policy cannot run under."""
