@@ -100,7 +100,7 @@ def test_to_device_pins_only_for_cuda(monkeypatch):
 
 
 def test_compact_indices_are_the_true_positions():
-    from medpruner.adapters.base import compact_indices
+    from medpruner.adapters.sequences import compact_indices
 
     for seed in range(5):
         mask = torch.rand(200, generator=torch.Generator().manual_seed(seed)) < 0.3

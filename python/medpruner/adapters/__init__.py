@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import importlib
 
-from medpruner.adapters.base import Adapter, PrunedCall, host_read, unpatch
+from medpruner.adapters.base import Adapter, PrunedCall, unpatch
+from medpruner.adapters.sequences import host_read
 
 __all__ = [
     "Adapter",

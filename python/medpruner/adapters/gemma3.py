@@ -25,7 +25,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from medpruner.adapters.base import Adapter, Encoded, SliceLayout, block_scores, to_device
+from medpruner.adapters.base import Adapter, Encoded, SliceLayout
+from medpruner.adapters.sequences import block_scores, to_device
 
 CHANNELS = 3  # SigLIP's RGB input
 

@@ -16,16 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from medpruner.adapters.base import (
-    TOWER_OUTPUT_FLAGS,
-    Adapter,
-    Encoded,
-    SliceLayout,
-    block_scores,
-    caller_positions,
-    range_index,
-    to_device,
-)
+from medpruner.adapters.base import TOWER_OUTPUT_FLAGS, Adapter, Encoded, SliceLayout
+from medpruner.adapters.sequences import block_scores, caller_positions, range_index, to_device
 from medpruner_kernels._validation import raise_pending_errors
 
 

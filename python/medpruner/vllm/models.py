@@ -26,9 +26,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medpruner.adapters.base import Adapter, block_scores, compact_indices, host_offsets, host_read, to_device
+from medpruner.adapters.base import Adapter
 from medpruner.adapters.qwen2_5_vl import Qwen25VLAdapter
 from medpruner.adapters.qwen3_vl import Qwen3VLAdapter
+from medpruner.adapters.sequences import block_scores, compact_indices, host_offsets, host_read, to_device
 from medpruner.vllm import _compat
 
 _compat.check()  # this module also loads in processes that never ran register() (model inspection)
