@@ -1,7 +1,7 @@
 """The one pruning pipeline every model family shares (:meth:`Adapter.prune`); the sync-free tensor
-surgery it needs is in :mod:`medpruner.adapters.sequences`. The patching of a model instance's ``forward`` and ``generate`` that calls it (the
-wrappers, the continuation bookkeeping on the cache, :func:`unpatch`) lives in
-:mod:`medpruner.adapters.patching`; :meth:`Adapter.patch` installs it.
+surgery it needs is in :mod:`medpruner.adapters.sequences`. The patching of a model instance's
+``forward`` and ``generate`` that calls it (the wrappers, the continuation bookkeeping on the cache,
+:func:`unpatch`) lives in :mod:`medpruner.adapters.patching`; :meth:`Adapter.patch` installs it.
 
 A family file subclasses :class:`Adapter` and fills in a small fixed set of hooks:
 

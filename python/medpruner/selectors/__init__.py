@@ -11,7 +11,7 @@ from medpruner.selectors import (  # noqa: F401  (each module registers its meth
     hiprune,
     iaf_only,
     medpruner,
-    medpruner_local,
+    medpruner_variants,
     none,
     random_tokens,
     topk_attention,
