@@ -23,6 +23,8 @@
 #   scripts/ci_vllm.sh                          # venv in .ci-vllm-venv (removed and rebuilt)
 #   MEDPRUNER_VLLM_VENV=/tmp/v scripts/ci_vllm.sh
 #   MEDPRUNER_VLLM_REUSE=1 scripts/ci_vllm.sh   # reuse an environment this script built (local runs)
+#   MEDPRUNER_VLLM_STAGE=build scripts/ci_vllm.sh   # only build the environment (.ci/run overlaps this
+#                                                   # with the main test suite), then STAGE=test runs it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,8 +38,17 @@ SIDE="$VENV/triton-side"
 PY="$VENV/bin/python"
 LOGS="$VENV/logs"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+STAGE="${MEDPRUNER_VLLM_STAGE:-all}"
+case "$STAGE" in
+    all|build|test) ;;
+    *) echo "MEDPRUNER_VLLM_STAGE must be all, build or test, got '$STAGE'" >&2; exit 2 ;;
+esac
+if [ "$STAGE" = test ] && { [ ! -x "$PY" ] || [ ! -d "$SIDE" ]; }; then
+    echo "MEDPRUNER_VLLM_STAGE=test needs the environment a build stage made in $VENV" >&2
+    exit 2
+fi
 
-if [ "${MEDPRUNER_VLLM_REUSE:-0}" = "1" ] && [ -x "$PY" ] && [ -d "$SIDE" ]; then
+if [ "$STAGE" = test ] || { [ "${MEDPRUNER_VLLM_REUSE:-0}" = "1" ] && [ -x "$PY" ] && [ -d "$SIDE" ]; }; then
     echo "reusing $VENV"
 else
 echo "::group::vLLM environment ($VENV)"
@@ -142,6 +153,9 @@ echo "::endgroup::"
 echo "Triton side folder built in $((SECONDS - side_started)) s"
 fi
 echo "environment ready in $((SECONDS - started)) s"
+if [ "$STAGE" = build ]; then
+    exit 0
+fi
 
 # run_tests NAME RUNNER(V1|V2) [pytest arguments...]: the log goes to $LOGS/NAME.log; prints the summary
 # (the failures too when any) and checks the runner the log names.

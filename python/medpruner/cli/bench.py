@@ -126,7 +126,11 @@ def cmd_bench(args) -> int:
             *args.pytest_args,
         ]
         print("running pytest, the current folder kept off its import path: " + " ".join(command[3:]), file=sys.stderr)
-        env = {**os.environ, "MEDPRUNER_BENCH_INFO": str(info_path)}
+        # The child is a pytest session of its own: called from inside a pytest-xdist worker it would
+        # inherit PYTEST_XDIST_WORKER, and pytest-benchmark then disables timing (and rejects
+        # --benchmark-only).
+        env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
+        env["MEDPRUNER_BENCH_INFO"] = str(info_path)
         # pytest's own output goes to stderr, line by line as it comes, so stdout carries only the
         # table (or the JSON).
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as child:
