@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from medpruner.checkpoints import TINY_VQA_PATCH, TINY_VQA_RESOLUTION, build_tiny_vqa, tiny_vqa_processor
+from medpruner.checkpoints import build_tiny_vqa, load_weights, tiny_vqa_patch, tiny_vqa_processor, tiny_vqa_resolution
 from medpruner.synthetic import task_module
 
 SEED = 0
@@ -47,46 +47,6 @@ END = "<|im_end|>"
 
 
 GROUP = 4
-V2_RESOLUTION = 64
-V2_PATCH = 8
-
-
-def tiny_vqa_v2_processor(padding_side: str = "left"):
-    """The v2 checkpoint's processor: byte-level tokenizer and 8-pixel-patch image processor."""
-    from medpruner._tiny import image_only_processor, qwen_image_processor, qwen_tokenizer
-    from transformers import Qwen3VLProcessor
-
-    image_processor = qwen_image_processor(V2_PATCH, max_merged_patches=64)
-    return image_only_processor(Qwen3VLProcessor, image_processor, qwen_tokenizer(padding_side))
-
-
-def tiny_vqa_v2_config(tokenizer):
-    """The v2 architecture: v1's (text width 128, 2 layers, 4 heads of dim 32; vision width 64, 2
-    layers) with 8-pixel patches, so a 64-pixel slice is 8 x 8 patches and 4 x 4 = 16 merged tokens
-    (the vision tower's 64 learned position embeddings are exactly that 8 x 8 grid)."""
-    from medpruner._tiny import tiny_qwen3_vl_config
-
-    return tiny_qwen3_vl_config(tokenizer, patch_size=V2_PATCH, max_position_embeddings=4096, vision_width=64,
-                                text_width=128, head_dim=32, tie_word_embeddings=True)
-
-
-def build_tiny_vqa_v2(tokenizer, *, seed: int = 0):
-    from medpruner._tiny import tiny_qwen3_vl_model
-
-    return tiny_qwen3_vl_model(tokenizer, seed=seed, config=tiny_vqa_v2_config(tokenizer))
-
-
-def load_weights(model, path: Path):
-    """``model`` with the fp16 weights of ``path`` (tied ``lm_head`` not stored), in float32 eval mode."""
-    from safetensors.torch import load_file
-
-    state = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if name != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the architecture: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model.eval()
 
 
 class Setup(NamedTuple):
@@ -107,10 +67,10 @@ class Setup(NamedTuple):
         return 1 + len(self.task.LESION_CLASSES) + (self.version >= 2)
 
     def processor(self):
-        return tiny_vqa_processor() if self.version == 1 else tiny_vqa_v2_processor()
+        return tiny_vqa_processor(version=self.version)
 
     def build(self, tokenizer, seed: int = SEED):
-        return (build_tiny_vqa if self.version == 1 else build_tiny_vqa_v2)(tokenizer, seed=seed)
+        return build_tiny_vqa(tokenizer, seed=seed, version=self.version)
 
     def load(self, weights: Path):
         """``(model, processor)`` from saved weights."""
@@ -119,9 +79,7 @@ class Setup(NamedTuple):
 
 
 def setup_for(version: int) -> Setup:
-    if version == 1:
-        return Setup(1, task_module(1), TINY_VQA_RESOLUTION, TINY_VQA_PATCH)
-    return Setup(version, task_module(version), V2_RESOLUTION, V2_PATCH)
+    return Setup(version, task_module(version), tiny_vqa_resolution(version), tiny_vqa_patch(version))
 
 
 def step_samples(step: int, batch_size: int, cache: dict, setup: Setup) -> list:
@@ -512,7 +470,7 @@ def load_shipped(setup: Setup, out: Path | None):
     if setup.version == 1:
         from medpruner.checkpoints import load_tiny_vqa
 
-        return load_tiny_vqa()
+        return load_tiny_vqa(version=1)
     if out is None:
         raise ValueError("--out names the folder of the weights to load")
     return setup.load(out / "model.safetensors")

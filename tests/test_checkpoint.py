@@ -1,6 +1,6 @@
-"""The shipped tiny VQA checkpoints: v1 (``checkpoints/tiny_vqa``, 4 tokens per slice, task v1) loads
-offline from package data, v2 (``checkpoints/tiny_vqa_v2``, 16 tokens per slice, the CT-like task v2)
-loads through the training script until the package loader switches to it. Each answers a fixed test
+"""The shipped tiny VQA checkpoints: v1 (``checkpoints/tiny_vqa``, 4 tokens per slice, task v1) and v2
+(``checkpoints/tiny_vqa_v2``, 16 tokens per slice, the CT-like task v2) load offline from package data
+(``load_tiny_vqa(version=...)``). Each answers a fixed test
 subset above chance, its record is above every question type's majority answer, the script's fast
 input path equals ``volume_to_inputs``, and a short run of the script reproduces the start of the
 recorded training curve."""
@@ -17,6 +17,8 @@ import pytest
 import torch
 from medpruner.checkpoints import (
     TINY_VQA_RESOLUTION,
+    TINY_VQA_V2_DIR,
+    TINY_VQA_V2_WEIGHTS,
     TINY_VQA_WEIGHTS,
     load_tiny_vqa,
 )
@@ -24,9 +26,8 @@ from medpruner.pipeline import volume_to_inputs
 from medpruner.synthetic import ct, generate_split
 
 ROOT = Path(__file__).resolve().parents[1]
-V2_DIR = ROOT / "python" / "medpruner" / "checkpoints" / "tiny_vqa_v2"
-V2_WEIGHTS = V2_DIR / "model.safetensors"
-V2_RECORD = V2_DIR / "training.json"
+V2_WEIGHTS = TINY_VQA_V2_WEIGHTS
+V2_RECORD = TINY_VQA_V2_DIR / "training.json"
 # The v2 weights are trained by scripts/train_tiny_vqa.py (issue 26); until they are in the package the
 # v2 checkpoint tests skip, naming why (the v2 training-script tests run regardless).
 needs_v2 = pytest.mark.skipif(not V2_WEIGHTS.is_file(), reason=f"no v2 checkpoint at {V2_WEIGHTS}")
@@ -59,8 +60,8 @@ def checkpoint():
 
 
 @pytest.fixture(scope="module")
-def checkpoint_v2(script):
-    return script.setup_for(2).load(V2_WEIGHTS)
+def checkpoint_v2():
+    return load_tiny_vqa(version=2)
 
 
 def test_weights_are_small_package_data():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,60 @@ def test_offline_default_is_the_synthetic_split_on_the_checkpoint(tmp_path, caps
     capsys.readouterr()
     assert data.stat().st_mtime_ns == before
     assert len((out / "samples.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_model_tiny_vqa_v2_runs_the_v2_task_at_16_tokens_a_slice(tmp_path, capsys, monkeypatch):
+    """``--model tiny-vqa-v2`` without --data: the CT-like task v2's test split (its own folder), the v2
+    checkpoint at its training resolution through 8-pixel patches (16 visual tokens a slice), named as v2
+    in the summary. The weights here are the untrained v2 architecture saved as the training
+    script saves them: the wiring is tested, not the accuracy (tests/test_checkpoint.py does that)."""
+    import medpruner.checkpoints as checkpoints
+    from medpruner.cli.models import TINY_VQA_V2_NAME
+    from medpruner.synthetic import ct
+
+    script = _train_script()
+    processor = checkpoints.tiny_vqa_processor(version=2)
+    weights = script.save(checkpoints.build_tiny_vqa(processor.tokenizer, version=2), tmp_path / "v2")
+    monkeypatch.setattr(checkpoints, "TINY_VQA_V2_WEIGHTS", weights)
+    out = tmp_path / "out"
+    args = ["eval", "--out", str(out), "--model", "tiny-vqa-v2", "--synthetic-volumes", "2", "--methods",
+            "medpruner", "--bootstrap", "20", "--device", "cpu", "--no-progress", "--no-html", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    expected = ct.generate_split("test", 2)
+    assert summary["model"] == TINY_VQA_V2_NAME and summary["settings"]["resolution"] == 64
+    assert summary["dataset"]["samples"] == len(expected)
+    assert (out / "synthetic-v2-test" / "test-2.jsonl").is_file() and not (out / "synthetic-test").exists()
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    reference = [r for r in records if r["method"] == "none"]
+    assert [r["question"] for r in reference] == [s.question for s in expected]
+    assert all(r["tokens_total"] == ct.TOKENS_PER_SLICE * r["slices_total"] for r in reference)
+
+
+def test_tiny_vqa_v2_loader_errors(tmp_path, monkeypatch, capsys):
+    """Missing v2 weights name the command that trains them (the CLI says which --model failed); a
+    version that does not exist is a ValueError naming the argument."""
+    import medpruner.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "TINY_VQA_V2_WEIGHTS", tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match="train_tiny_vqa.py --version 2"):
+        checkpoints.load_tiny_vqa(version=2)
+    assert main(["eval", "--out", str(tmp_path / "out"), "--model", "tiny-vqa-v2", "--synthetic-volumes", "1",
+                 "--device", "cpu", "--no-progress", "--no-html"]) == 2
+    assert "--model tiny-vqa-v2: cannot load the shipped checkpoint" in capsys.readouterr().err
+    for version in (0, 3, True, "2"):
+        with pytest.raises(ValueError, match="version must be one of"):
+            checkpoints.load_tiny_vqa(version=version)
+
+
+def _train_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_vqa.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_vqa", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_vllm_engine_usage_errors(tmp_path, capsys, monkeypatch):

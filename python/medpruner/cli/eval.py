@@ -37,35 +37,43 @@ SYNTHETIC_VOLUMES = 200
 
 def default_model(device):
     """The model ``medpruner eval`` uses without ``--model``: the shipped checkpoint trained on the
-    synthetic 3D VQA task (:func:`medpruner.cli.models.tiny_vqa`)."""
+    synthetic 3D VQA task v1 (:func:`medpruner.cli.models.tiny_vqa`; ``--model tiny-vqa-v2`` names v2)."""
     from medpruner.cli.models import tiny_vqa
 
     return tiny_vqa(device)
 
 
 def default_resolution(model_path: str | None) -> int:
-    """The slice side fed to the model when ``--resolution`` is not given: the checkpoint's training
-    resolution for the default model, 224 for a user's checkpoint."""
-    from medpruner.checkpoints import TINY_VQA_RESOLUTION
-    from medpruner.cli.models import MODEL_RESOLUTION
+    """The slice side fed to the model when ``--resolution`` is not given: the training resolution of
+    the default model or a shipped one named by ``--model``, 224 for a user's checkpoint."""
+    from medpruner.checkpoints import tiny_vqa_resolution
+    from medpruner.cli.models import MODEL_RESOLUTION, shipped_version
 
-    return MODEL_RESOLUTION if model_path else TINY_VQA_RESOLUTION
+    if model_path is None:
+        return tiny_vqa_resolution(1)
+    version = shipped_version(model_path)
+    return MODEL_RESOLUTION if version is None else tiny_vqa_resolution(version)
 
 
-def synthetic_dataset(out_dir: Path, volumes: int, split: str = "test") -> Path:
-    """The synthetic task's ``split`` ("test", or "val" to tune on: disjoint seeded streams), its first
-    ``volumes`` volumes (about 3 questions each), written as generic JSONL under
-    ``out_dir/synthetic-<split>`` (categories: the lesion class, long-tailed, for the audit), reused
-    when already there with the same size. Returns the JSONL path."""
-    from medpruner.synthetic import generate_split, write_jsonl
+def synthetic_dataset(out_dir: Path, volumes: int, split: str = "test", version: int = 1) -> Path:
+    """Synthetic task ``version``'s ``split`` ("test", or "val" to tune on: disjoint seeded streams), its
+    first ``volumes`` volumes (about 3-4 questions each), written as generic JSONL under
+    ``out_dir/synthetic-<split>`` (v1) or ``out_dir/synthetic-v2-<split>`` (categories: the lesion
+    class, long-tailed, for the audit), reused when already there with the same size. Returns the
+    JSONL path."""
+    from medpruner.synthetic import task_module, write_jsonl
 
     if split not in SYNTHETIC_SPLITS:
         raise CommandError(f"--split {split}: the synthetic task (without --data) has the splits "
                            f"{', '.join(SYNTHETIC_SPLITS)}")
-    folder = out_dir / (SYNTHETIC_DIR if split == "test" else f"synthetic-{split}")
+    if version == 1:
+        folder = out_dir / (SYNTHETIC_DIR if split == "test" else f"synthetic-{split}")
+    else:
+        folder = out_dir / f"synthetic-v{version}-{split}"
     path = folder / f"{split}-{volumes}.jsonl"
     if not path.is_file():
-        written = write_jsonl(generate_split(split, volumes), folder, name=path.name + ".partial", category="class")
+        samples = task_module(version).generate_split(split, volumes)
+        written = write_jsonl(samples, folder, name=path.name + ".partial", category="class")
         written.replace(path)
     return path
 
@@ -230,7 +238,12 @@ def cmd_eval(args) -> int:
     if args.data is None:
         if args.format not in (None, "jsonl"):
             raise CommandError(f"--format {args.format} needs --data (without --data the synthetic split is jsonl)")
-        args.data, args.format = str(synthetic_dataset(Path(args.out), args.synthetic_volumes, args.split)), "jsonl"
+        from medpruner.cli.models import shipped_version
+
+        # The synthetic task the shipped checkpoint was trained on; v1 for the default or a user's model.
+        version = shipped_version(args.model) or 1
+        path = synthetic_dataset(Path(args.out), args.synthetic_volumes, args.split, version)
+        args.data, args.format = str(path), "jsonl"
     elif args.format is None:
         raise CommandError(f"--data needs --format (one of {', '.join(FORMATS)})")
     if args.subtask is not None and args.format != "3drad":

@@ -75,15 +75,25 @@ _IMAGE_ONLY_PROCESSORS = {
 }
 
 
-# ``--model`` names of the checkpoints that ship with the package (no folder, no download).
-SHIPPED_MODELS = ("tiny-vqa",)
+# ``--model`` names of the checkpoints that ship with the package (no folder, no download), and the
+# synthetic task version each was trained on.
+SHIPPED_MODELS = {"tiny-vqa": 1, "tiny-vqa-v2": 2}
+
+
+def shipped_version(path: str | None) -> int | None:
+    """The synthetic task version of ``--model`` when it names a shipped checkpoint (and no folder of
+    that name exists), else None."""
+    if path is None or str(path) not in SHIPPED_MODELS or Path(path).exists():
+        return None
+    return SHIPPED_MODELS[str(path)]
 
 
 def load_model(path: str, device) -> ModelBundle:
-    """A local Hugging Face checkpoint (model + processor), or ``tiny-vqa``: the shipped synthetic-VQA
-    checkpoint (:func:`tiny_vqa`); nothing is downloaded."""
-    if str(path) == "tiny-vqa" and not Path(path).exists():
-        return tiny_vqa(device)
+    """A local Hugging Face checkpoint (model + processor), or a shipped synthetic-VQA checkpoint named
+    as in :data:`SHIPPED_MODELS` (:func:`tiny_vqa`); nothing is downloaded."""
+    version = shipped_version(path)
+    if version is not None:
+        return tiny_vqa(device, version)
     if not Path(path).is_dir():
         raise CommandError(
             f"--model {path}: not a folder (pass a local checkpoint saved with save_pretrained, or "
@@ -130,19 +140,40 @@ def tiny_qwen3_vl(device, seed: int = 0) -> ModelBundle:
 
 
 TINY_VQA_NAME = "tiny synthetic-VQA Qwen3-VL (medpruner.checkpoints.tiny_vqa)"
+TINY_VQA_V2_NAME = "tiny synthetic-VQA v2 Qwen3-VL (medpruner.checkpoints.tiny_vqa_v2)"
 
 
-def tiny_vqa(device) -> ModelBundle:
-    """The shipped checkpoint trained on the synthetic 3D VQA task (:mod:`medpruner.checkpoints`):
-    real, lesion-focused attention, offline. Feed it slices of ``TINY_VQA_RESOLUTION`` pixels."""
-    from medpruner.checkpoints import TINY_VQA_RESOLUTION, load_tiny_vqa
+def tiny_vqa_name(version: int = 1) -> str:
+    """The model name records of shipped checkpoint ``version`` carry (part of the eval's resume key)."""
+    return TINY_VQA_NAME if version == 1 else TINY_VQA_V2_NAME
 
+
+def model_name(path: str) -> str:
+    """The name a loaded ``--model path`` records: a shipped checkpoint's name, else the path."""
+    version = shipped_version(path)
+    return str(path) if version is None else tiny_vqa_name(version)
+
+
+def check_model_path(path: str | None) -> None:
+    """``--model`` for engines whose workers load the model themselves: a folder or a shipped name."""
+    if path is not None and shipped_version(path) is None and not Path(path).is_dir():
+        raise CommandError(f"--model {path}: not a folder (a local checkpoint saved with save_pretrained, or "
+                           f"{' / '.join(SHIPPED_MODELS)} for a shipped checkpoint)")
+
+
+def tiny_vqa(device, version: int = 1) -> ModelBundle:
+    """Shipped checkpoint ``version``, trained on synthetic 3D VQA task ``version``
+    (:mod:`medpruner.checkpoints`): real, lesion-focused attention, offline. Feed it slices of
+    ``tiny_vqa_resolution(version)`` pixels."""
+    from medpruner.checkpoints import load_tiny_vqa, tiny_vqa_resolution
+
+    name = next(name for name, v in SHIPPED_MODELS.items() if v == version)
     try:
-        model, processor = load_tiny_vqa(device)
+        model, processor = load_tiny_vqa(device, version=version)
     except (OSError, ValueError) as err:
-        raise CommandError(f"--model tiny-vqa: cannot load the shipped checkpoint ({err})") from err
-    bundle = _bundle(model, processor, TINY_VQA_NAME)
-    bundle.resolution = TINY_VQA_RESOLUTION
+        raise CommandError(f"--model {name}: cannot load the shipped checkpoint ({err})") from err
+    bundle = _bundle(model, processor, tiny_vqa_name(version))
+    bundle.resolution = tiny_vqa_resolution(version)
     return bundle
 
 

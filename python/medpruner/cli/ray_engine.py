@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medpruner.cli.common import CommandError
-from medpruner.cli.models import MODEL_RESOLUTION, token_options
+from medpruner.cli.models import MODEL_RESOLUTION, check_model_path, token_options
 
 
 def add_engine_options(parser, *, vllm_help: str | None = None) -> None:
@@ -74,8 +74,7 @@ def prune_ray(args) -> int:
     paths = read_manifest(args.volumes)
     model = tokens = None
     if args.model is not None:
-        if not Path(args.model).is_dir():
-            raise CommandError(f"--model {args.model}: not a folder (a local checkpoint saved with save_pretrained)")
+        check_model_path(args.model)
         model = ModelRef(args.model)
         tokens = token_options(args, None, MODEL_RESOLUTION)
     status, _ = prune_job(
@@ -92,8 +91,7 @@ def eval_ray(args, dataset, settings, resolution: int) -> dict:
     _check_ray(args)
     from medpruner.distributed import EvalModelRef, eval_job
 
-    if args.model is not None and not Path(args.model).is_dir():
-        raise CommandError(f"--model {args.model}: not a folder (a local checkpoint saved with save_pretrained)")
+    check_model_path(args.model)
     model = EvalModelRef(args.model, resolution, args.device)
     return eval_job(dataset, model, settings, Path(args.out), options=_options(args), html=not args.no_html,
                     shard_rows=args.shard_rows)

@@ -53,9 +53,9 @@ class EvalModelRef:
 
     @property
     def name(self) -> str:
-        from medpruner.cli.models import TINY_VQA_NAME
+        from medpruner.cli.models import model_name, tiny_vqa_name
 
-        return TINY_VQA_NAME if self.path is None else str(self.path)
+        return tiny_vqa_name(1) if self.path is None else model_name(self.path)
 
     def load(self):
         from medpruner.cli.eval import eval_model

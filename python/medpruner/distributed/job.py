@@ -37,7 +37,7 @@ from medpruner.cli.batch import (
     expand_inputs,
 )
 from medpruner.cli.common import CommandError, pick_device
-from medpruner.cli.models import TINY_QWEN3_VL_NAME, TokenOptions, load_model, tiny_qwen3_vl
+from medpruner.cli.models import TINY_QWEN3_VL_NAME, TokenOptions, load_model, model_name, tiny_qwen3_vl
 from medpruner.cli.prune import prune_loaded
 from medpruner.distributed.shards import ShardWriter, shard_files
 from medpruner.report import to_json
@@ -72,7 +72,7 @@ class ModelRef:
 
     @property
     def name(self) -> str:
-        return TINY_QWEN3_VL_NAME if self.path is None else str(self.path)
+        return TINY_QWEN3_VL_NAME if self.path is None else model_name(self.path)
 
     def load(self, device):
         return tiny_qwen3_vl(device) if self.path is None else load_model(self.path, device)
