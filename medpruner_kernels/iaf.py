@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, is_traced, resolve_backend
+from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, call_op, is_traced, resolve_backend
 from medpruner_kernels._validation import (
     VOLUME_DTYPES,
     check_cu_seqlens,
@@ -343,13 +343,13 @@ def _launch_iaf(slices, cu_seqlens, gamma):
     tiles = triton.cdiv(cols, BLOCK)
     chunk_len, chunks = _band_chunks(rows, tiles)
     part = torch.empty(tiles * rows * BAND, dtype=torch.float32, device=device)
-    wrap_triton(_iaf_band_kernel)[(tiles, chunks)](
+    _iaf_band_kernel[(tiles, chunks)](
         slices, part, slices.stride(0), rows, cols, chunk_len, BAND=BAND, BLOCK=BLOCK, num_warps=4
     )
     band = part
     if tiles > 1:
         band = torch.empty(rows * BAND, dtype=torch.float32, device=device)
-        wrap_triton(_iaf_band_reduce_kernel)[(triton.cdiv(rows * BAND, 1024),)](
+        _iaf_band_reduce_kernel[(triton.cdiv(rows * BAND, 1024),)](
             part, band, rows * BAND, tiles, BLOCK_R=1024, num_warps=4
         )
     pieces = triton.cdiv(cols, ROW_BLOCK)
@@ -357,7 +357,7 @@ def _launch_iaf(slices, cu_seqlens, gamma):
     ctl = torch.zeros(1 + segments * CTL_WORDS, dtype=torch.int32, device=device)
     keep = torch.zeros(rows, dtype=torch.int8, device=device)
     dist = torch.zeros(rows, dtype=torch.float32, device=device)
-    wrap_triton(_iaf_scan_kernel)[(segments + _num_workers(device),)](
+    _iaf_scan_kernel[(segments + _num_workers(device),)](
         slices, band, row_part, ctl, cu_seqlens, keep, dist, gamma, 1.0 / cols, slices.stride(0), cols,
         segments, pieces, BAND=BAND, ROW_LEN=ROW_LEN, ROW_PAD=triton.next_power_of_2(ROW_LEN),
         SCAN_BLOCK=SCAN_BLOCK, ROW_BLOCK=ROW_BLOCK, PIECE_CHUNK=PIECE_CHUNK, num_warps=1,
@@ -369,7 +369,7 @@ def _launch_pair_distances(slices, anchor):
     rows, cols = slices.shape
     tile_cols, num_tiles = _tiling(cols)
     part = torch.empty(rows, num_tiles, dtype=torch.float32, device=slices.device)
-    wrap_triton(_pair_distance_kernel)[(rows, num_tiles)](
+    _pair_distance_kernel[(rows, num_tiles)](
         slices, anchor, part, slices.stride(0), cols, tile_cols, num_tiles, BLOCK_P=BLOCK_P
     )
     return part.sum(dim=1) / cols
@@ -467,57 +467,49 @@ def _torch_iaf_device(slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: flo
 
 
 # ------------------------------------------------------------------------------------ registered ops
-if TRITON_AVAILABLE:
-    from torch.library import triton_op, wrap_triton
-
-    @triton_op("medpruner::iaf_select_triton", mutates_args=())
-    def _iaf_select_triton(
-        slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch_iaf(slices, cu_seqlens, gamma)
-
-    @triton_op("medpruner::anchor_distances_triton", mutates_args=())
-    def _anchor_distances_triton(slices: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return _launch_pair_distances(slices, anchor)
+# One op per public function; every backend's kernel takes the same arguments: the [rows, cols] slices,
+# int32 offsets or None (volumes of ``seqlen`` rows each; with offsets ``seqlen`` is the longest).
+def _iaf_select_triton(slices, cu_seqlens, seqlen, gamma):
+    return _launch_iaf(slices, _offsets(cu_seqlens, slices.shape[0], seqlen, slices.device), gamma)
 
 
-@torch.library.custom_op("medpruner::iaf_select_cpp", mutates_args=())
-def _iaf_select_cpp(
-    slices: torch.Tensor, cu_seqlens: torch.Tensor | None, seqlen: int, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _iaf_select_cpp(slices, cu_seqlens, seqlen, gamma):
     return _C.iaf_select(slices, cu_seqlens, seqlen, gamma)
 
 
-@torch.library.custom_op("medpruner::anchor_distances_cpp", mutates_args=())
-def _anchor_distances_cpp(slices: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    return _C.anchor_distances(slices, anchor)
+def _iaf_select_torch(slices, cu_seqlens, seqlen, gamma):
+    return _torch_iaf(slices, _offsets(cu_seqlens, slices.shape[0], seqlen, slices.device), gamma, seqlen)
 
 
-@torch.library.custom_op("medpruner::iaf_select_torch", mutates_args=())
-def _iaf_select_torch(
-    slices: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float, max_len: int
+_IAF_SELECT_KERNELS = {"triton": _iaf_select_triton, "cpp": _iaf_select_cpp, "torch": _iaf_select_torch}
+_ANCHOR_DISTANCES_KERNELS = {
+    "triton": lambda slices, anchor: _launch_pair_distances(slices, anchor),
+    "cpp": lambda slices, anchor: _C.anchor_distances(slices, anchor),
+    "torch": _torch_pair_distances,
+}
+
+
+@torch.library.custom_op("medpruner::iaf_select", mutates_args=())
+def _iaf_select_op(
+    slices: torch.Tensor, cu_seqlens: torch.Tensor | None, seqlen: int, gamma: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _torch_iaf(slices, cu_seqlens, gamma, max_len)
+    return _IAF_SELECT_KERNELS[backend](slices, cu_seqlens, seqlen, gamma)
 
 
-@torch.library.custom_op("medpruner::anchor_distances_torch", mutates_args=())
-def _anchor_distances_torch(slices: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    return _torch_pair_distances(slices, anchor)
-
-
-def _fake_keep_dist(slices, *args):
+@_iaf_select_op.register_fake
+def _(slices, cu_seqlens, seqlen, gamma, backend):
     rows = slices.shape[0]
     return slices.new_empty(rows, dtype=torch.bool), slices.new_empty(rows, dtype=torch.float32)
 
 
-def _fake_dist(slices, anchor):
+@torch.library.custom_op("medpruner::anchor_distances", mutates_args=())
+def _anchor_distances_op(slices: torch.Tensor, anchor: torch.Tensor, backend: str) -> torch.Tensor:
+    return _ANCHOR_DISTANCES_KERNELS[backend](slices, anchor)
+
+
+@_anchor_distances_op.register_fake
+def _(slices, anchor, backend):
     return slices.new_empty(slices.shape[0], dtype=torch.float32)
-
-
-for _op in (_iaf_select_cpp, _iaf_select_torch):
-    _op.register_fake(_fake_keep_dist)
-for _op in (_anchor_distances_cpp, _anchor_distances_torch):
-    _op.register_fake(_fake_dist)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -616,17 +608,11 @@ def iaf_select(
         keep = torch.zeros(0, dtype=torch.bool, device=volume.device)
         dist = torch.zeros(0, dtype=torch.float32, device=volume.device)
     elif chosen == "cpp":
-        # Raises on NaN/Inf itself. Outside a traced graph the extension is called directly: the
-        # custom-op layer costs ~40 us of Python per call, and ~0.4 ms right after the pass has
-        # streamed a volume-sized input through the caches (its code and data are evicted).
-        run = _iaf_select_cpp if is_traced(slices) else _C.iaf_select
-        keep, dist = run(slices, cu, max_len, gamma)
+        # The compiled kernel raises on NaN/Inf itself, and takes a uniform length without offsets.
+        keep, dist = call_op(_iaf_select_op, _IAF_SELECT_KERNELS, chosen, slices, cu, max_len, gamma)
     else:
         cu = _offsets(cu, rows, max_len, volume.device)
-        if chosen == "triton":
-            keep, dist = _iaf_select_triton(slices, cu, gamma)
-        else:
-            keep, dist = _iaf_select_torch(slices, cu, gamma, max_len)
+        keep, dist = call_op(_iaf_select_op, _IAF_SELECT_KERNELS, chosen, slices, cu, max_len, gamma)
         _check_finite_volume(op, slices, cu, dist)
     if keep.shape != mask_shape:
         keep = keep.reshape(mask_shape)
@@ -639,12 +625,13 @@ def _check_finite_volume(op: str, slices: torch.Tensor, cu: torch.Tensor, dist: 
     """NaN/Inf check fused into the distance pass: a non-finite value makes every distance it enters
     non-finite, and every slice of a volume of two or more slices enters one (slice 0 with slice 1).
     A separate pre-pass would read the whole volume a second time (2x the bytes of the op itself);
-    only 1-slice volumes, which compare nothing, are read again. On CUDA and under torch.compile the
-    segment lengths are not read on the host, so the first slice of every volume is checked instead."""
+    only 1-slice volumes, which compare nothing, are read again. On CUDA and in a traced graph
+    (torch.compile, make_fx, ...) the segment lengths are not read on the host, so the first slice of
+    every volume is checked instead."""
     if not slices.dtype.is_floating_point or slices.shape[0] == 0:
         return
     bad = ~torch.isfinite(dist).all()
-    if slices.device.type == "cpu" and not torch.compiler.is_compiling():
+    if slices.device.type == "cpu" and not is_traced(slices):
         starts = cu[:-1][(cu[1:] - cu[:-1]) == 1]
         lone_rows = slices.index_select(0, starts.to(torch.int64)) if starts.numel() else None
     else:
@@ -703,14 +690,8 @@ def anchor_distances(
         return torch.zeros(mask_shape, dtype=torch.float32, device=volume.device)
     cu = _offsets(cu, slices.shape[0], seqlen, volume.device)
     anchor = _anchor_index(keep.reshape(-1), cu)
-    if chosen == "cpp":
-        run = _anchor_distances_cpp if is_traced(slices) else _C.anchor_distances
-        dist = run(slices, anchor)  # raises on NaN/Inf itself
-    else:
-        if chosen == "triton":
-            dist = _anchor_distances_triton(slices, anchor)
-        else:
-            dist = _anchor_distances_torch(slices, anchor)
+    dist = call_op(_anchor_distances_op, _ANCHOR_DISTANCES_KERNELS, chosen, slices, anchor)
+    if chosen != "cpp":  # the compiled kernel raises on NaN/Inf itself
         _check_finite_volume(op, slices, cu, dist)
     return dist.reshape(mask_shape)
 

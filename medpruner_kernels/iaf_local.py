@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, is_traced, resolve_backend
+from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, call_op, resolve_backend
 from medpruner_kernels._validation import VOLUME_DTYPES, check_gamma
 from medpruner_kernels.iaf import _as_rows, _check_finite_volume, _offsets
 
@@ -140,10 +140,10 @@ def _launch_local(slices: torch.Tensor, cu: torch.Tensor, block: int, gamma: flo
     flags = torch.zeros(rows, dtype=torch.int8, device=device)
     keep = torch.zeros(rows, dtype=torch.int8, device=device)
     dist = torch.zeros(rows, dtype=torch.float32, device=device)
-    torch.library.wrap_triton(_local_band_kernel)[(rows, num_blocks)](
+    _local_band_kernel[(rows, num_blocks)](
         slices, _row_ends(cu, rows), band, flags, slices.stride(0), block, BAND=BAND, CHUNK=CHUNK, num_warps=4
     )
-    torch.library.wrap_triton(_local_scan_kernel)[(cu.numel() - 1,)](
+    _local_scan_kernel[(cu.numel() - 1,)](
         slices,
         band,
         cu,
@@ -191,37 +191,35 @@ def _torch_local(slices: torch.Tensor, cu: torch.Tensor, block: int, gamma: floa
 
 
 # ------------------------------------------------------------------------------------ registered ops
-if TRITON_AVAILABLE:
-    from torch.library import triton_op
-
-    @triton_op("medpruner::iaf_local_select_triton", mutates_args=())
-    def _iaf_local_select_triton(
-        slices: torch.Tensor, cu_seqlens: torch.Tensor, block: int, gamma: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch_local(slices, cu_seqlens, block, gamma)
+# One op; every backend's kernel takes the [rows, cols] slices, int32 offsets or None (volumes of
+# ``seqlen`` rows each; with offsets ``seqlen`` is the longest), the block length and gamma.
+def _iaf_local_select_triton(slices, cu_seqlens, seqlen, block, gamma):
+    return _launch_local(slices, _offsets(cu_seqlens, slices.shape[0], seqlen, slices.device), block, gamma)
 
 
-@torch.library.custom_op("medpruner::iaf_local_select_cpp", mutates_args=())
-def _iaf_local_select_cpp(
-    slices: torch.Tensor, cu_seqlens: torch.Tensor | None, seqlen: int, block: int, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _iaf_local_select_cpp(slices, cu_seqlens, seqlen, block, gamma):
     return _C.iaf_local_select(slices, cu_seqlens, seqlen, block, gamma)
 
 
-@torch.library.custom_op("medpruner::iaf_local_select_torch", mutates_args=())
-def _iaf_local_select_torch(
-    slices: torch.Tensor, cu_seqlens: torch.Tensor, block: int, gamma: float, max_len: int
+def _iaf_local_select_torch(slices, cu_seqlens, seqlen, block, gamma):
+    cu = _offsets(cu_seqlens, slices.shape[0], seqlen, slices.device)
+    return _torch_local(slices, cu, block, gamma, seqlen)
+
+
+_KERNELS = {"triton": _iaf_local_select_triton, "cpp": _iaf_local_select_cpp, "torch": _iaf_local_select_torch}
+
+
+@torch.library.custom_op("medpruner::iaf_local_select", mutates_args=())
+def _iaf_local_select_op(
+    slices: torch.Tensor, cu_seqlens: torch.Tensor | None, seqlen: int, block: int, gamma: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _torch_local(slices, cu_seqlens, block, gamma, max_len)
+    return _KERNELS[backend](slices, cu_seqlens, seqlen, block, gamma)
 
 
-def _fake_keep_dist(slices, *args):
+@_iaf_local_select_op.register_fake
+def _(slices, cu_seqlens, seqlen, block, gamma, backend):
     rows = slices.shape[0]
     return slices.new_empty(rows, dtype=torch.bool), slices.new_empty(rows, dtype=torch.float32)
-
-
-for _op in (_iaf_local_select_cpp, _iaf_local_select_torch):
-    _op.register_fake(_fake_keep_dist)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -308,15 +306,11 @@ def iaf_local_select(
     if rows == 0:
         keep = torch.zeros(0, dtype=torch.bool, device=volume.device)
         dist = torch.zeros(0, dtype=torch.float32, device=volume.device)
-    elif chosen == "cpp":
-        run = _iaf_local_select_cpp if is_traced(slices) else _C.iaf_local_select
-        keep, dist = run(slices, cu, max_len, block_len, gamma)  # raises on NaN/Inf itself
+    elif chosen == "cpp":  # the compiled kernel raises on NaN/Inf itself
+        keep, dist = call_op(_iaf_local_select_op, _KERNELS, chosen, slices, cu, max_len, block_len, gamma)
     else:
         cu = _offsets(cu, rows, max_len, volume.device)
-        if chosen == "triton":
-            keep, dist = _iaf_local_select_triton(slices, cu, block_len, gamma)
-        else:
-            keep, dist = _iaf_local_select_torch(slices, cu, block_len, gamma, max_len)
+        keep, dist = call_op(_iaf_local_select_op, _KERNELS, chosen, slices, cu, max_len, block_len, gamma)
         _check_finite_volume(op, slices, cu, dist)
     if keep.shape != mask_shape:
         keep = keep.reshape(mask_shape)

@@ -25,7 +25,7 @@ import math
 import torch
 
 from medpruner_kernels import _validation
-from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, resolve_backend
+from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, call_op, resolve_backend
 from medpruner_kernels._triton_common import _bf16_interpreted, interpreter_tiles
 
 _OP = "attention_importance"
@@ -231,53 +231,40 @@ def _triton_config(head_dim: int, dtype: torch.dtype, device: torch.device):
     return 64, 64, block_d, {"num_warps": 4, "num_stages": 2}
 
 
-if TRITON_AVAILABLE:
-
-    @torch.library.triton_op("medpruner::attention_importance_triton", mutates_args=())
-    def _importance_triton(
-        q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int
-    ) -> torch.Tensor:
-        num_tokens, num_heads, head_dim = q.shape
-        if num_tokens == 0:
-            return q.new_zeros((0,), dtype=torch.float32)
-        block_m, block_n, block_d, launch = _triton_config(head_dim, q.dtype, q.device)
-        ieee = q.dtype == torch.float32
-        upcast = _bf16_interpreted(q)
-        qk_scale_log2 = scale * _LOG2E
-        unit = _stride_unit(q, k)
-        strides = (q.stride(0) // unit, q.stride(1) // unit, q.stride(2),
-                   k.stride(0) // unit, k.stride(1) // unit, k.stride(2))  # fmt: skip
-        lse = torch.empty((num_tokens, num_heads), device=q.device, dtype=torch.float32)
-        row0, seg, programs = _block_table(cu_seqlens, num_tokens, block_m)
-        torch.library.wrap_triton(_row_lse_kernel)[(programs, num_heads)](
-            q, k, lse, cu_seqlens, row0, seg,
-            *strides, num_heads, qk_scale_log2, HEAD_DIM=head_dim, STRIDE_UNIT=unit,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
-        )  # fmt: skip
-        partial = torch.empty((num_heads, num_tokens), device=q.device, dtype=torch.float32)
-        col0, seg, programs = _block_table(cu_seqlens, num_tokens, block_n)
-        torch.library.wrap_triton(_column_sum_kernel)[(programs, num_heads)](
-            q, k, lse, partial, cu_seqlens, col0, seg,
-            *strides, num_tokens, num_heads, qk_scale_log2, HEAD_DIM=head_dim, STRIDE_UNIT=unit,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
-        )  # fmt: skip
-        return _group_mean(partial.sum(dim=0) / num_heads, group)
+def _importance_triton(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int):
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return q.new_zeros((0,), dtype=torch.float32)
+    block_m, block_n, block_d, launch = _triton_config(head_dim, q.dtype, q.device)
+    ieee = q.dtype == torch.float32
+    upcast = _bf16_interpreted(q)
+    qk_scale_log2 = scale * _LOG2E
+    unit = _stride_unit(q, k)
+    strides = (q.stride(0) // unit, q.stride(1) // unit, q.stride(2),
+               k.stride(0) // unit, k.stride(1) // unit, k.stride(2))  # fmt: skip
+    lse = torch.empty((num_tokens, num_heads), device=q.device, dtype=torch.float32)
+    row0, seg, programs = _block_table(cu_seqlens, num_tokens, block_m)
+    _row_lse_kernel[(programs, num_heads)](
+        q, k, lse, cu_seqlens, row0, seg,
+        *strides, num_heads, qk_scale_log2, HEAD_DIM=head_dim, STRIDE_UNIT=unit,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
+    )  # fmt: skip
+    partial = torch.empty((num_heads, num_tokens), device=q.device, dtype=torch.float32)
+    col0, seg, programs = _block_table(cu_seqlens, num_tokens, block_n)
+    _column_sum_kernel[(programs, num_heads)](
+        q, k, lse, partial, cu_seqlens, col0, seg,
+        *strides, num_tokens, num_heads, qk_scale_log2, HEAD_DIM=head_dim, STRIDE_UNIT=unit,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE_DOT=ieee, UPCAST=upcast, **launch,
+    )  # fmt: skip
+    return _group_mean(partial.sum(dim=0) / num_heads, group)
 
 
 def _group_mean(received: torch.Tensor, group: int) -> torch.Tensor:
     return received.reshape(-1, group).mean(dim=1) if group > 1 else received
 
 
-@torch.library.custom_op("medpruner::attention_importance_cpp", mutates_args=())
-def _importance_cpp(
-    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int
-) -> torch.Tensor:
+def _importance_cpp(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int):
     return _group_mean(_C.attention_importance(q, k, cu_seqlens, scale), group)
-
-
-@_importance_cpp.register_fake
-def _(q, k, cu_seqlens, scale, group):
-    return q.new_empty((q.shape[0] // group,), dtype=torch.float32)
 
 
 # Elements of one chunk of scores (heads x queries x keys): 4 Mi fp32 = 16 MiB whatever N is.
@@ -301,10 +288,7 @@ def _importance_torch_segments(q, k, starts: list[int], length: int, scale: floa
         out[rows] = received / num_heads
 
 
-@torch.library.custom_op("medpruner::attention_importance_torch", mutates_args=())
-def _importance_torch(
-    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int
-) -> torch.Tensor:
+def _importance_torch(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int):
     out = torch.zeros(q.shape[0], device=q.device, dtype=torch.float32)
     offsets = cu_seqlens.tolist()
     by_length: dict[int, list[int]] = {}
@@ -316,8 +300,19 @@ def _importance_torch(
     return _group_mean(out, group)
 
 
-@_importance_torch.register_fake
-def _(q, k, cu_seqlens, scale, group):
+# ------------------------------------------------------------------------------------ registered op
+_KERNELS = {"triton": _importance_triton, "cpp": _importance_cpp, "torch": _importance_torch}
+
+
+@torch.library.custom_op("medpruner::attention_importance", mutates_args=())
+def _importance_op(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, group: int, backend: str
+) -> torch.Tensor:
+    return _KERNELS[backend](q, k, cu_seqlens, scale, group)
+
+
+@_importance_op.register_fake
+def _(q, k, cu_seqlens, scale, group, backend):
     return q.new_empty((q.shape[0] // group,), dtype=torch.float32)
 
 
@@ -388,8 +383,4 @@ def attention_importance(
     """
     cu_seqlens, scale = _validate(q, k, cu_seqlens, scale, group)
     chosen = resolve_backend(_OP, q.device, backend, cpp_ops=CPP_OPS)
-    if chosen == "triton":
-        return _importance_triton(q, k, cu_seqlens, scale, group)
-    if chosen == "cpp":
-        return _importance_cpp(q, k, cu_seqlens, scale, group)
-    return _importance_torch(q, k, cu_seqlens, scale, group)
+    return call_op(_importance_op, _KERNELS, chosen, q, k, cu_seqlens, scale, group)

@@ -26,7 +26,7 @@ import math
 import torch
 
 from medpruner_kernels import _validation
-from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, resolve_backend
+from medpruner_kernels._dispatch import _C, TRITON_AVAILABLE, call_op, resolve_backend
 from medpruner_kernels._triton_common import _bf16_interpreted, interpreter_tiles
 
 _OP = "merge_tokens"
@@ -220,45 +220,41 @@ def _triton_blocks(device: torch.device) -> tuple[tuple[int, int, int], tuple[in
     return (32, 16, 32), (64, 16, 64)
 
 
-if TRITON_AVAILABLE:
-
-    @torch.library.triton_op("medpruner::merge_tokens_triton", mutates_args=())
-    def _merge_triton(
-        x: torch.Tensor,
-        keys: torch.Tensor,
-        keep: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        context_frac: float,
-        num_targets: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_tokens, feat_dim = x.shape
-        num_segments = cu_seqlens.numel() - 1
-        (assign_r, assign_c, block_k), (mean_r, mean_c, block_d) = _triton_blocks(x.device)
-        x_out = torch.empty((num_tokens, feat_dim), device=x.device, dtype=x.dtype)
-        x_out.copy_(x)
-        rest = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
-        owner = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
-        target_flag = torch.zeros(num_tokens, device=x.device, dtype=torch.uint8)
-        seg_info = torch.empty((num_segments, 3), device=x.device, dtype=torch.int32)
-        capacity = _device_capacities(cu_seqlens, context_frac, num_targets)
-        torch.library.wrap_triton(_assign_kernel)[(num_segments,)](
-            keep.to(torch.uint8), keys, _key_norms(keys), cu_seqlens,
-            capacity, rest, owner, target_flag, seg_info,
-            keys.stride(0), keys.stride(1), keys.shape[1],
-            BLOCK_R=assign_r, BLOCK_C=assign_c, BLOCK_K=block_k,
+def _merge_triton(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    context_frac: float,
+    num_targets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, feat_dim = x.shape
+    num_segments = cu_seqlens.numel() - 1
+    (assign_r, assign_c, block_k), (mean_r, mean_c, block_d) = _triton_blocks(x.device)
+    x_out = torch.empty((num_tokens, feat_dim), device=x.device, dtype=x.dtype)
+    x_out.copy_(x)
+    rest = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
+    owner = torch.empty(num_tokens, device=x.device, dtype=torch.int32)
+    target_flag = torch.zeros(num_tokens, device=x.device, dtype=torch.uint8)
+    seg_info = torch.empty((num_segments, 3), device=x.device, dtype=torch.int32)
+    capacity = _device_capacities(cu_seqlens, context_frac, num_targets)
+    _assign_kernel[(num_segments,)](
+        keep.to(torch.uint8), keys, _key_norms(keys), cu_seqlens,
+        capacity, rest, owner, target_flag, seg_info,
+        keys.stride(0), keys.stride(1), keys.shape[1],
+        BLOCK_R=assign_r, BLOCK_C=assign_c, BLOCK_K=block_k,
+    )  # fmt: skip
+    if feat_dim > 0:
+        grid = (num_segments, (feat_dim + block_d - 1) // block_d)
+        _mean_kernel[grid](
+            x, x_out, rest, owner, cu_seqlens, seg_info,
+            x.stride(0), x.stride(1), feat_dim,
+            BLOCK_R=mean_r, BLOCK_C=mean_c, BLOCK_D=block_d, IEEE_DOT=x.dtype == torch.float32,
+            UPCAST=_bf16_interpreted(x),
         )  # fmt: skip
-        if feat_dim > 0:
-            grid = (num_segments, (feat_dim + block_d - 1) // block_d)
-            torch.library.wrap_triton(_mean_kernel)[grid](
-                x, x_out, rest, owner, cu_seqlens, seg_info,
-                x.stride(0), x.stride(1), feat_dim,
-                BLOCK_R=mean_r, BLOCK_C=mean_c, BLOCK_D=block_d, IEEE_DOT=x.dtype == torch.float32,
-                UPCAST=_bf16_interpreted(x),
-            )  # fmt: skip
-        return x_out, keep | target_flag.to(torch.bool)
+    return x_out, keep | target_flag.to(torch.bool)
 
 
-@torch.library.custom_op("medpruner::merge_tokens_cpp", mutates_args=())
 def _merge_cpp(
     x: torch.Tensor,
     keys: torch.Tensor,
@@ -270,11 +266,6 @@ def _merge_cpp(
     targets64 = None if num_targets is None else num_targets.to(torch.int64).contiguous()
     x_out, keep_out = _C.merge_tokens(x, keys, keep, cu_seqlens, context_frac, targets64)
     return x_out.to(x.dtype), keep_out
-
-
-@_merge_cpp.register_fake
-def _(x, keys, keep, cu_seqlens, context_frac, num_targets=None):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(keep)
 
 
 # Elements of one padded chunk (segments x tokens x (channels + targets)): bounds the torch path's memory.
@@ -327,7 +318,6 @@ def _host_capacities(offsets: list[int], context_frac: float, num_targets: torch
     return [min(max(c, 0), n) for c, n in zip(num_targets.tolist(), lengths, strict=True)]
 
 
-@torch.library.custom_op("medpruner::merge_tokens_torch", mutates_args=())
 def _merge_torch(
     x: torch.Tensor,
     keys: torch.Tensor,
@@ -362,8 +352,25 @@ def _merge_torch(
     return x_out, keep_out
 
 
-@_merge_torch.register_fake
-def _(x, keys, keep, cu_seqlens, context_frac, num_targets=None):
+# ------------------------------------------------------------------------------------ registered op
+_KERNELS = {"triton": _merge_triton, "cpp": _merge_cpp, "torch": _merge_torch}
+
+
+@torch.library.custom_op("medpruner::merge_tokens", mutates_args=())
+def _merge_op(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    context_frac: float,
+    num_targets: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _KERNELS[backend](x, keys, keep, cu_seqlens, context_frac, num_targets)
+
+
+@_merge_op.register_fake
+def _(x, keys, keep, cu_seqlens, context_frac, num_targets, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(keep)
 
 
@@ -434,8 +441,4 @@ def merge_tokens(
     """
     cu_seqlens, context_frac = _validate(x, keys, keep, cu_seqlens, context_frac, num_targets)
     chosen = resolve_backend(_OP, x.device, backend, cpp_ops=CPP_OPS)
-    if chosen == "triton":
-        return _merge_triton(x, keys, keep, cu_seqlens, context_frac, num_targets)
-    if chosen == "cpp":
-        return _merge_cpp(x, keys, keep, cu_seqlens, context_frac, num_targets)
-    return _merge_torch(x, keys, keep, cu_seqlens, context_frac, num_targets)
+    return call_op(_merge_op, _KERNELS, chosen, x, keys, keep, cu_seqlens, context_frac, num_targets)

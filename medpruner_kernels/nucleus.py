@@ -263,10 +263,9 @@ def _launch_triton(
     temperature: float | None,
     min_keep: int,
     max_keep: int | None,
-    launcher,
     counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernel through ``launcher`` (``wrap_triton`` inside the op, the plain kernel for tests).
+    """Run the kernel over every slice (``max_seqlen``: the longest, which sizes the block).
 
     Returns (keep in ``scores``' shape, flags ``[slices, 4]`` int8: scores invalid, tau invalid,
     segment invalid (bad ``cu_seqlens`` or a segment longer than ``max_seqlen``), count outside
@@ -282,7 +281,7 @@ def _launch_triton(
     int32_max = 2**31 - 1
     block = _triton_block(max_seqlen)
     rows = _triton_rows(block)
-    launcher(_nucleus_kernel)[(triton.cdiv(slices, rows),)](
+    _nucleus_kernel[(triton.cdiv(slices, rows),)](
         scores,
         0 if varlen else scores.stride(0),
         scores.stride(0) if varlen else scores.stride(1),
@@ -409,78 +408,59 @@ def _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, ma
     return keep
 
 
-# ------------------------------------------------------------------------------------ registered ops
-@torch.library.custom_op("medpruner::nucleus_select_torch", mutates_args=())
-def _nucleus_select_torch(
-    scores: torch.Tensor,
-    tau: torch.Tensor | None,
-    tau_scalar: float,
-    cu_seqlens: torch.Tensor | None,
-    temperature: float | None,
-    min_keep: int,
-    max_keep: int | None,
-    counts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    if cu_seqlens is None:
-        return _torch_dense(scores, tau, tau_scalar, temperature, min_keep, max_keep, counts)
-    return _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep, counts)
+# ------------------------------------------------------------------------------------ registered op
+# Every backend's kernel returns (keep, flags). The Triton kernel checks the values itself: flags
+# [slices, 4] int8 (scores, tau, segments, counts), read only where the checks are deferred (CUDA). The
+# CPU kernels' inputs were checked before the call: their flags are empty, [0, 4].
+def _nucleus_select_triton(scores, tau, tau_scalar, cu_seqlens, max_seqlen, temperature, min_keep, max_keep, counts):
+    return _launch_triton(scores, tau, tau_scalar, cu_seqlens, max_seqlen, temperature, min_keep, max_keep, counts)
 
 
-@_nucleus_select_torch.register_fake
-def _(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep, counts=None):
-    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+def _no_flags(scores: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((0, _NUM_FLAGS), dtype=torch.int8, device=scores.device)
 
 
-@torch.library.custom_op("medpruner::nucleus_select_cpp", mutates_args=())
-def _nucleus_select_cpp(
-    scores: torch.Tensor,
-    tau: torch.Tensor | None,
-    tau_scalar: float,
-    cu_seqlens: torch.Tensor | None,
-    temperature: float | None,
-    min_keep: int,
-    max_keep: int | None,
-    counts: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _nucleus_select_cpp(scores, tau, tau_scalar, cu_seqlens, max_seqlen, temperature, min_keep, max_keep, counts):
     tau64 = None if tau is None else tau.to(torch.float64).contiguous()
     cu64 = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
     counts64 = None if counts is None else counts.to(torch.int64).contiguous()
-    return _dispatch._C.nucleus_select_cpu(
-        scores, tau64, tau_scalar, cu64, temperature, min_keep, max_keep, counts64
-    )
+    keep = _dispatch._C.nucleus_select_cpu(scores, tau64, tau_scalar, cu64, temperature, min_keep, max_keep, counts64)
+    return keep, _no_flags(scores)
 
 
-@_nucleus_select_cpp.register_fake
-def _(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep, counts=None):
-    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+def _nucleus_select_torch(scores, tau, tau_scalar, cu_seqlens, max_seqlen, temperature, min_keep, max_keep, counts):
+    if cu_seqlens is None:
+        keep = _torch_dense(scores, tau, tau_scalar, temperature, min_keep, max_keep, counts)
+    else:
+        keep = _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, max_keep, counts)
+    return keep, _no_flags(scores)
 
 
-if TRITON_AVAILABLE:
+_KERNELS = {"triton": _nucleus_select_triton, "cpp": _nucleus_select_cpp, "torch": _nucleus_select_torch}
 
-    @torch.library.triton_op("medpruner::nucleus_select_triton", mutates_args=())
-    def _nucleus_select_triton(
-        scores: torch.Tensor,
-        tau: torch.Tensor | None,
-        tau_scalar: float,
-        cu_seqlens: torch.Tensor | None,
-        max_seqlen: int,
-        temperature: float | None,
-        min_keep: int,
-        max_keep: int | None,
-        counts: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch_triton(
-            scores,
-            tau,
-            tau_scalar,
-            cu_seqlens,
-            max_seqlen,
-            temperature,
-            min_keep,
-            max_keep,
-            torch.library.wrap_triton,
-            counts,
-        )
+
+@torch.library.custom_op("medpruner::nucleus_select", mutates_args=())
+def _nucleus_select_op(
+    scores: torch.Tensor,
+    tau: torch.Tensor | None,
+    tau_scalar: float,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    temperature: float | None,
+    min_keep: int,
+    max_keep: int | None,
+    counts: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _KERNELS[backend](scores, tau, tau_scalar, cu_seqlens, max_seqlen, temperature, min_keep, max_keep, counts)
+
+
+@_nucleus_select_op.register_fake
+def _(scores, tau, tau_scalar, cu_seqlens, max_seqlen, temperature, min_keep, max_keep, counts, backend):
+    slices = scores.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    flag_rows = slices if backend == "triton" else 0
+    return (torch.empty(scores.shape, dtype=torch.bool, device=scores.device),
+            torch.empty((flag_rows, _NUM_FLAGS), dtype=torch.int8, device=scores.device))
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -571,10 +551,10 @@ def _prepare(op, scores, tau, temperature, cu_seqlens, max_seqlen, min_keep, max
             bound = scores.shape[1]
         elif max_seqlen is not None:
             bound = max_seqlen
-        elif device.type == "cpu":
+        elif device.type == "cpu" and not torch.compiler.is_compiling():
             bound = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().clamp(min=0)) if slices else 0
         else:
-            # No host read of cu_seqlens on CUDA: every segment fits in the whole batch.
+            # No host read of cu_seqlens on CUDA or in a compiled graph: every segment fits in the batch.
             bound = scores.shape[0]
         if bound > MAX_TRITON_TOKENS:
             if backend == "triton":
@@ -635,11 +615,10 @@ def _run(args: dict) -> torch.Tensor:
         args.pop("bound"),
         args.pop("deferred"),
     )
-    if backend == "torch":
-        return _nucleus_select_torch(**args)
-    if backend == "cpp":
-        return _nucleus_select_cpp(**args)
-    keep, flags = _nucleus_select_triton(max_seqlen=bound, **args)
+    keep, flags = _dispatch.call_op(
+        _nucleus_select_op, _KERNELS, backend, args["scores"], args["tau"], args["tau_scalar"],
+        args["cu_seqlens"], bound or 0, args["temperature"], args["min_keep"], args["max_keep"], args["counts"],
+    )
     if deferred:
         bad = flags.any(dim=0)
         _validation.check_or_defer(bad[_FLAG_SCORES], _scores_message(op, args["temperature"]))

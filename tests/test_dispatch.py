@@ -73,3 +73,19 @@ def test_a_copy_without_the_extension_says_so_instead_of_a_circular_import(tmp_p
     available, error = done.stdout.splitlines()
     assert available == "False"
     assert error.startswith(f"no compiled extension _C in {copy}") and "circular" not in error
+
+
+def test_each_public_op_is_registered_once_with_the_backend_as_an_argument():
+    """One torch.library op per public function, named after it, whose last argument is the backend
+    (issue 29): no per-backend copies of a schema or a fake."""
+    import importlib
+
+    for module in ("iaf", "iaf_local", "importance", "merge", "nucleus"):
+        importlib.import_module(f"medpruner_kernels.{module}")
+    names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("medpruner::"))
+    public = ["anchor_distances", "attention_importance", "iaf_local_select", "iaf_select", "merge_tokens",
+              "nucleus_select"]
+    assert names == public
+    for name in public:
+        schema = getattr(torch.ops.medpruner, name).default._schema
+        assert schema.arguments[-1].name == "backend" and str(schema.arguments[-1].type) == "str", schema

@@ -424,22 +424,13 @@ def _op_args(device=DEVICE):
     return (q.to(device), k.to(device), cu_of([10, 2, 12], device), 40**-0.5, 2)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    torch.library.opcheck(getattr(torch.ops.medpruner, f"attention_importance_{backend}"), _op_args())
+    """One registered op whose last argument names the backend; every backend passes every utility."""
+    torch.library.opcheck(torch.ops.medpruner.attention_importance, (*_op_args(), backend))
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton on CUDA or TRITON_INTERPRET=1")
-def test_opcheck_triton():
-    # A triton_op's fake impl runs its launcher on fake tensors, which the interpreter cannot do (it
-    # reads data pointers), so on CPU only the schema check applies. On a GPU every utility runs.
-    utils = ("test_schema",)
-    if DEVICE.type == "cuda":
-        utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.medpruner.attention_importance_triton, _op_args(), test_utils=utils)
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton" or DEVICE.type == "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     lengths = [20, 4, 16]
     q, k = random_qk(sum(lengths), 2, 72, torch.float32)

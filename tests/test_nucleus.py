@@ -599,7 +599,7 @@ def test_triton_kernel_flags():
 
     def launch(scores, tau=None, cu=None, max_seqlen=8, temperature=None, counts=None, column=slice(0, 3)):
         _, flags = nucleus_module._launch_triton(
-            scores.to(DEVICE), tau, 0.9, cu, max_seqlen, temperature, 1, None, lambda kernel: kernel, counts
+            scores.to(DEVICE), tau, 0.9, cu, max_seqlen, temperature, 1, None, counts
         )
         return flags[:, column].cpu().tolist()
 
@@ -656,44 +656,32 @@ def test_triton_size_limit(monkeypatch):
 
 
 # ------------------------------------------------------------------------- torch.library plumbing
-def _op_args(op_name):
+def _op_args(backend):
+    """Arguments of the registered op: scores, tau, tau_scalar, cu_seqlens, max_seqlen (the block
+    bound, read by the Triton kernel only), temperature, min_keep, max_keep, counts, backend."""
     scores = _scores((6, 20), torch.float32, 1.0)
     flat = scores.reshape(-1)
     cu = torch.tensor([0, 30, 30, 120], dtype=torch.int32, device=DEVICE)
     tau = torch.tensor([0.5, 0.9, 0.7], dtype=torch.float64, device=DEVICE)
-    samples = [
-        (scores, None, 0.9, None, 1.0, 1, None),
-        (flat, tau, 0.9, cu, None, 2, 50),
-        (flat.abs(), None, 0.6, cu, None, 0, None),
-        (scores, None, 0.9, None, 2.0, 1, None, torch.tensor([0, 3, 20, 1, 5, 7], device=DEVICE)),
-        (flat.abs(), None, 0.9, cu, None, 1, None, torch.tensor([4, 0, 90], dtype=torch.int32, device=DEVICE)),
+    return [
+        (scores, None, 0.9, None, 20, 1.0, 1, None, None, backend),
+        (flat, tau, 0.9, cu, 90, None, 2, 50, None, backend),
+        (flat.abs(), None, 0.6, cu, 90, None, 0, None, None, backend),
+        (scores, None, 0.9, None, 20, 2.0, 1, None, torch.tensor([0, 3, 20, 1, 5, 7], device=DEVICE), backend),
+        (flat.abs(), None, 0.9, cu, 90, None, 1, None, torch.tensor([4, 0, 90], dtype=torch.int32, device=DEVICE),
+         backend),
     ]
-    if op_name == "triton":
-        # The triton op also takes the block bound (max tokens per slice) after cu_seqlens.
-        bounds = [20, 90, 90, 20, 90]
-        return [(*args[:4], bound, *args[4:]) for args, bound in zip(samples, bounds, strict=True)]
-    return samples
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    op = getattr(torch.ops.medpruner, f"nucleus_select_{backend}")
+    """One registered op whose last argument names the backend; every backend passes every utility
+    (the Triton path in the interpreter too: the fake never runs a launcher)."""
     for args in _op_args(backend):
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(torch.ops.medpruner.nucleus_select, args)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton on CUDA or TRITON_INTERPRET=1")
-def test_opcheck_triton():
-    # A triton_op's fake impl runs its launcher on fake tensors, which the interpreter cannot do (it
-    # reads data pointers), so on CPU only the schema check applies; on a GPU every utility runs.
-    utils = ("test_schema",)
-    if DEVICE.type == "cuda":
-        utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    for args in _op_args("triton"):
-        torch.library.opcheck(torch.ops.medpruner.nucleus_select_triton, args, test_utils=utils)
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton" or DEVICE.type == "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     scores = _scores((40, 24), torch.float32, 2.0)
     cu = torch.tensor([0, 100, 100, 960], dtype=torch.int32, device=DEVICE)
