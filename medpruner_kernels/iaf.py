@@ -483,7 +483,7 @@ def _iaf_select_torch(slices, cu_seqlens, seqlen, gamma):
 
 _IAF_SELECT_KERNELS = {"triton": _iaf_select_triton, "cpp": _iaf_select_cpp, "torch": _iaf_select_torch}
 _ANCHOR_DISTANCES_KERNELS = {
-    "triton": lambda slices, anchor: _launch_pair_distances(slices, anchor),
+    "triton": _launch_pair_distances,
     "cpp": lambda slices, anchor: _C.anchor_distances(slices, anchor),
     "torch": _torch_pair_distances,
 }

@@ -412,10 +412,6 @@ def _torch_varlen(scores, tau, tau_scalar, cu_seqlens, temperature, min_keep, ma
 # Every backend's kernel returns (keep, flags). The Triton kernel checks the values itself: flags
 # [slices, 4] int8 (scores, tau, segments, counts), read only where the checks are deferred (CUDA). The
 # CPU kernels' inputs were checked before the call: their flags are empty, [0, 4].
-def _nucleus_select_triton(scores, tau, tau_scalar, cu_seqlens, max_seqlen, temperature, min_keep, max_keep, counts):
-    return _launch_triton(scores, tau, tau_scalar, cu_seqlens, max_seqlen, temperature, min_keep, max_keep, counts)
-
-
 def _no_flags(scores: torch.Tensor) -> torch.Tensor:
     return torch.zeros((0, _NUM_FLAGS), dtype=torch.int8, device=scores.device)
 
@@ -436,7 +432,7 @@ def _nucleus_select_torch(scores, tau, tau_scalar, cu_seqlens, max_seqlen, tempe
     return keep, _no_flags(scores)
 
 
-_KERNELS = {"triton": _nucleus_select_triton, "cpp": _nucleus_select_cpp, "torch": _nucleus_select_torch}
+_KERNELS = {"triton": _launch_triton, "cpp": _nucleus_select_cpp, "torch": _nucleus_select_torch}
 
 
 @torch.library.custom_op("medpruner::nucleus_select", mutates_args=())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from _releases import (
 )
 from medpruner.cli import main
 from medpruner.selectors import SELECTORS, get_selector
+from test_checkpoint import _script
 from test_eval_readers import NIBABEL_ANATOMICAL
 
 ALL = sorted(SELECTORS)
@@ -218,7 +218,7 @@ def test_model_tiny_vqa_v2_runs_the_v2_task_at_16_tokens_a_slice(tmp_path, capsy
     from medpruner.cli.models import TINY_VQA_V2_NAME
     from medpruner.synthetic import ct
 
-    script = _train_script()
+    script = _script()
     processor = checkpoints.tiny_vqa_processor(version=2)
     weights = script.save(checkpoints.build_tiny_vqa(processor.tokenizer, version=2), tmp_path / "v2")
     monkeypatch.setattr(checkpoints, "TINY_VQA_V2_WEIGHTS", weights)
@@ -251,16 +251,6 @@ def test_tiny_vqa_v2_loader_errors(tmp_path, monkeypatch, capsys):
     for version in (0, 3, True, "2"):
         with pytest.raises(ValueError, match="version must be one of"):
             checkpoints.load_tiny_vqa(version=version)
-
-
-def _train_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_vqa.py"
-    spec = importlib.util.spec_from_file_location("train_tiny_vqa", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_vllm_engine_usage_errors(tmp_path, capsys, monkeypatch):
